@@ -1,0 +1,135 @@
+"""MLX backend against mlx-lm on the same checkpoint, in one run: prefill tok/s, decode tok/s, peak memory.
+
+    python benchmarks/bench_mlx.py --model FOLDER [--dtypes float32,bfloat16] [--quantize 4]
+        [--prompt-tokens 128] [--decode-tokens 64]
+
+Each measurement runs in a fresh subprocess (so peak memory is its own and nothing stays warm), both
+sides decode exactly the same number of tokens greedily with no EOS stop, and both are timed by the same
+code: prefill = time to the first token, decode = the following tokens / their time.
+mlx-lm runs twice: as it comes (MLX's bundled reference BLAS on Linux) and with the same OpenBLAS that
+qwen-mlx loads, so the table separates what the BLAS gives from what the implementation gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = (Path(__file__).resolve().parent.parent / "cli.py").read_text()  # a fixed, code-flavoured prompt
+
+
+def prompt_ids(tokenizer_encode, n: int) -> list[int]:
+    ids = tokenizer_encode(TEXT)
+    assert len(ids) >= n, "prompt text too short"
+    return ids[:n]
+
+
+def run_ours(model: str, dtype: str, quantize: int | None, n_prompt: int, n_decode: int) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+
+    from qwen_mlx import _blas
+    from qwen_mlx.checkpoint import prepare_model
+    from qwen_mlx.generate import Session
+    from qwen_mlx.mlx_backend import MLXBackend
+    from qwen_mlx.tokenizer import Tokenizer
+
+    backend = MLXBackend(prepare_model(model), dtype, quantize)
+    ids = prompt_ids(Tokenizer.from_folder(model).encode, n_prompt)
+    session = Session(backend)
+    t0 = time.perf_counter()
+    token = int(np.argmax(session.prefill(ids)))
+    t1 = time.perf_counter()
+    for _ in range(n_decode - 1):
+        token = int(np.argmax(session.step(token)))
+    t2 = time.perf_counter()
+    return dict(prefill_s=t1 - t0, decode_s=t2 - t1, blas=_blas.loaded or "bundled",
+                peak_gb=backend.peak_memory_gb())
+
+
+def run_mlx_lm(model: str, dtype: str, quantize: int | None, n_prompt: int, n_decode: int, blas: bool) -> dict:
+    if blas:
+        sys.path.insert(0, str(ROOT))
+        from qwen_mlx import _blas  # loads OpenBLAS before mlx, exactly as qwen-mlx does
+        blas_name = _blas.loaded or "bundled"
+    else:
+        blas_name = "bundled"
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm import load
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    model_, tok = load(model)
+    model_.set_dtype({"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[dtype])
+    if quantize:
+        nn.quantize(model_, group_size=64, bits=quantize)  # what `mlx_lm.convert -q` does to the weights
+    mx.eval(model_.parameters())
+    tok.eos_token_ids = set()  # decode exactly n_decode tokens
+    ids = prompt_ids(lambda s: tok.encode(s, add_special_tokens=False), n_prompt)
+    times = []
+    t0 = time.perf_counter()
+    for _ in stream_generate(model_, tok, ids, max_tokens=n_decode + 1, sampler=make_sampler(0.0)):
+        times.append(time.perf_counter())
+    times = times[:n_decode]
+    return dict(prefill_s=times[0] - t0, decode_s=times[-1] - times[0], blas=blas_name,
+                peak_gb=mx.get_peak_memory() / 1e9)
+
+
+def worker(a: argparse.Namespace) -> None:
+    q = a.quantize or None
+    if a.worker == "ours":
+        r = run_ours(a.model, a.dtype, q, a.prompt_tokens, a.decode_tokens)
+    else:
+        r = run_mlx_lm(a.model, a.dtype, q, a.prompt_tokens, a.decode_tokens, blas=a.worker == "mlx-lm+openblas")
+    r.update(prefill_tps=a.prompt_tokens / r["prefill_s"], decode_tps=(a.decode_tokens - 1) / r["decode_s"],
+             rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
+    print(json.dumps(r))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--quantize", type=int, default=0, help="also run 4- or 8-bit (weights from float32)")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--runners", default="ours,mlx-lm,mlx-lm+openblas")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        return worker(a)
+    cases = [(d, 0) for d in a.dtypes.split(",") if d]
+    if a.quantize:
+        cases += [("float32", a.quantize), ("bfloat16", a.quantize)]
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
+          f"python {platform.python_version()}; prompt {a.prompt_tokens} tokens, decode {a.decode_tokens} tokens")
+    print("| runner | dtype | quant | BLAS | prefill tok/s | decode tok/s | peak MLX GB | max RSS GB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    env = dict(os.environ, QWEN_MLX_QUIET="1")
+    for dtype, q in cases:
+        for runner in a.runners.split(","):
+            cmd = [sys.executable, __file__, "--worker", runner, "--model", a.model, "--dtype", dtype,
+                   "--quantize", str(q), "--prompt-tokens", str(a.prompt_tokens),
+                   "--decode-tokens", str(a.decode_tokens)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode:
+                print(f"| {runner} | {dtype} | {q or '-'} | failed: {out.stderr.strip().splitlines()[-1]} |")
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"| {runner} | {dtype} | {f'{q}-bit' if q else '-'} | {Path(r['blas']).name} | "
+                  f"{r['prefill_tps']:.1f} | {r['decode_tps']:.2f} | {r['peak_gb']:.2f} | {r['rss_gb']:.2f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

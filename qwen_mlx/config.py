@@ -1,0 +1,226 @@
+"""Model arguments of a Qwen2-family checkpoint, read from its HF `config.json`.
+
+Qwen1.5, Qwen2 and Qwen2.5 dense models (and their Instruct/Coder/Math variants) all share
+`model_type: qwen2`. This module is pure Python (numpy at most): the MLX model and its PyTorch twin both
+build from the same `ModelArgs`, the same RoPE frequencies and the same table of expected tensor shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import QwenError
+
+SUPPORTED_MODEL_TYPES = ("qwen2",)
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+
+
+@dataclass
+class ModelArgs:
+    # Attribute names are the config.json keys, so `from_dict` needs no renaming table.
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    vocab_size: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    use_sliding_window: bool = False
+    sliding_window: int | None = None
+    max_window_layers: int = 0
+    torch_dtype: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:  # Qwen1.5 configs may omit it: plain multi-head attention
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        for name in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                     "num_key_value_heads", "vocab_size", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise QwenError(f"config.json: {name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise QwenError(
+                f"config.json: num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise QwenError(f"config.json: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rope_type not in ROPE_TYPES:
+            raise QwenError(f"config.json: rope scaling type {self.rope_type!r} is not supported "
+                            f"(supported: {', '.join(ROPE_TYPES)})")
+        if self.rope_type != "default" and not float(self.rope_scaling.get("factor") or 0) > 0:
+            raise QwenError(f"config.json: rope scaling {self.rope_type!r} needs a positive 'factor'")
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise QwenError(f"unsupported model_type {model_type!r}: qwen-mlx runs "
+                            f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints (Qwen1.5, Qwen2, Qwen2.5 dense)")
+        config = dict(config)
+        # transformers >= 5 writes rope_theta and the scaling inside `rope_parameters`.
+        rope_parameters = config.pop("rope_parameters", None)
+        if isinstance(rope_parameters, dict):
+            config.setdefault("rope_theta", rope_parameters.get("rope_theta", 10000.0))
+            kind = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
+            if kind != "default" and not config.get("rope_scaling"):
+                config["rope_scaling"] = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+        if config.get("torch_dtype") is None and isinstance(config.get("dtype"), str):
+            config["torch_dtype"] = config["dtype"]
+        known = {f.name for f in fields(cls)} - {"extra"}
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
+                               "num_attention_heads", "vocab_size") if k not in config]
+        if missing:
+            raise QwenError(f"config.json is missing {', '.join(missing)}")
+        args = cls(**{k: v for k, v in config.items() if k in known},
+                   extra={k: v for k, v in config.items() if k not in known})
+        return args
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "ModelArgs":
+        path = Path(folder) / "config.json"
+        if not path.is_file():
+            raise QwenError(f"{folder}: no config.json (not a Hugging Face model folder)")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise QwenError(f"{path}: corrupt JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise QwenError(f"{path}: expected a JSON object")
+        return cls.from_dict(config)
+
+    # ---- derived facts --------------------------------------------------------------------------------
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    @property
+    def sliding_layers(self) -> list[int]:
+        """Layers HF runs with a sliding-window mask (Qwen2 slides only layers >= max_window_layers)."""
+        if not (self.use_sliding_window and self.sliding_window):
+            return []
+        return [i for i in range(self.num_hidden_layers) if i >= self.max_window_layers]
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence this checkpoint is run on.
+
+        A sliding window changes results only past `sliding_window` tokens; rather than implement a
+        second mask in every backend, the context is capped there, so the window is honoured exactly.
+        """
+        n = self.max_position_embeddings
+        scaling = self.rope_scaling or {}
+        if self.rope_type == "yarn":
+            original = scaling.get("original_max_position_embeddings") or n
+            n = max(n, int(float(scaling["factor"]) * original))
+        elif self.rope_type == "dynamic":
+            n = int(float(scaling["factor"]) * n)
+        if self.sliding_layers:
+            n = min(n, int(self.sliding_window))
+        return n
+
+    def rope_frequencies(self, seq_len: int | None = None) -> tuple[np.ndarray, float]:
+        """(inv_freq [head_dim/2] float32, attention_factor) exactly as HF transformers computes them.
+
+        `seq_len` matters only for dynamic NTK scaling, whose base grows once the sequence passes
+        max_position_embeddings. The attention factor (yarn's mscale) multiplies both cos and sin.
+        """
+        dim, base = self.head_dim, float(self.rope_theta)
+        exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+        scaling = self.rope_scaling or {}
+        kind = self.rope_type
+        if kind == "dynamic":
+            factor, mpe = float(scaling["factor"]), self.max_position_embeddings
+            n = max(seq_len or mpe, mpe)
+            base = base * ((factor * n / mpe) - (factor - 1)) ** (dim / (dim - 2))
+        inv_freq = (1.0 / np.power(np.float32(base), exponents)).astype(np.float32)
+        if kind == "linear":
+            return (inv_freq / np.float32(scaling["factor"])).astype(np.float32), 1.0
+        if kind == "yarn":
+            return _yarn(self, scaling, exponents)
+        return inv_freq, 1.0
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor a checkpoint must hold, by its HF key, with its shape."""
+        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
+        q = self.num_attention_heads * self.head_dim
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab_size, h),
+                                              "model.norm.weight": (h,)}
+        for i in range(self.num_hidden_layers):
+            p = f"model.layers.{i}."
+            shapes.update({
+                p + "self_attn.q_proj.weight": (q, h), p + "self_attn.q_proj.bias": (q,),
+                p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (self.intermediate_size, h),
+                p + "mlp.up_proj.weight": (self.intermediate_size, h),
+                p + "mlp.down_proj.weight": (h, self.intermediate_size),
+                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            })
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, h)
+        return shapes
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters by component, for `cli.py info`."""
+        counts = {"embedding": 0, "attention": 0, "mlp": 0, "norms": 0, "lm_head": 0}
+        for key, shape in self.weight_shapes().items():
+            n = math.prod(shape)
+            if "embed_tokens" in key:
+                counts["embedding"] += n
+            elif "self_attn" in key:
+                counts["attention"] += n
+            elif ".mlp." in key:
+                counts["mlp"] += n
+            elif "norm" in key:
+                counts["norms"] += n
+            else:
+                counts["lm_head"] += n
+        return counts
+
+
+def _yarn(args: ModelArgs, scaling: dict[str, Any], exponents: np.ndarray) -> tuple[np.ndarray, float]:
+    """YaRN: interpolate low frequencies, keep high ones, blend linearly in between (HF's recipe)."""
+    dim, base = args.head_dim, float(args.rope_theta)
+    factor = float(scaling["factor"])
+    original = scaling.get("original_max_position_embeddings") or args.max_position_embeddings
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid dividing by zero in the ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1.0 - ramp  # 1 where the original frequency is kept
+    pos_freqs = np.power(np.float32(base), exponents)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq.astype(np.float32), float(attention_factor)

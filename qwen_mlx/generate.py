@@ -1,0 +1,175 @@
+"""The generation loop every backend shares: prefill, decode, sampling, stop rules, streaming, stats.
+
+A backend only runs the model: it feeds tokens after those already in its KV cache and returns the
+logits of the last position. Everything a user can observe (which token comes next, when to stop, what
+is printed, the stats line) is decided here, once, so MLX, PyTorch and ONNX cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from .config import ModelArgs
+from .errors import QwenError
+from .sampling import Sampler, SamplingParams
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
+PREFILL_CHUNK = 512  # bounds the attention scores and activations of a long prompt
+
+
+class Backend(Protocol):
+    name: str
+    args: ModelArgs
+    device: str  # said to the user: "mlx cpu", "onnxruntime CUDAExecutionProvider", ...
+
+    def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        """Feed `tokens` after the cached ones; return float32 logits of the last position [vocab]."""
+
+    @property
+    def cache_length(self) -> int:
+        """How many positions the KV cache holds."""
+
+    def trim(self, length: int) -> None:
+        """Keep only the first `length` cached positions."""
+
+    def peak_memory_gb(self) -> float: ...
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    peak_memory_gb: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class Session:
+    """A backend plus the token ids its KV cache holds, so that a new prompt sharing a prefix with the
+    last one (the next turn of a chat) prefills only what is new."""
+
+    backend: Backend
+    tokens: list[int] = field(default_factory=list)
+    prefilled: int = 0  # tokens the last prefill actually ran (the rest came from the cache)
+
+    def prefill(self, prompt: Sequence[int]) -> np.ndarray:
+        """Make the cache hold exactly `prompt`; return the logits after its last token."""
+        if not prompt:
+            raise QwenError("the prompt is empty")
+        common = 0
+        limit = min(len(self.tokens), len(prompt) - 1)  # re-feed at least one token to get logits
+        while common < limit and self.tokens[common] == prompt[common]:
+            common += 1
+        self.backend.trim(common)
+        self.tokens = list(prompt[:common])
+        self.prefilled = len(prompt) - common
+        logits = None
+        for start in range(common, len(prompt), PREFILL_CHUNK):
+            logits = self._feed(list(prompt[start:start + PREFILL_CHUNK]))
+        return logits
+
+    def step(self, token: int) -> np.ndarray:
+        return self._feed([token])
+
+    def _feed(self, tokens: list[int]) -> np.ndarray:
+        try:
+            logits = self.backend.forward(tokens)
+        except BaseException:
+            # Ctrl-C can land mid-forward, after some layers appended to their cache: roll them back so
+            # the cache and `self.tokens` agree and the session stays usable.
+            self.backend.trim(len(self.tokens))
+            raise
+        self.tokens.extend(tokens)
+        return logits
+
+    def reset(self) -> None:
+        self.backend.trim(0)
+        self.tokens = []
+
+
+def stream_generate(session: Session, tokenizer: Tokenizer, prompt: Sequence[int], params: SamplingParams,
+                    max_tokens: int, stop: Sequence[str] = (), stats: GenerationStats | None = None,
+                    ) -> Iterator[str]:
+    """Yield printable text pieces as they are decoded. Ends on an EOS token, a stop string (which is
+    not yielded), `max_tokens`, or the end of the context. Fills `stats` when given."""
+    if max_tokens < 0:
+        raise QwenError(f"--max-tokens must be >= 0, got {max_tokens}")
+    context = session.backend.args.context_length
+    if len(prompt) >= context:
+        raise QwenError(f"the prompt has {len(prompt)} tokens; this model's context holds {context}")
+    max_tokens = min(max_tokens, context - len(prompt))
+    stats = stats if stats is not None else GenerationStats()
+    sampler = Sampler(params)
+    history = set(prompt)
+    detok = tokenizer.detokenizer()
+    holdback = max((len(s) for s in stop), default=1) - 1  # never print the start of a stop string
+    text, printed = "", 0
+
+    t0 = time.perf_counter()
+    logits = session.prefill(prompt) if max_tokens else None
+    t1 = time.perf_counter()
+    stats.prompt_tokens = len(prompt)
+    stats.prompt_tps = session.prefilled / max(t1 - t0, 1e-9) if max_tokens else 0.0
+    n = 0
+    stopped = False
+    while n < max_tokens:
+        token = sampler(logits, history)
+        if token in tokenizer.eos_token_ids:
+            break
+        n += 1
+        history.add(token)
+        text += detok.add_token(token)
+        hit = _find_stop(text, stop)
+        if hit is not None:
+            text, stopped = text[:hit], True
+            break
+        if len(text) - holdback > printed:
+            yield text[printed:len(text) - holdback]
+            printed = len(text) - holdback
+        if n == max_tokens:
+            break
+        logits = session.step(token)
+    if not stopped:
+        text += detok.finalize()
+        hit = _find_stop(text, stop)
+        text = text if hit is None else text[:hit]
+    if len(text) > printed:
+        yield text[printed:]
+    t2 = time.perf_counter()
+    stats.generation_tokens = n
+    stats.generation_tps = n / max(t2 - t1, 1e-9) if n else 0.0
+    stats.peak_memory_gb = session.backend.peak_memory_gb()
+
+
+def _find_stop(text: str, stop: Sequence[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def generate(session: Session, tokenizer: Tokenizer, prompt: Sequence[int], params: SamplingParams,
+             max_tokens: int, stop: Sequence[str] = ()) -> tuple[str, GenerationStats]:
+    """The whole reply at once, for scripts and tests."""
+    stats = GenerationStats()
+    text = "".join(stream_generate(session, tokenizer, prompt, params, max_tokens, stop, stats))
+    return text, stats
+
+
+def greedy_tokens(session: Session, prompt: Sequence[int], n: int) -> list[int]:
+    """n greedy token ids with no EOS rule: the cross-backend parity check."""
+    logits = session.prefill(prompt)
+    out: list[int] = []
+    for i in range(n):
+        out.append(int(np.argmax(logits)))
+        if i + 1 < n:
+            logits = session.step(out[-1])
+    return out
