@@ -194,7 +194,15 @@ def tokenizer_agreement(prompt_ids: list[list[int]], result: RunResult) -> str:
 # Workers (run inside each runtime's own environment)
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak RSS. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across execve, so a
+    worker forked from a big parent would report the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # macOS: bytes there, but no exec issue
 
 
 class _Clock:
@@ -391,13 +399,21 @@ def _worker_main(kind: str) -> int:
 # --------------------------------------------------------------------------------------------------------
 # The parity table
 
-def parity_table(results: list[RunResult], reference: RunResult, prompt_ids: list[list[int]]) -> str:
-    rows = ["| runtime | loads | tokens identical to reference | own tokenizer agrees | peak RSS MB |",
-            "| --- | --- | --- | --- | --- |"]
+def parity_table(results: list[RunResult], reference: RunResult, prompt_ids: list[list[int]],
+                 ours: RunResult | None = None) -> str:
+    """Markdown: per runtime, whether it loads and whether its greedy tokens equal the HF reference's (and
+    our ONNX backend's, when `ours` ran: runtimes that agree with ours but not with HF point at the export)."""
+    head = "| runtime | loads | tokens identical to HF reference |"
+    head += " identical to our ONNX backend |" if ours is not None and ours.ok else ""
+    head += " own tokenizer agrees | peak RSS MB |"
+    rows = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in results:
         same = "(reference)" if r is reference else compare(reference, r)
-        rows.append(f"| {r.runtime}{r.info.get('label', '')} | {'yes' if r.ok else 'no'} | {same} | "
-                    f"{tokenizer_agreement(prompt_ids, r)} | {r.peak_rss_mb:.0f} |")
+        row = f"| {r.runtime}{r.info.get('label', '')} | {'yes' if r.ok else 'no'} | {same} |"
+        if ours is not None and ours.ok:
+            row += " (ours) |" if r is ours else (" - |" if r is reference else f" {compare(ours, r)} |")
+        row += f" {tokenizer_agreement(prompt_ids, r)} | {r.peak_rss_mb:.0f} |"
+        rows.append(row)
     return "\n".join(rows)
 
 
@@ -433,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_runtime(rt, args.folder, prompt_ids, args.n, texts=texts, onnx_file=onnx_file,
                                    dtype=dtype, quantize=args.quantize))
     print()
-    print(parity_table(results, reference, prompt_ids))
+    ours = next((r for r in results if r.runtime == "ours"), None)
+    print(parity_table(results, reference, prompt_ids, ours))
     for r in results:
         if not r.ok:
             print(f"\n### {r.runtime} error\n```\n{r.error}\n```")

@@ -8,6 +8,7 @@
 // min_new_tokens, warmup. Prints one JSON line: tokens, timings (prefill_s, decode_s, decode_tokens per
 // prompt), prompt_ids, load_s, peak_rss_mb, info; or {"error": ...}.
 // The folder is loaded untouched: env.localModelPath = its parent, the model id = its name, no remote files.
+import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -26,11 +27,10 @@ async function loadTransformers() {
     // The package lives in the peers' node project, not beside this script: resolve it from there.
     const project = process.env.TJS_NODE_PROJECT || '/work/venvs/node';
     const require = createRequire(path.join(project, 'package.json'));
-    const pkgJson = require.resolve('@huggingface/transformers/package.json');
-    const pkg = require(pkgJson);
-    const entry = path.join(path.dirname(pkgJson), 'dist', 'transformers.node.mjs');
+    const main = require.resolve('@huggingface/transformers'); // <pkg>/dist/transformers.node.cjs
+    const entry = path.join(path.dirname(main), 'transformers.node.mjs');
     const mod = await import(pathToFileURL(entry).href);
-    return { mod, version: pkg.version };
+    return { mod, version: mod.env.version };
 }
 
 const now = () => performance.now() / 1000;
@@ -98,7 +98,12 @@ async function main() {
         tokens.push(out);
         timings.push(timing);
     }
-    const peakRssMb = process.resourceUsage().maxRSS / 1024;
+    // VmHWM, not resourceUsage().maxRSS: Linux carries maxRSS across execve from the (big) parent.
+    let peakRssMb = process.resourceUsage().maxRSS / 1024;
+    try {
+        const m = /VmHWM:\s+(\d+)/.exec(readFileSync('/proc/self/status', 'utf8'));
+        if (m) peakRssMb = Number(m[1]) / 1024;
+    } catch { /* not Linux */ }
     console.log(JSON.stringify({
         tokens, timings, prompt_ids: promptIds, load_s: loadS, peak_rss_mb: peakRssMb,
         info: { transformers_js: version, node: process.version },

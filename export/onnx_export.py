@@ -38,10 +38,11 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "special_tokens
 # Axis names as onnxruntime-genai's builder writes them.
 AXES = {"batch": "batch_size", "sequence": "sequence_length", "past_sequence": "past_sequence_length",
         "total": "total_sequence_length"}
-# (relative max |logit diff| allowed, greedy agreement required) per variant, against the float32 twin.
-# fp32 differs only by summation order; fp16 and int4 bounds are measured values with a margin (see report
-# in tests/test_onnx_export.py): they catch a broken export, not a slightly lossy one.
-TOLERANCE = {"float32": (2e-4, 1.0), "float16": (2e-2, 0.75), "int4": (0.25, 0.5)}
+# (max |logit diff| relative to the largest logit, greedy agreement required) against the float32 twin.
+# fp32 differs only by summation order (measured ~2e-6 on tiny models). fp16 and int4 bounds are measured
+# values with a wide margin (tiny random models: fp16 2e-3 / 100%, int4 0.46 / 89%, the worst case, as
+# random weights quantize badly): they catch a broken export, not a slightly lossy one.
+TOLERANCE = {"float32": (2e-4, 1.0), "float16": (2e-2, 0.75), "int4": (0.75, 0.5)}
 
 
 def model_filename(dtype: str, quantize: str | None) -> str:

@@ -20,7 +20,8 @@ HELP = "/reset forgets the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops 
 
 def run_chat(loaded: LoadedModel, params: SamplingParams, max_tokens: int, system: str | None = None,
              stop: tuple[str, ...] = (), read: Callable[[str], str] = input, out: TextIO = sys.stdout,
-             err: TextIO = sys.stderr) -> None:
+             err: TextIO = sys.stderr) -> tuple[list[dict], Session]:
+    """Run until /exit or end of input; returns the conversation and the session (for tests)."""
     session = Session(loaded.backend)
     tokenizer = loaded.tokenizer
     context = loaded.backend.args.context_length
@@ -32,7 +33,7 @@ def run_chat(loaded: LoadedModel, params: SamplingParams, max_tokens: int, syste
             line = read(">>> ")
         except EOFError:
             print(file=out)
-            return
+            return messages, session
         except KeyboardInterrupt:
             print(file=out)
             continue
@@ -40,7 +41,7 @@ def run_chat(loaded: LoadedModel, params: SamplingParams, max_tokens: int, syste
         if not text:
             continue
         if text in ("/exit", "/quit"):
-            return
+            return messages, session
         if text == "/reset":
             messages = list(start)
             session.reset()

@@ -46,10 +46,11 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:  # Qwen1.5 configs may omit it: plain multi-head attention
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        for name in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-                     "num_key_value_heads", "vocab_size", "head_dim", "max_position_embeddings"):
+        names = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                 "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim")
+        for name in names:
+            if name == "head_dim" and self.head_dim is None:
+                self.head_dim = self.hidden_size // self.num_attention_heads
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise QwenError(f"config.json: {name} must be a positive integer, got {value!r}")
@@ -76,7 +77,8 @@ class ModelArgs:
         # transformers >= 5 writes rope_theta and the scaling inside `rope_parameters`.
         rope_parameters = config.pop("rope_parameters", None)
         if isinstance(rope_parameters, dict):
-            config.setdefault("rope_theta", rope_parameters.get("rope_theta", 10000.0))
+            if config.get("rope_theta") is None:
+                config["rope_theta"] = rope_parameters.get("rope_theta", 10000.0)
             kind = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
             if kind != "default" and not config.get("rope_scaling"):
                 config["rope_scaling"] = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from contextlib import contextmanager
@@ -331,7 +330,7 @@ def _cast(values: np.ndarray, dtype: str) -> np.ndarray:
     return rounded
 
 
-def _write_safetensors(reader, plan: list[tuple[Any, str, tuple[int, ...]]], path: Path, dtype: str, progress: bool) -> None:
+def _write_safetensors(plan: list[tuple[Any, str, tuple[int, ...]]], path: Path, dtype: str, progress: bool) -> None:
     """Stream one tensor at a time into a safetensors file, so peak memory is one dequantized tensor.
 
     The header needs only names, shapes and dtypes, all known before any data is decoded. Writing the
@@ -355,7 +354,7 @@ def _write_safetensors(reader, plan: list[tuple[Any, str, tuple[int, ...]]], pat
         for tensor, _, shape in items:
             # GGUF lists dims fastest-first; `dequantize` returns numpy (row-major) order already.
             values = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-            sink.write(_cast(values, dtype).tobytes())
+            sink.write(_cast(values, dtype).data)  # the array's own buffer: no extra copy
             del values
         if sink.tell() != len(encoded) + 8 + offset:
             raise QwenError(f"internal error: wrote {sink.tell()} bytes to {path}, expected {len(encoded) + 8 + offset}")
@@ -415,7 +414,7 @@ def convert_gguf(
         tokens = _write_tokenizer(meta, staging, config["max_position_embeddings"])
         _write_json(staging / "config.json", config)
         _write_json(staging / "generation_config.json", _generation_config(meta, tokens))
-        _write_safetensors(reader, plan, staging / "model.safetensors", dtype, progress)
+        _write_safetensors(plan, staging / "model.safetensors", dtype, progress)
         del reader, tensors, plan  # release the memory map before the swap
         _swap_into_place(staging, out_dir)
     except BaseException:  # Ctrl-C included: never leave a staging folder behind

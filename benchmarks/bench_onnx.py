@@ -1,0 +1,233 @@
+"""CPU prefill / decode speed and peak memory of ONNX runtimes on the real checkpoint, in one run.
+
+    python benchmarks/bench_onnx.py [--hf HF_FOLDER] [--ours-fp32 DIR] [--ours-q4 DIR] [-n 64]
+        [--prepare-only] [--only LABEL,...] [--transformersjs]
+
+Rows (each its own subprocess, so peak RSS is that runtime's alone; see benchmarks/edge_runtimes.py):
+  - optimum-onnx's own export (`optimum-cli export onnx --task text-generation-with-past`, fp32) run by
+    ORTModelForCausalLM.generate
+  - onnxruntime-genai's model builder (`-p int4 -e cpu` and `-p fp32 -e cpu`) run by onnxruntime-genai
+  - our exports (fp32 onnx/model.onnx, int4 onnx/model_q4.onnx) run by onnxruntime-genai and by our own
+    backend (export.onnx_backend.OnnxBackend through qwen_mlx.generate.Session)
+  - HF transformers float32 (torch) as the reference for the token check; transformers.js on our exports
+    with --transformersjs
+Every row gets the same prompt ids (chat template applied, ~150 tokens) and decodes exactly -n tokens greedily
+(EOS suppressed until then: min_new_tokens, the same rule in each runtime), after an untimed 8-token warm-up.
+prefill tok/s = prompt tokens / (start -> first token); decode tok/s = (n - 1) / (first -> last token).
+Peer exports are cached under --peer-models (default /work/peer_models); our exports are made with
+`python cli.py export-onnx` into the same place when --ours-* is not given and /tmp/real_onnx_* is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import edge_runtimes as er  # noqa: E402
+
+REPO = er.REPO
+PROMPT = (
+    "Review the following Python function. Explain what it does, point out any bugs or edge cases it "
+    "mishandles, and then rewrite it with type hints, a docstring and clearer variable names.\n\n"
+    "```python\n"
+    "def f(a, b=None):\n"
+    "    r = {}\n"
+    "    for i, x in enumerate(a):\n"
+    "        k = x if b is None else b(x)\n"
+    "        if k in r:\n"
+    "            r[k].append(i)\n"
+    "        else:\n"
+    "            r[k] = [i]\n"
+    "    return [v for k, v in sorted(r.items()) if len(v) > 1]\n"
+    "```\n"
+)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _run(command: list[str], log_path: Path) -> None:
+    log(f"$ {' '.join(command)}  (log: {log_path})")
+    start = time.perf_counter()
+    with open(log_path, "w") as handle:
+        proc = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{command[0]} ... failed ({proc.returncode}) after {time.perf_counter() - start:.0f}s:\n{tail}")
+    log(f"  done in {time.perf_counter() - start:.0f}s")
+
+
+def prepare_genai_builder(hf: Path, root: Path, precision: str) -> Path:
+    """onnxruntime-genai's model builder output for `precision` (int4|fp32), cached."""
+    out = root / f"genai_builder_{precision}"
+    if (out / "genai_config.json").is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    _run([str(er.peer_python("genai")), "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+          "-p", precision, "-e", "cpu", "-c", str(root / ".builder_cache")], root / f"genai_builder_{precision}.log")
+    return out
+
+
+def prepare_optimum(hf: Path, root: Path) -> Path:
+    """optimum-onnx's own export of the checkpoint (fp32, with past), cached."""
+    out = root / "optimum_fp32"
+    if (out / "model.onnx").is_file() and (out / "config.json").is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    cli = er.peers_root() / "optimum" / "bin" / "optimum-cli"
+    _run([str(cli), "export", "onnx", "--model", str(hf), "--task", "text-generation-with-past",
+          "--framework", "pt", str(out)], root / "optimum_fp32.log")
+    return out
+
+
+def prepare_ours(hf: Path, root: Path, quantize: str | None, given: str | None) -> Path:
+    """Our export: --ours-* if given, else /tmp/real_onnx_{fp32,q4} when present, else `cli.py export-onnx`."""
+    tag = "q4" if quantize else "fp32"
+    if given:
+        return Path(given)
+    default = Path(f"/tmp/real_onnx_{tag}")
+    name = "model_q4.onnx" if quantize else "model.onnx"
+    if (default / "onnx" / name).is_file():
+        return default
+    out = root / f"ours_{tag}"
+    if (out / "onnx" / name).is_file():
+        return out
+    command = [sys.executable, "cli.py", "export-onnx", "--model", str(hf), "--out", str(out), "--force"]
+    if quantize:
+        command += ["--quantize", quantize]
+    _run(command, root / f"ours_{tag}.log")
+    return out
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")).split()[1])
+        mem = f", {kb / 1024 ** 2:.0f} GiB RAM"
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+
+
+def versions() -> str:
+    out = {}
+    for name, py, mod in (("onnxruntime-genai", er.peer_python("genai"), "onnxruntime_genai"),
+                          ("optimum-onnx", er.peer_python("optimum"), None),
+                          ("onnxruntime (ours)", Path(sys.executable), "onnxruntime")):
+        if not Path(py).exists():
+            continue
+        code = (f"import {mod}; print({mod}.__version__)" if mod else
+                "import importlib.metadata as m; print(m.version('optimum-onnx'), 'transformers', m.version('transformers'))")
+        proc = subprocess.run([str(py), "-c", code], capture_output=True, text=True)
+        out[name] = proc.stdout.strip() or "?"
+    return ", ".join(f"{k} {v}" for k, v in out.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hf", help="HF folder of the real checkpoint (default: python -m qwen_mlx.real_checkpoint)")
+    ap.add_argument("--ours-fp32", help="our fp32 export folder")
+    ap.add_argument("--ours-q4", help="our int4 export folder")
+    ap.add_argument("--peer-models", default="/work/peer_models")
+    ap.add_argument("-n", type=int, default=64, help="decode tokens")
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--prepare-only", action="store_true", help="build the peer exports, run nothing")
+    ap.add_argument("--only", help="comma-separated row labels (substrings) to run")
+    ap.add_argument("--transformersjs", action="store_true", help="also run transformers.js on our exports")
+    ap.add_argument("--json", help="write the raw results here")
+    args = ap.parse_args(argv)
+
+    hf = Path(args.hf or er.real_checkpoint_folder())
+    root = Path(args.peer_models)
+    rows: list[tuple[str, str, Path | None, str, str | None]] = []  # label, runtime, folder, onnx file, quantize
+
+    def add(label: str, runtime: str, make, onnx_file: str = "model.onnx", quantize: str | None = None) -> None:
+        if args.only and not any(s.strip() and s.strip() in label for s in args.only.split(",")):
+            return
+        try:
+            folder = make()
+        except Exception as error:  # noqa: BLE001 - one peer failing to build must not stop the others
+            log(f"{label}: could not prepare: {error}")
+            folder = None
+            errors[label] = f"prepare failed: {str(error).strip().splitlines()[-1] if str(error).strip() else error}"
+        rows.append((label, runtime, folder, onnx_file, quantize))
+
+    errors: dict[str, str] = {}
+    add("HF transformers (torch) fp32 [reference]", "hf", lambda: hf)
+    add("optimum-onnx export + ORTModelForCausalLM, fp32", "optimum", lambda: prepare_optimum(hf, root))
+    add("genai builder int4 + onnxruntime-genai", "genai", lambda: prepare_genai_builder(hf, root, "int4"))
+    add("genai builder fp32 + onnxruntime-genai", "genai", lambda: prepare_genai_builder(hf, root, "fp32"))
+    ours_fp32 = lambda: prepare_ours(hf, root, None, args.ours_fp32)  # noqa: E731
+    ours_q4 = lambda: prepare_ours(hf, root, "int4", args.ours_q4)  # noqa: E731
+    add("our export fp32 + onnxruntime-genai", "genai", ours_fp32)
+    add("our export int4 + onnxruntime-genai", "genai", ours_q4, "model_q4.onnx", "int4")
+    add("our export fp32 + our OnnxBackend", "ours", ours_fp32)
+    add("our export int4 + our OnnxBackend", "ours", ours_q4, "model_q4.onnx", "int4")
+    if args.transformersjs:
+        add("our export fp32 + transformers.js (node)", "transformersjs", ours_fp32)
+        add("our export int4 + transformers.js (node)", "transformersjs", ours_q4, "model_q4.onnx", "int4")
+    if args.prepare_only:
+        for label, _, folder, _, _ in rows:
+            print(f"{label}: {folder or errors.get(label)}")
+        return 0
+
+    texts, prompt_ids = er.reference_prompts(hf, [PROMPT], chat=True)
+    n_prompt = len(prompt_ids[0])
+    log(f"prompt: {n_prompt} tokens, decode {args.n} tokens")
+    results: list[tuple[str, str, Path | None, er.RunResult]] = []
+    reference = None
+    for label, runtime, folder, onnx_file, quantize in rows:
+        if folder is None:
+            result = er.RunResult(runtime, False, error=errors[label])
+        else:
+            log(f"running {label} on {folder} ...")
+            result = er.run_runtime(runtime, folder, prompt_ids, args.n, texts=texts, onnx_file=onnx_file,
+                                    quantize=quantize, min_new_tokens=args.n, warmup=args.warmup, timeout=1800)
+            if not result.ok:
+                log(f"  failed: {result.error[-2000:]}")
+        if runtime == "hf" and result.ok:
+            reference = result
+        results.append((label, runtime, folder, result))
+
+    print(f"\n**Machine:** {machine()}  ")
+    print(f"**Versions:** {versions()}  ")
+    print(f"**Workload:** prompt {n_prompt} tokens (chat template), greedy decode of {args.n} tokens "
+          f"(EOS suppressed), untimed {args.warmup}-token warm-up, one run each, CPU execution provider.\n")
+    print("| model / runtime | prefill tok/s | decode tok/s | peak RSS (GB) | load s | greedy tokens = HF fp32 |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for label, runtime, folder, r in results:
+        if not r.ok:
+            msg = r.error.strip().splitlines()[-1][:160] if r.error.strip() else "error"
+            print(f"| {label} | - | - | - | - | failed: {msg} |")
+            continue
+        same = "(reference)" if r is reference else (er.compare(reference, r) if reference else "?")
+        got = sum(t["decode_tokens"] for t in r.timings) + len(r.timings)
+        note = "" if got == args.n else f" (only {got} tokens)"
+        print(f"| {label} | {r.prefill_tps([n_prompt]):.1f} | {r.decode_tps():.1f}{note} | {r.peak_rss_mb / 1024:.2f} | "
+              f"{r.load_s:.1f} | {same} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps([dict(label=label, runtime=runtime, folder=str(folder), ok=r.ok,
+                                                    error=r.error, tokens=r.tokens, timings=r.timings,
+                                                    load_s=r.load_s, peak_rss_mb=r.peak_rss_mb, info=r.info)
+                                               for label, runtime, folder, r in results], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The command line as a user runs it: real subprocesses on a tiny checkpoint, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, QWEN_MLX_QUIET="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], input=stdin, capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_generate_prints_text_then_a_stats_line(tiny_model):
+    folder = str(tiny_model("gqa2-untied"))
+    r = run("generate", "--model", folder, "--prompt", "Hello there", "--temperature", "0", "--max-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stderr.strip().splitlines()[-1])
+    assert set(stats) == {"prompt_tokens", "prompt_tps", "generation_tokens", "generation_tps", "peak_memory_gb"}
+    assert 0 < stats["generation_tokens"] <= 12
+    # the same text from the library, and from stdin with --prompt -
+    from qwen_mlx.backends import load
+    from qwen_mlx.generate import Session, generate
+    from qwen_mlx.sampling import SamplingParams
+
+    loaded = load("mlx", folder, "float32")
+    ids = loaded.tokenizer.encode_chat([{"role": "user", "content": "Hello there"}])
+    text, _ = generate(Session(loaded.backend), loaded.tokenizer, ids, SamplingParams(temperature=0), 12)
+    assert r.stdout == text + "\n"
+    r2 = run("generate", "--model", folder, "--prompt", "-", "--temperature", "0", "--max-tokens", "12",
+             stdin="Hello there")
+    assert r2.stdout == r.stdout
+
+
+def test_raw_prompt_skips_the_chat_template(tiny_model):
+    folder = str(tiny_model("gqa2-untied"))
+    r = run("generate", "--model", folder, "--raw", "--prompt", "def add(a, b):", "--temperature", "0",
+            "--max-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stderr.strip().splitlines()[-1])["prompt_tokens"] < 10
+
+
+def test_info(tiny_model):
+    r = run("info", "--model", str(tiny_model("gqa4-tied")))
+    assert r.returncode == 0, r.stderr
+    assert "tied" in r.stdout and "attention" in r.stdout and "4-bit" in r.stdout
+
+
+def test_chat_session_through_stdin(tiny_model):
+    r = run("chat", "--model", str(tiny_model("gqa2-untied")), "--max-tokens", "6", "--temperature", "0",
+            stdin="Hi!\nHow are you?\n/reset\nHello again\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert "(conversation forgotten)" in r.stderr and r.stderr.count("prompt tokens") == 3
+
+
+def test_chat_transcript_is_what_transformers_renders(tiny_model):
+    """The KV cache holds exactly HF's rendering of the conversation, each turn prefilling only new text."""
+    import io
+
+    from transformers import AutoTokenizer
+
+    from qwen_mlx.backends import load
+    from qwen_mlx.chat import run_chat
+    from qwen_mlx.sampling import SamplingParams
+
+    folder = tiny_model("gqa2-untied")
+    lines = iter(["My name is Ada.", "What is my name?", "/exit"])
+    loaded = load("mlx", str(folder), "float32")
+
+    messages, session = run_chat(loaded, SamplingParams(temperature=0), 8, system="Be brief.",
+                                 read=lambda _: next(lines), out=io.StringIO(), err=io.StringIO())
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    hf = AutoTokenizer.from_pretrained(folder)
+    want = hf.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+    want_ids = hf(want, add_special_tokens=False)["input_ids"]
+    assert session.tokens[:len(want_ids)] == want_ids
+    assert session.prefilled < len(want_ids)  # the second turn reused the first turn's cache
+
+
+BAD_CONFIG = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "intermediate_size": 8,
+              "num_attention_heads": 2, "vocab_size": 10}
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "model"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def _bad_models(tiny: Path, tmp: Path):
+    """name -> (folder maker, expected words in the error line)."""
+    def no_config():
+        d = _copy(tiny, tmp); (d / "config.json").unlink(); return d
+
+    def no_weights():
+        d = _copy(tiny, tmp); (d / "model.safetensors").unlink(); return d
+
+    def no_tokenizer():
+        d = _copy(tiny, tmp); (d / "tokenizer.json").unlink(); return d
+
+    def corrupt_json():
+        d = _copy(tiny, tmp); (d / "config.json").write_text("{oops"); return d
+
+    def other_model_type():
+        d = _copy(tiny, tmp); (d / "config.json").write_text(json.dumps(BAD_CONFIG)); return d
+
+    def truncated_weights():
+        d = _copy(tiny, tmp); w = d / "model.safetensors"
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2]); return d
+
+    def corrupt_weights():
+        d = _copy(tiny, tmp); (d / "model.safetensors").write_bytes(b"\xff" * 64); return d
+
+    def pickle_only():
+        d = _copy(tiny, tmp); (d / "model.safetensors").unlink(); (d / "pytorch_model.bin").write_bytes(b"x")
+        return d
+
+    def wrong_shapes():
+        d = _copy(tiny, tmp); cfg = json.loads((d / "config.json").read_text())
+        cfg["intermediate_size"] += 8; (d / "config.json").write_text(json.dumps(cfg)); return d
+
+    return {
+        "missing path": (lambda: tmp / "nope", "no such file or folder"),
+        "no config.json": (no_config, "no config.json"),
+        "no weights": (no_weights, "no weights"),
+        "no tokenizer": (no_tokenizer, "tokenizer.json"),
+        "corrupt JSON": (corrupt_json, "corrupt JSON"),
+        "unsupported model_type": (other_model_type, "unsupported model_type 'llama'"),
+        "truncated safetensors": (truncated_weights, "truncated"),
+        "corrupt safetensors": (corrupt_weights, "corrupt"),
+        "pickle-only": (pickle_only, "pickle"),
+        "wrong shapes": (wrong_shapes, "do not match config.json"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_models(Path("."), Path("."))))
+def test_bad_model_gets_one_clear_line(tiny_model, tmp_path, case):
+    make, words = _bad_models(tiny_model("gqa2-untied"), tmp_path)[case]
+    r = run("generate", "--model", str(make()), "--prompt", "hi", "--max-tokens", "2")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: ") and words in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--max-tokens", "-1"], "--max-tokens"),
+    (["--temperature", "-0.5"], "--temperature"),
+    (["--top-p", "0"], "--top-p"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--backend", "tpu"], "unknown backend 'tpu'"),
+    (["--dtype", "int3"], "--dtype"),
+])
+def test_bad_flags_get_one_clear_line(tiny_model, flags, words):
+    r = run("generate", "--model", str(tiny_model("gqa2-untied")), "--prompt", "hi", *flags)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert words in r.stderr
+
+
+def test_hub_unreachable_is_one_line():
+    r = run("info", "--model", "nobody/no-such-model")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "Hugging Face Hub" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,121 @@
+"""Our ONNX export, loaded untouched by the edge runtimes, reproduces our ONNX backend's greedy tokens.
+
+The peers (onnxruntime-genai, optimum-onnx, transformers.js in Node) live in their own environments under
+$QWEN_MLX_PEERS (default /work/venvs), made by `bash benchmarks/setup_peers.sh`; a missing one is skipped with
+the reason. Each runtime runs as a subprocess through benchmarks/edge_runtimes.py, on a tiny random Qwen2
+exported by export.onnx_export, once in float32 (onnx/model.onnx) and once int4 (onnx/model_q4.onnx).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import edge_runtimes as er  # noqa: E402  (standard library only at import time)
+
+N_TOKENS = 16
+VARIANTS = {"fp32": (None, "model.onnx"), "q4": ("int4", "model_q4.onnx")}
+
+
+# ---- the helpers themselves (no peers needed) ------------------------------------------------------------
+
+def test_first_divergence():
+    assert er.first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert er.first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert er.first_divergence([1, 2, 3], [1, 2]) == 2  # one stopped early (an EOS the other did not stop at)
+    assert er.first_divergence([], []) is None
+
+
+def test_compare_reports_the_divergence_and_errors():
+    ref = er.RunResult("hf", True, tokens=[[1, 2], [3, 4]])
+    assert er.compare(ref, er.RunResult("x", True, tokens=[[1, 2], [3, 4]])) == "yes"
+    assert er.compare(ref, er.RunResult("x", True, tokens=[[1, 2], [3, 9]])) == \
+        "no (prompt 1: first divergence at token 1: ref 4 vs 9)"
+    assert er.compare(ref, er.RunResult("x", False, error="Traceback\nValueError: boom")) == "error: ValueError: boom"
+
+
+def test_missing_peer_has_a_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv("QWEN_MLX_PEERS", str(tmp_path))
+    for runtime in er.PEER_RUNTIMES:
+        reason = er.missing_reason(runtime)
+        assert reason, runtime
+        result = er.run_runtime(runtime, tmp_path, [[1, 2]], 2)
+        assert not result.ok and result.error.startswith("skipped:")
+
+
+# ---- the export, through every peer ----------------------------------------------------------------------
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with its sha256: a runtime must neither change nor add files there."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> Path:
+    pytest.importorskip("transformers")
+    from tests.tiny_models import write_tiny_model
+    return write_tiny_model(tmp_path_factory.mktemp("edge") / "tiny", "gqa2-untied")
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_hf) -> tuple[list[str], list[list[int]]]:
+    return er.reference_prompts(tiny_hf, ["hello world", "def f(x): return x"], chat=True)
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_hf, tmp_path_factory, prompts):
+    """variant -> (export folder, our ONNX backend's greedy tokens on it: the expectation), built on first use."""
+    if importlib.util.find_spec("export.onnx_export") is None or importlib.util.find_spec("export.onnx_backend") is None:
+        pytest.skip("export.onnx_export / export.onnx_backend are not there yet")
+    import inspect
+
+    from export.onnx_export import export_onnx
+    from qwen_mlx.checkpoint import prepare_model
+
+    texts, ids = prompts
+    base = tmp_path_factory.mktemp("exports")
+    cache: dict[str, tuple[Path, er.RunResult]] = {}
+    # The exporter's own accuracy check is its tests' business (int4 on a random tiny model is far from the
+    # float twin by nature); here the question is only whether the peers run what it wrote as we do.
+    extra = {"validate": False} if "validate" in inspect.signature(export_onnx).parameters else {}
+
+    def get(variant: str) -> tuple[Path, er.RunResult]:
+        if variant not in cache:
+            quantize, onnx_file = VARIANTS[variant]
+            folder = base / variant
+            export_onnx(prepare_model(str(tiny_hf)), folder, dtype="float32", quantize=quantize, opset=None,
+                        force=False, **extra)
+            assert (folder / "onnx" / onnx_file).is_file()
+            ours = er.run_runtime("ours", folder, ids, N_TOKENS, texts=texts, onnx_file=onnx_file, quantize=quantize)
+            assert ours.ok, f"our ONNX backend failed on the {variant} export:\n{ours.error}"
+            cache[variant] = (folder, ours)
+        return cache[variant]
+
+    return get
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("runtime", er.PEER_RUNTIMES)
+def test_runtime_reproduces_our_greedy_tokens(runtime, variant, exports, prompts):
+    reason = er.missing_reason(runtime)
+    if reason:
+        pytest.skip(reason)
+    texts, ids = prompts
+    folder, ours = exports(variant)
+    quantize, onnx_file = VARIANTS[variant]
+    before = _snapshot(folder)
+    result = er.run_runtime(runtime, folder, ids, N_TOKENS, texts=texts, onnx_file=onnx_file, quantize=quantize,
+                            timeout=600)
+    assert result.ok, f"{runtime} could not run the {variant} export {folder}:\n{result.error}"
+    assert _snapshot(folder) == before, f"{runtime} changed or added files in the export folder"
+    assert er.compare(ours, result) == "yes", (
+        f"{runtime} on the {variant} export: {er.compare(ours, result)}\n"
+        f"ours: {ours.tokens}\n{runtime}: {result.tokens}")
+    assert result.prompt_ids == ids, f"{runtime}'s own tokenizer encodes the prompt differently"
