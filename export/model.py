@@ -13,7 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qwen_mlx.checkpoint import Checkpoint
 from qwen_mlx.config import ModelArgs
+from qwen_mlx.errors import QwenError
+from qwen_mlx.progress import progress_bar
 
 KV = tuple[torch.Tensor, torch.Tensor]
 MASKED = -1e30  # additive mask value: finite, so a fully padded query row softmaxes to uniform, not NaN
@@ -194,19 +197,17 @@ class Qwen2ForCausalLM(nn.Module):
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
-def load_model(ckpt, dtype: str = "float32", device: str | torch.device = "cpu") -> Qwen2ForCausalLM:
-    """Build the twin from a checked Checkpoint: every tensor read with safetensors, cast, loaded strictly."""
+def load_model(ckpt: Checkpoint, dtype: str = "float32", device: str | torch.device = "cpu") -> Qwen2ForCausalLM:
+    """Build the twin from a checked Checkpoint: every tensor read with safetensors, cast, loaded strictly
+    (shapes were validated by prepare_model, so a mismatch here is a bug, not bad input)."""
     from safetensors import safe_open
-
-    from qwen_mlx.errors import QwenError
-    from qwen_mlx.progress import progress_bar
 
     if dtype not in DTYPES:
         raise QwenError(f"unknown dtype {dtype!r} for the torch/ONNX export (choose from {', '.join(DTYPES)})")
     with torch.device("meta"):  # no random init of weights that are about to be overwritten
         model = Qwen2ForCausalLM(ckpt.args)
     state: dict[str, torch.Tensor] = {}
-    by_file: dict = {}
+    by_file: dict[object, list[str]] = {}
     for key, info in ckpt.tensors.items():
         by_file.setdefault(info.file, []).append(key)
     for file, keys in by_file.items():
