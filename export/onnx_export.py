@@ -239,6 +239,10 @@ def _build_model(ckpt: Checkpoint, path: Path, dtype: str, quantize: str | None,
         onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                         location=f"{path.name}_data", size_threshold=1024)
         onnx.checker.check_model(str(path))  # by path: works past 2 GB with external data
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in path.parent.iterdir():  # onnx creates the data file 0600: make it as readable as the rest
+        os.chmod(written, 0o666 & ~umask)
     return external
 
 
