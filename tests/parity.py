@@ -102,6 +102,7 @@ VARIANTS: dict[str, tuple[str, str, str | None]] = {
     "mlx bfloat16": ("mlx", "bfloat16", None),
     "mlx 8-bit": ("mlx", "float32", "8"),
     "mlx 4-bit": ("mlx", "float32", "4"),
+    "onnx float32": ("onnx", "float32", None),  # checks the per-position ONNX path itself
     "onnx float16": ("onnx", "float16", None),
     "onnx int4": ("onnx", "float32", "int4"),
 }

@@ -516,3 +516,40 @@ class TestRealTokenizer:
                 assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt) == expected
                 assert ours(expected)["input_ids"] == reference(expected)["input_ids"]
         assert "You are Qwen, created by Alibaba Cloud" in ours.apply_chat_template(CONVERSATIONS[0], tokenize=False)
+
+
+# ---- the command line over GGUF ----------------------------------------------------------------------
+
+
+def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, QWEN_MLX_QUIET="1", QWEN_MLX_CACHE=str(cache))
+    return subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "cli.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_convert_and_generate_from_a_gguf(tiny, tmp_path):
+    path, _ = tiny
+    out = tmp_path / "converted"
+    r = _cli("convert", "--gguf", str(path), "--out", str(out), cache=tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()) == out and (out / "model.safetensors").is_file()
+    # --model X.gguf converts once into the cache (keyed by the file's content), then runs
+    args = ("generate", "--model", str(path), "--raw", "--prompt", "ab", "--temperature", "0", "--max-tokens", "4")
+    first = _cli(*args, cache=tmp_path / "cache")
+    assert first.returncode == 0, first.stderr
+    again = _cli(*args, cache=tmp_path / "cache")
+    assert again.stdout == first.stdout
+    assert len(list((tmp_path / "cache" / "gguf").glob("*-float32"))) == 1
+    direct = _cli("generate", "--model", str(out), *args[3:], cache=tmp_path / "cache")
+    assert direct.stdout == first.stdout
+
+
+def test_cli_convert_bad_input_is_one_line(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all" * 100)
+    for args in (("convert", "--gguf", str(bad), "--out", str(tmp_path / "o")),
+                 ("generate", "--model", str(bad), "--prompt", "x")):
+        r = _cli(*args, cache=tmp_path / "cache")
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ")
+    assert not (tmp_path / "o").exists()

@@ -62,3 +62,19 @@ def test_cli_generate_reproduces_transformers(real_model_dir, mlx_loaded, refere
     assert r.returncode == 0, r.stderr
     assert r.stdout == want_text + "\n"
     assert json.loads(r.stderr.strip().splitlines()[-1])["generation_tokens"] == len(want)
+
+
+def test_generate_straight_from_the_gguf(real_model_dir, mlx_loaded, reference):
+    """`--model the.gguf` converts once (cached by content) and reproduces transformers' greedy tokens."""
+    from qwen_mlx.real_checkpoint import real_gguf
+    from tests.test_cli import run
+
+    tok = mlx_loaded.tokenizer
+    ids = tok.encode(RAW_CODE)
+    want = reference_greedy(reference, ids, N_TOKENS)
+    eos = [i for i, t in enumerate(want) if t in tok.eos_token_ids]
+    want = want[:eos[0]] if eos else want
+    r = run("generate", "--model", str(real_gguf(progress=False)), "--dtype", "float32", "--raw",
+            "--temperature", "0", "--repetition-penalty", "1.0", "--max-tokens", str(N_TOKENS), "--prompt", RAW_CODE)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == tok.decode(want) + "\n"
