@@ -35,9 +35,10 @@ def reference_greedy(model, prompt: Sequence[int], n: int) -> list[int]:
     import torch
 
     with torch.no_grad():
-        out = model.generate(torch.tensor([list(prompt)]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             repetition_penalty=1.0, temperature=None, top_p=None, top_k=None,
-                             pad_token_id=0)
+        # eos_token_id=None: keep going through EOS (min_new_tokens would instead forbid EOS and change
+        # the greedy choice).
+        out = model.generate(torch.tensor([list(prompt)]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                             repetition_penalty=1.0, temperature=None, top_p=None, top_k=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 
