@@ -72,7 +72,7 @@ def missing_reason(runtime: str) -> str | None:
         if which("node") is None:
             return "node is not installed"
         if not (node_project() / "node_modules" / "@huggingface" / "transformers").is_dir():
-            return f"no @huggingface/transformers under {node_project()} (run benchmarks/setup_peers.sh)"
+            return f"no @huggingface/transformers under {node_project()} (run benchmarks/setup_peers.sh {peers_root()})"
         return None
     if not peer_python(runtime).exists():
         return f"no venv {peers_root() / runtime} (run benchmarks/setup_peers.sh {peers_root()})"

@@ -156,34 +156,80 @@ def onnx_position_logits(loaded: LoadedModel, ids: Sequence[int], chunk: int = C
         del logits
 
 
+def dequantize_mlx(loaded: LoadedModel) -> None:
+    """Swap every quantized layer of the MLX model for a float32 one holding exactly its dequantized weights.
+
+    MLX's quantized matmul has no fast CPU path for many positions (~2 positions/s here, so 1024 would take
+    ~8 min); with float32 scales it dequantizes and accumulates in float32, so the same weights on float32
+    BLAS give the same logits up to summation order. `kernel_gap` checks that on a short window."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_unflatten
+
+    swaps = []
+    for name, m in loaded.backend.model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            w = mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits)
+            if isinstance(m, nn.QuantizedEmbedding):
+                new = nn.Embedding(*w.shape)
+            else:
+                new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+                if "bias" in m:
+                    new.bias = m.bias
+            new.weight = w
+            swaps.append((name, new))
+    loaded.backend.model.update_modules(tree_unflatten(swaps))
+    mx.eval(loaded.backend.model.parameters())
+
+
+def kernel_gap(loaded: LoadedModel, ids: Sequence[int]) -> float:
+    """max |logit diff| over `ids` between the quantized kernels and `dequantize_mlx`'s float32 weights
+    (mutates `loaded` into the dequantized model)."""
+    real = next(mlx_position_logits(loaded, ids, len(ids)))
+    dequantize_mlx(loaded)
+    return float(np.abs(real - next(mlx_position_logits(loaded, ids, len(ids)))).max())
+
+
 POSITION_LOGITS: dict[str, Callable[..., Iterator[np.ndarray]]] = {"mlx": mlx_position_logits,
                                                                     "onnx": onnx_position_logits}
+
+
+KERNEL_CHECK_TOKENS = 16  # the window on which quantized kernels are compared with their dequantized weights
 
 
 @dataclass
 class Quality:
     name: str
-    perplexity: float
+    nll: np.ndarray  # [n - 1] negative log-likelihood of ids[i + 1] at position i
+    argmax: np.ndarray  # [n - 1] predicted ids
     top1_agreement: float  # share of positions whose argmax equals the reference's (1.0 for the reference)
     max_abs_diff: float  # max |logit - reference logit| over all positions and the whole vocabulary
     seconds: float = 0.0
-    argmax: np.ndarray = field(default=None, repr=False)  # [n - 1] predicted ids
+    kernel_gap: float | None = None  # MLX quantized: max |logit diff| of the real kernels vs dequantized
     logits: np.ndarray | None = field(default=None, repr=False)  # [n, V] float32, kept for the reference only
+
+    @property
+    def perplexity(self) -> float:
+        return float(np.exp(self.nll.mean()))
+
+    def perplexity_ratio(self, reference: Quality) -> float:
+        """Perplexity over reference's perplexity on the same positions (a variant may cover a prefix)."""
+        return self.perplexity / float(np.exp(reference.nll[:len(self.nll)].mean()))
 
 
 def teacher_forced(name: str, chunks: Iterator[np.ndarray], ids: Sequence[int],
                    reference: Quality | None = None, keep: bool = False) -> Quality:
-    """Perplexity of `ids` from per-position logit chunks, and their distance to `reference`.
-    Position i predicts ids[i + 1]; the last position predicts nothing and is left out."""
+    """Per-position NLL of `ids` from logit chunks, and the distance to `reference` (which may be longer:
+    the comparison covers the positions of `ids`). Position i predicts ids[i + 1]; the last predicts nothing."""
     t = time.perf_counter()
     target = np.asarray(ids[1:], np.int64)
-    nll, argmax, max_diff, kept, pos = 0.0, [], 0.0, [], 0
+    nll, argmax, max_diff, kept, pos = [], [], 0.0, [], 0
     for logits in chunks:
         rows = logits[: max(0, min(len(logits), len(target) - pos))]
         if len(rows):
             m = rows.max(axis=1, keepdims=True)
-            lse = m[:, 0] + np.log(np.exp(rows - m).sum(axis=1))  # per-chunk log-softmax normaliser
-            nll += float((lse - rows[np.arange(len(rows)), target[pos:pos + len(rows)]]).astype(np.float64).sum())
+            lse = m[:, 0] + np.log(np.exp(rows - m).sum(axis=1))  # log-softmax normaliser, chunk by chunk
+            nll.append(lse - rows[np.arange(len(rows)), target[pos:pos + len(rows)]])
             argmax.append(rows.argmax(axis=1))
         if reference is not None:
             max_diff = max(max_diff, float(np.abs(logits - reference.logits[pos:pos + len(logits)]).max()))
@@ -191,22 +237,27 @@ def teacher_forced(name: str, chunks: Iterator[np.ndarray], ids: Sequence[int],
             kept.append(logits)
         pos += len(logits)
     argmax = np.concatenate(argmax)
-    agree = 1.0 if reference is None else float(np.mean(argmax == reference.argmax))
-    return Quality(name, float(np.exp(nll / len(target))), agree, max_diff, time.perf_counter() - t,
-                   argmax, np.concatenate(kept) if keep else None)
+    agree = 1.0 if reference is None else float(np.mean(argmax == reference.argmax[:len(argmax)]))
+    return Quality(name, np.concatenate(nll).astype(np.float64), argmax, agree, max_diff,
+                   time.perf_counter() - t, logits=np.concatenate(kept) if keep else None)
 
 
 def measure_variant(name: str, model_dir: Path, onnx_dirs: dict[str, Path], ids: Sequence[int],
                     reference: Quality | None = None) -> Quality:
-    """Load one variant, teacher-force `ids` through it, free it. The reference keeps its logits."""
+    """Load one variant, teacher-force `ids` through it, free it. The reference keeps its logits.
+    MLX quantized variants run on their dequantized weights, after `kernel_gap` checked that is faithful."""
     backend, dtype, quantize = VARIANTS[name]
     folder = onnx_dirs[name] if backend == "onnx" else model_dir
+    t = time.perf_counter()
     loaded = load(backend, str(folder), dtype, quantize)
     try:
-        return teacher_forced(name, POSITION_LOGITS[backend](loaded, ids), ids, reference, keep=reference is None)
+        gap = kernel_gap(loaded, ids[:KERNEL_CHECK_TOKENS]) if backend == "mlx" and quantize else None
+        q = teacher_forced(name, POSITION_LOGITS[backend](loaded, ids), ids, reference, keep=reference is None)
     finally:
         del loaded
         free_memory()
+    q.kernel_gap, q.seconds = gap, time.perf_counter() - t
+    return q
 
 
 def export_variant(model_dir: Path, out_dir: Path, dtype: str, quantize: str | None = None) -> tuple[Path, float]:
@@ -219,6 +270,25 @@ def export_variant(model_dir: Path, out_dir: Path, dtype: str, quantize: str | N
     export_onnx(prepare_model(str(model_dir)), out_dir, dtype, quantize, force=True, validate=False)
     free_memory()
     return out_dir, time.perf_counter() - t
+
+
+def int4_from_float32_export(fp32_dir: Path, out_dir: Path) -> tuple[Path, float]:
+    """The int4 variant without tracing the model again (~100 s saved on 2 cores): export_onnx's own int4
+    step (`quantize_int4`, what it applies to the freshly traced float32 graph) on the saved float32 graph.
+    The side files are the float32 export's (OnnxBackend reads only config.json and the tokenizer)."""
+    import shutil
+
+    import onnx
+
+    from export.onnx_export import model_filename, quantize_int4
+
+    t = time.perf_counter()
+    proto = quantize_int4(onnx.load(str(Path(fp32_dir) / "onnx" / model_filename("float32", None))))
+    shutil.copytree(fp32_dir, out_dir, ignore=shutil.ignore_patterns("*.onnx", "*.onnx_data"))
+    onnx.save_model(proto, str(Path(out_dir) / "onnx" / model_filename("float32", "int4")))  # < 1 GB: one file
+    del proto
+    free_memory()
+    return Path(out_dir), time.perf_counter() - t
 
 
 def free_memory() -> None:
