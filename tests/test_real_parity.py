@@ -33,15 +33,15 @@ FLOAT32_BOUNDS = {  # measured:
 # broken quantizer (wrong groups, scales, dtype) fails by far.
 QUALITY_BOUNDS = {  # measured: ppl ratio, top-1, max diff
     "onnx float32": (1.0001, 0.997, 2e-4),  # x1.0000, 100%, 5.9e-5 (a near-tie may flip elsewhere)
-    "mlx bfloat16": (1.015, 0.975, 2.1),  # 256 tokens: x1.0047, 98.8%, 0.683 (1024: x1.0023, 98.14%, 0.735)
+    "mlx bfloat16": (1.007, 0.962, 2.2),  # x1.0023, 98.14%, 0.735
     "mlx 8-bit": (1.003, 0.98, 1.1),  # x0.9996, 99.12%, 0.358
     "mlx 4-bit": (1.19, 0.72, 25.0),  # x1.0636, 86.02%, 8.06
     "onnx float16": (1.003, 0.996, 0.18),  # x1.0002, 99.80%, 0.058
     "onnx int4": (1.19, 0.70, 21.0),  # x1.0617, 85.14%, 6.9
 }
-# MLX bfloat16 has no fast CPU matmul (~4 positions/s: 1024 would take ~4.5 min of the budget): the test
-# covers its first 256 tokens; benchmarks/quality.py measures all 1024.
-TEST_TOKENS = {"mlx bfloat16": 256}
+# Every precision runs over the whole text, MLX bfloat16 included, though it has no fast CPU matmul
+# (~4 positions/s, ~4.5 min of CI): the issue asks for at least 1000 tokens, and a shorter text would
+# hide drift that builds up with position.
 # MLX quantized kernels vs their dequantized weights on float32 BLAS (the path the quality runs on), over
 # 16 positions: 3x the measured (8-bit 3.6e-5, 4-bit 6.6e-5: summation order only).
 MAX_KERNEL_GAP = 2e-4
@@ -54,7 +54,10 @@ MAX_REFERENCE_PERPLEXITY = 4.5
 
 @pytest.fixture(scope="session")
 def onnx_export_dir(real_model_dir, tmp_path_factory):
-    """onnx_export_dir(dtype, quantize) -> an export folder of the real model (made once per session)."""
+    """onnx_export_dir(dtype, quantize) -> an export folder of the real model (made once per session, and
+    removed at its end: pytest keeps the temporary folders of the last runs, ~4.5 GB of exports each)."""
+    import shutil
+
     made: dict = {}
 
     def get(dtype: str, quantize: str | None = None):
@@ -68,7 +71,9 @@ def onnx_export_dir(real_model_dir, tmp_path_factory):
             print(f"\nONNX export of the real model ({dtype}, {quantize or 'no quantization'}): {seconds:.0f}s")
         return made[key]
 
-    return get
+    yield get
+    for folder in made.values():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---- float32 parity -----------------------------------------------------------------------------------
@@ -130,10 +135,9 @@ def test_reference_perplexity_is_sane(reference_quality):
 def test_reduced_precision_quality(name, real_model_dir, onnx_export_dir, text_ids, reference_quality):
     backend, dtype, quantize = parity.VARIANTS[name]
     onnx_dirs = {name: onnx_export_dir(dtype, quantize)} if backend == "onnx" else {}
-    ids = text_ids[:TEST_TOKENS.get(name, len(text_ids))]
-    q = parity.measure_variant(name, real_model_dir, onnx_dirs, ids, reference_quality)
+    q = parity.measure_variant(name, real_model_dir, onnx_dirs, text_ids, reference_quality)
     ratio = q.perplexity_ratio(reference_quality)
-    print(f"\n{name} over {len(ids)} tokens: perplexity {q.perplexity:.3f} (x{ratio:.4f} float32), top-1 "
+    print(f"\n{name} over {len(text_ids)} tokens: perplexity {q.perplexity:.3f} (x{ratio:.4f} float32), top-1 "
           f"agreement {q.top1_agreement:.1%}, max |logit diff| {q.max_abs_diff:.3g}, kernel gap {q.kernel_gap}, "
           f"{q.seconds:.0f}s")
     if q.kernel_gap is not None:
