@@ -1,7 +1,7 @@
 """Graph passes on the traced ONNX decoder, run by export_onnx before int4 quantization.
 
-Two rewrites, both exact in float32 up to summation order, standard ONNX in and out, and neither touches
-the graph's inputs or outputs:
+Two rewrites, both exact in float32 up to rounding (summation order, 1/x vs division), standard ONNX in and out,
+and neither touches the graph's inputs or outputs:
 
 - `fuse_sibling_matmuls`: MatMuls that read the same activation with constant 2-D weights (q/k/v, gate/up)
   become one MatMul on the weights concatenated along N, then a Split back into the original tensor names.
@@ -47,15 +47,6 @@ def _producers(graph) -> dict[str, object]:
     return {name: node for node in graph.node for name in node.output if name}
 
 
-def _unique(graph, base: str) -> str:
-    taken = {n for node in graph.node for n in node.output} | {t.name for t in graph.initializer} \
-        | {v.name for v in graph.input} | {n.name for n in graph.node}
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    return name
-
-
 # ---- RMSNorm: Mul(x, Reciprocal(Sqrt(.))) -> Div(x, Sqrt(.)) ------------------------------------------
 
 def canonicalize_rms_norm(graph) -> int:
@@ -82,8 +73,10 @@ def canonicalize_rms_norm(graph) -> int:
             mul.input.extend([x, node.input[0]])
             rewritten += 1
         dead.append(node)
-    for node in dead:
-        graph.node.remove(node)
+    dead_outputs = {d.output[0] for d in dead}
+    for i in reversed(range(len(graph.node))):
+        if graph.node[i].op_type == "Reciprocal" and graph.node[i].output[0] in dead_outputs:
+            del graph.node[i]
     return rewritten
 
 
@@ -102,36 +95,60 @@ def _fused_name(names: list[str]) -> str:
 def fuse_sibling_matmuls(graph) -> dict:
     """One MatMul + Split for every set of MatMuls reading the same activation with constant 2-D weights
     of one dtype and one K. Returns {'matmul_groups': n, 'matmuls_fused': m, 'biases_fused': b}."""
-    from onnx import helper, numpy_helper
-
     inits = {t.name: t for t in graph.initializer}
     graph_outputs = {o.name for o in graph.output}
     consumers = _consumers(graph)
-    groups: dict[str, list] = defaultdict(list)
+    uses: dict[str, int] = defaultdict(int)
+    for node in graph.node:
+        for name in node.input:
+            uses[name] += 1
+    groups: dict[tuple, list] = defaultdict(list)
     for node in graph.node:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
             continue
         w = inits.get(node.input[1])
-        if w is None or len(w.dims) != 2 or node.input[0] in inits or node.output[0] in graph_outputs:
+        # A weight another node also reads stays as it is (concatenating would store it twice).
+        if w is None or len(w.dims) != 2 or uses[w.name] != 1 or node.input[0] in inits \
+                or node.output[0] in graph_outputs:
             continue
-        groups[node.input[0]].append(node)
+        groups[(node.input[0], w.data_type, w.dims[0])].append(node)
 
     stats = {"matmul_groups": 0, "matmuls_fused": 0, "biases_fused": 0}
-    used_weights = defaultdict(int)
+    taken = {n for node in graph.node for n in (*node.output, node.name)} | set(inits) | {v.name for v in graph.input}
+    insert_at: dict[int, list] = {}  # id(first member) -> the nodes that replace the group there
+    removed: set[int] = set()
+    dead: set[str] = set()
+    added = []
+    for nodes in groups.values():
+        if len(nodes) < 2:
+            continue
+        new_nodes, gone, dead_inits, new_inits = _plan_group(nodes, inits, consumers, graph_outputs, taken)
+        insert_at[id(nodes[0])] = new_nodes
+        removed |= {id(n) for n in gone}
+        dead |= dead_inits
+        added += new_inits
+        stats["matmul_groups"] += 1
+        stats["matmuls_fused"] += len(nodes)
+        stats["biases_fused"] += len(gone) - len(nodes)
+    if not insert_at:
+        return stats
+    from onnx import NodeProto
+
+    order = []
     for node in graph.node:
-        for name in node.input:
-            used_weights[name] += 1
-    for activation, members in groups.items():
-        by_kind: dict[tuple, list] = defaultdict(list)
-        for m in members:
-            w = inits[m.input[1]]
-            by_kind[(w.data_type, w.dims[0])].append(m)
-        for (_, K), nodes in by_kind.items():
-            # A weight shared with another node stays where it is (concatenating would copy it).
-            nodes = [m for m in nodes if used_weights[m.input[1]] == 1]
-            if len(nodes) < 2:
-                continue
-            _fuse_group(graph, nodes, inits, consumers, graph_outputs, helper, numpy_helper, stats)
+        # The first member's position: its inputs exist there, and every consumer of any member's output
+        # comes after that member, so after the first one.
+        order += insert_at.get(id(node), [])
+        if id(node) not in removed:
+            copy = NodeProto()
+            copy.CopyFrom(node)
+            order.append(copy)
+    del graph.node[:]
+    graph.node.extend(order)
+    for i in reversed(range(len(graph.initializer))):  # by index: never copy the big weights around
+        if graph.initializer[i].name in dead:
+            del graph.initializer[i]
+    graph.initializer.extend(added)
     return stats
 
 
@@ -142,67 +159,54 @@ def _bias_of(node, inits, consumers, graph_outputs):
     if len(users) != 1 or out in graph_outputs:
         return None
     add = users[0]
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2 or list(add.input).count(out) != 1:
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2 \
+            or list(add.input).count(out) != 1:
         return None
     other = add.input[1] if add.input[0] == out else add.input[0]
     bias = inits.get(other)
     weight = inits[node.input[1]]
-    if bias is None or list(bias.dims) != [weight.dims[1]] or bias.data_type != weight.data_type:
+    if bias is None or list(bias.dims) != [weight.dims[1]] or bias.data_type != weight.data_type \
+            or len(consumers.get(other, [])) != 1:
         return None
     return add, bias
 
 
-def _fuse_group(graph, nodes, inits, consumers, graph_outputs, helper, numpy_helper, stats) -> None:
+def _plan_group(nodes, inits, consumers, graph_outputs, taken):
+    """-> (new nodes, nodes they replace, initializer names to drop, new initializers) for one group."""
+    from onnx import helper, numpy_helper
+
+    def unique(base: str) -> str:
+        name, i = base, 1
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        taken.add(name)
+        return name
+
     weights = [inits[m.input[1]] for m in nodes]
     widths = [int(w.dims[1]) for w in weights]
     biases = [_bias_of(m, inits, consumers, graph_outputs) for m in nodes]
     with_bias = all(b is not None for b in biases)
 
-    fused_w_name = _unique(graph, _fused_name([w.name for w in weights]))
-    fused_w = numpy_helper.from_array(np.concatenate([numpy_helper.to_array(w) for w in weights], axis=1),
-                                      fused_w_name)
-    base = fused_w_name.removesuffix(".weight.T").removesuffix(".weight")
-    mm_out = _unique(graph, f"{base}.MatMul.output")
-    new_nodes = [helper.make_node("MatMul", [nodes[0].input[0], fused_w_name], [mm_out],
-                                  name=_unique(graph, f"{base}.MatMul"))]
-    split_in = mm_out
+    w_name = unique(_fused_name([w.name for w in weights]))
+    new_inits = [numpy_helper.from_array(np.concatenate([numpy_helper.to_array(w) for w in weights], axis=1), w_name)]
+    base = w_name.removesuffix(".weight.T").removesuffix(".weight")
+    mm_out = unique(f"{base}.MatMul.output")
+    new_nodes = [helper.make_node("MatMul", [nodes[0].input[0], w_name], [mm_out], name=unique(f"{base}.MatMul"))]
+    gone = list(nodes)
+    dead = {w.name for w in weights}
+    split_in, outputs = mm_out, [m.output[0] for m in nodes]
     if with_bias:
-        fused_b_name = _unique(graph, f"{base}.bias")
-        fused_b = numpy_helper.from_array(np.concatenate([numpy_helper.to_array(b) for _, b in biases]),
-                                          fused_b_name)
-        split_in = _unique(graph, f"{base}.Add.output")
-        new_nodes.append(helper.make_node("Add", [mm_out, fused_b_name], [split_in], name=_unique(graph, f"{base}.Add")))
+        b_name = unique(f"{base}.bias")
+        new_inits.append(numpy_helper.from_array(np.concatenate([numpy_helper.to_array(b) for _, b in biases]), b_name))
+        split_in = unique(f"{base}.Add.output")
+        new_nodes.append(helper.make_node("Add", [mm_out, b_name], [split_in], name=unique(f"{base}.Add")))
         outputs = [add.output[0] for add, _ in biases]
-    else:
-        outputs = [m.output[0] for m in nodes]
-    sizes_name = _unique(graph, f"{base}.split_sizes")
-    sizes = numpy_helper.from_array(np.array(widths, np.int64), sizes_name)
-    new_nodes.append(helper.make_node("Split", [split_in, sizes_name], outputs, axis=-1,
-                                      name=_unique(graph, f"{base}.Split")))
-
-    # Splice in at the first member's position: its inputs exist there, and every consumer of any
-    # member's output comes after that member, so after the first one.
-    position = min(i for i, n in enumerate(graph.node) if any(n is m for m in nodes))
-    removed = list(nodes) + ([add for add, _ in biases] if with_bias else [])
-    for i, n in enumerate(new_nodes):
-        graph.node.insert(position + i, n)
-    for n in removed:
-        graph.node.remove(n)
-    dead = {w.name for w in weights} | ({b.name for _, b in biases} if with_bias else set())
-    still_used = {name for n in graph.node for name in n.input}
-    keep = [t for t in graph.initializer if t.name not in dead or t.name in still_used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    graph.initializer.extend([fused_w, sizes] + ([fused_b] if with_bias else []))
-    for name in dead:
-        inits.pop(name, None)
-    inits[fused_w_name] = fused_w
-    for n in removed:  # keep the consumer map true for later groups
-        for name in n.input:
-            consumers[name] = [c for c in consumers.get(name, []) if c is not n]
-    stats["matmul_groups"] += 1
-    stats["matmuls_fused"] += len(nodes)
-    stats["biases_fused"] += len(nodes) if with_bias else 0
+        gone += [add for add, _ in biases]
+        dead |= {b.name for _, b in biases}
+    sizes_name = unique(f"{base}.split_sizes")
+    new_inits.append(numpy_helper.from_array(np.array(widths, np.int64), sizes_name))
+    new_nodes.append(helper.make_node("Split", [split_in, sizes_name], outputs, axis=-1, name=unique(f"{base}.Split")))
+    return new_nodes, gone, dead, new_inits
 
 
 __all__ = ["optimize", "fuse_sibling_matmuls", "canonicalize_rms_norm"]

@@ -6,14 +6,13 @@ torch has it, else the CPU.
 
 from __future__ import annotations
 
-import resource
-import sys
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from qwen_mlx.checkpoint import Checkpoint
+from qwen_mlx.generate import process_peak_rss_gb
 
 from .model import KV, load_model
 
@@ -51,6 +50,4 @@ class TorchBackend:
     def peak_memory_gb(self) -> float:
         if self.torch_device.type == "cuda":
             return torch.cuda.max_memory_allocated() / 1e9
-        # Whole-process peak resident set: ru_maxrss is KiB on Linux, bytes on macOS.
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / (1e9 if sys.platform == "darwin" else 1e6)
+        return process_peak_rss_gb()

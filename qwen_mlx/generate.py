@@ -7,6 +7,8 @@ is printed, the stats line) is decided here, once, so MLX, PyTorch and ONNX cann
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
@@ -39,6 +41,12 @@ class Backend(Protocol):
         """Keep only the first `length` cached positions."""
 
     def peak_memory_gb(self) -> float: ...
+
+
+def process_peak_rss_gb() -> float:
+    """The whole process's peak resident memory, for backends whose framework keeps no count of its own."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (1e9 if sys.platform == "darwin" else 1e6)
 
 
 @dataclass

@@ -196,7 +196,7 @@ def test_int4_export(exports: dict, checkpoints: dict) -> None:
     attrs = {a.name: a.i for a in nbits[0].attribute}
     assert attrs["bits"] == 4 and attrs["block_size"] == 32
     args = checkpoints["gqa2-untied"].args
-    assert len(nbits) == 7 * args.num_hidden_layers + 1  # q k v o gate up down per layer, and lm_head
+    assert len(nbits) == 4 * args.num_hidden_layers + 1  # qkv, o, gate_up, down per layer, and lm_head
     initializers = {t.name for t in model.graph.initializer}
     assert not [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in initializers]
     assert OnnxBackend(folder, quantize="int4").device.endswith("float32, int4")
