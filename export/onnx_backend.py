@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import resource
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +17,7 @@ import numpy as np
 
 from qwen_mlx.config import ModelArgs
 from qwen_mlx.errors import QwenError
+from qwen_mlx.generate import process_peak_rss_gb
 
 from .onnx_export import DTYPES, io_names, model_filename, normalize_options
 
@@ -180,8 +180,7 @@ class OnnxBackend:
         self._length = length
 
     def peak_memory_gb(self) -> float:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-        return rss / (1e9 if sys.platform == "darwin" else 1e6)
+        return process_peak_rss_gb()
 
 
 __all__ = ["OnnxBackend", "find_model", "cuda_usable", "cpu_oversubscribed", "DTYPES"]
