@@ -266,7 +266,6 @@ def _worker_hf(req: dict) -> dict:
 
 def _worker_optimum(req: dict) -> dict:
     import onnxruntime
-    import optimum.onnxruntime
     import transformers
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoTokenizer
