@@ -7,7 +7,6 @@ is printed, the stats line) is decided here, once, so MLX, PyTorch and ONNX cann
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,6 +44,10 @@ class Backend(Protocol):
 
 def process_peak_rss_gb() -> float:
     """The whole process's peak resident memory, for backends whose framework keeps no count of its own."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return 0.0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (1e9 if sys.platform == "darwin" else 1e6)
 
