@@ -53,11 +53,9 @@ def run_options(f):
 
 def _prepare(backend, model, dtype, quantize, max_tokens, **sampling):
     """Check the flags before loading anything, then load the backend and the sampling defaults."""
-    from qwen_mlx.backends import BACKENDS, load
+    from qwen_mlx.backends import load
     from qwen_mlx.sampling import SamplingParams
 
-    if backend not in BACKENDS:
-        raise QwenError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if max_tokens < 0:
         raise QwenError(f"--max-tokens must be >= 0, got {max_tokens}")
     SamplingParams(**{k: v for k, v in sampling.items() if v is not None})  # validate the flags early
