@@ -86,18 +86,20 @@ class Sampler:
         x = logits / temperature if temperature != 1 or seen.size else logits
         if seen.size:
             x[seen] = _penalize(logits[seen], p.repetition_penalty) / temperature
+        top = x.max()
+        if not np.isfinite(top):  # NaN, +inf, or every token at -inf: no distribution (HF fails too)
+            raise QwenError(f"cannot sample: the model's top score is {top}")
         # Each filter returns the ids still in play; every other token has probability exactly 0.
         ids = None
         if 0 < p.top_k < x.size:
             ids = _top_k(x, p.top_k)
         if p.top_p < 1.0:
-            ids = _top_p(x, ids, p.top_p)
+            ids = _top_p(x, top, ids, p.top_p)
         if p.min_p > 0.0:
-            ids = _min_p(x, ids, p.min_p)
+            ids = _min_p(x, top, ids, p.min_p)
         if ids is None:  # temperature alone: the whole softmax
-            return None, np.exp(x - x.max())
-        scores = x[ids].astype(np.float64)
-        return ids, np.exp(scores - scores.max())
+            return None, np.exp(x - top)
+        return ids, np.exp(x[ids].astype(np.float64) - top)  # the top token is always in play
 
 
 _NO_IDS = np.empty(0, dtype=np.int64)
@@ -120,21 +122,25 @@ def _top_k(x: np.ndarray, k: int) -> np.ndarray:
     if rows < 2:  # k is a sizeable share of the vocabulary: select over all of it
         return np.flatnonzero(x >= np.partition(x, x.size - k)[x.size - k])
     cols = x.size // rows
-    # Strided groups (ids g, g + cols, ...) and their maxima: k maxima are >= the k-th largest of them,
-    # so it is <= the k-th largest score and the scores above it hold the top k (plus a few more, usually).
-    group_max = x[: rows * cols].reshape(rows, cols).max(axis=0)
-    cand = np.flatnonzero(x >= np.partition(group_max, cols - k)[cols - k])
-    scores = x[cand]
+    # Strided groups (column g holds ids g, g + cols, ...) and their maxima: k maxima are >= the k-th
+    # largest of them, so it is <= the k-th largest score, and the scores above it hold the top k (plus
+    # a few more, usually). They lie in the columns whose maximum reaches it, or in the short tail.
+    grid = x[: rows * cols].reshape(rows, cols)
+    group_max = grid.max(axis=0)
+    floor = np.partition(group_max, cols - k)[cols - k]
+    picked = np.flatnonzero(group_max >= floor)
+    cand = np.concatenate([(np.arange(rows)[:, None] * cols + picked).ravel(),  # ascending ids
+                           np.arange(rows * cols, x.size)])
+    scores = np.concatenate([grid[:, picked].ravel(), x[rows * cols:]])
+    cand, scores = cand[scores >= floor], scores[scores >= floor]
     return cand[scores >= np.partition(scores, scores.size - k)[scores.size - k]]
 
 
-def _top_p(x: np.ndarray, ids: np.ndarray | None, top_p: float) -> np.ndarray:
+def _top_p(x: np.ndarray, top: np.float32, ids: np.ndarray | None, top_p: float) -> np.ndarray:
     """HF's nucleus over the tokens in play (all when `ids` is None), as ids in descending score."""
     if ids is not None:  # a handful left by top-k: their softmax is exact and cheap
-        scores = x[ids].astype(np.float64)
-        w = np.exp(scores - scores.max())
+        w = np.exp(x[ids].astype(np.float64) - top)
         return _nucleus(x, ids, w, w.sum(), top_p)
-    top = x.max()
     e = np.exp(x - top)  # float32: the one pass that exponentiates the vocabulary
     total = float(e.sum(dtype=np.float64))  # a float32 sum would blur the cut when top_p is near 1
     # Let A hold the tokens with probability >= tau. Every other token scores strictly below all of A,
@@ -161,15 +167,13 @@ def _nucleus(x: np.ndarray, cand: np.ndarray, w: np.ndarray, total: float, top_p
     return cand[order[: np.searchsorted(cumulative, top_p, side="left") + 1]]
 
 
-def _min_p(x: np.ndarray, ids: np.ndarray | None, min_p: float) -> np.ndarray:
+def _min_p(x: np.ndarray, top: np.float32, ids: np.ndarray | None, min_p: float) -> np.ndarray:
     """HF's min-p over the tokens in play: p < min_p * p_max, that is exp(x - x_max) < min_p, is cut."""
     if ids is None:
         # every score below max + log(min_p) is cut; a float32 floor one step under it is safely below
-        top = x.max()
         floor = np.nextafter(np.float32(top + np.log(min_p)), np.float32(-np.inf))
         ids = np.flatnonzero(x >= floor)
-    scores = x[ids].astype(np.float64)
-    return ids[np.exp(scores - scores.max()) >= min_p]
+    return ids[np.exp(x[ids].astype(np.float64) - top) >= min_p]
 
 
 def _draw(w: np.ndarray, rng: np.random.Generator) -> int:

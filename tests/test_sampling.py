@@ -190,6 +190,32 @@ def test_top_p_within_rounding_of_one_sorts_everything():
     assert want[Sampler(params)(logits)] > 0
 
 
+@pytest.mark.parametrize("delta,kept", [(2e-4, 2), (-2e-4, 3)])
+def test_the_token_that_crosses_top_p_stays(delta, kept):
+    """Masses 0.5, 0.3 + delta, 0.1, ...: with top_p 0.8 the second token crosses when delta > 0 (the
+    third then has 0.8002 above it and goes), the third when delta < 0."""
+    probs = np.full(VOCAB, 0.1 / (VOCAB - 3))
+    probs[[70_000, 3, 150_000]] = 0.5, 0.3 + delta, 0.1 - delta
+    logits = np.log(probs).astype(np.float32)
+    params = SamplingParams(top_p=0.8)
+    want, got = hf_distribution(logits, [], params), our_distribution(logits, [], params)
+    np.testing.assert_array_equal(np.flatnonzero(got), np.flatnonzero(want))
+    assert np.count_nonzero(got) == kept
+
+
+@pytest.mark.parametrize("params", [SamplingParams(min_p=0.25), SamplingParams(top_p=0.999, min_p=0.25),
+                                    SamplingParams(top_k=40, min_p=0.25)])
+def test_min_p_boundary(params):
+    """HF cuts p < min_p * p_max: a token 1e-4 above that line in log space stays, one 1e-4 below goes."""
+    logits = realistic_logits(np.random.default_rng(6))
+    top = logits.max()
+    line = top + np.log(0.25)
+    logits[[11, 22]] = np.float32(line + 1e-4), np.float32(line - 1e-4)
+    want, got = hf_distribution(logits, [], params), our_distribution(logits, [], params)
+    np.testing.assert_array_equal(np.flatnonzero(got), np.flatnonzero(want))
+    assert got[11] > 0 and got[22] == 0
+
+
 SCORE_GRID = [-np.inf, -2.0, -1.0, 0.0, 0.5, 1.0, 3.0]  # few values: ties at every boundary
 
 
@@ -213,6 +239,16 @@ def test_any_small_case_matches_transformers(logits, history, temperature, top_k
     scores = hf_scores(logits, history, params, filters=False)  # after penalty and temperature
     np.testing.assert_array_equal(np.sort(scores[got > 0]), np.sort(scores[want > 0]))
     np.testing.assert_allclose(np.sort(got[got > 0]), np.sort(want[want > 0]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_logits_without_a_distribution_are_refused(bad):
+    logits = np.zeros(1000, dtype=np.float32)
+    logits[7] = bad
+    with pytest.raises(QwenError, match="cannot sample"):
+        Sampler(SamplingParams(top_k=20, top_p=0.8))(logits)
+    with pytest.raises(QwenError, match="cannot sample"):
+        Sampler(SamplingParams())(np.full(1000, -np.inf, dtype=np.float32))
 
 
 def test_greedy_and_repetition_penalty():
