@@ -98,7 +98,7 @@ class Sampler:
         if p.min_p > 0.0:
             ids = _min_p(x, top, ids, p.min_p)
         if ids is None:  # temperature alone: the whole softmax
-            return None, np.exp(x - top)
+            return None, _exp_below(x, top)
         return ids, np.exp(x[ids].astype(np.float64) - top)  # the top token is always in play
 
 
@@ -141,7 +141,7 @@ def _top_p(x: np.ndarray, top: np.float32, ids: np.ndarray | None, top_p: float)
     if ids is not None:  # a handful left by top-k: their softmax is exact and cheap
         w = np.exp(x[ids].astype(np.float64) - top)
         return _nucleus(x, ids, w, w.sum(), top_p)
-    e = np.exp(x - top)  # float32: the one pass that exponentiates the vocabulary
+    e = _exp_below(x, top)  # float32: the one pass that exponentiates the vocabulary
     total = float(e.sum(dtype=np.float64))  # a float32 sum would blur the cut when top_p is near 1
     # Let A hold the tokens with probability >= tau. Every other token scores strictly below all of A,
     # so once A holds top_p of the mass, each of them has >= top_p above it and is cut: the nucleus lies
@@ -156,6 +156,12 @@ def _top_p(x: np.ndarray, top: np.float32, ids: np.ndarray | None, top_p: float)
         if w.sum() >= (top_p + _MASS_MARGIN) * total:
             return _nucleus(x, cand, w, total, top_p)
     return _nucleus(x, np.arange(x.size), e.astype(np.float64), total, top_p)
+
+
+def _exp_below(x: np.ndarray, top: np.float32) -> np.ndarray:
+    """exp(x - top) in float32, in one new vector."""
+    e = x - top
+    return np.exp(e, out=e)
 
 
 def _nucleus(x: np.ndarray, cand: np.ndarray, w: np.ndarray, total: float, top_p: float) -> np.ndarray:

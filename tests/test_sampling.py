@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -265,7 +266,7 @@ def test_seed_replays_exactly(params):
     small = rng.normal(size=100).astype(np.float32)
 
     def run(seed: int) -> list[int]:
-        sampler = Sampler(SamplingParams(**{**params.__dict__, "seed": seed}))
+        sampler = Sampler(replace(params, seed=seed))
         history: set[int] = set()
         out = []
         for i in range(24):
