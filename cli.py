@@ -51,13 +51,15 @@ def run_options(f):
     return f
 
 
-def _prepare(backend, model, dtype, quantize, max_tokens, **sampling):
+def _prepare(backend, model, dtype, quantize, max_tokens, stop=(), **sampling):
     """Check the flags before loading anything, then load the backend and the sampling defaults."""
     from qwen_mlx.backends import load
+    from qwen_mlx.generate import check_stop_strings
     from qwen_mlx.sampling import SamplingParams
 
     if max_tokens < 0:
         raise QwenError(f"--max-tokens must be >= 0, got {max_tokens}")
+    check_stop_strings(stop)
     SamplingParams(**{k: v for k, v in sampling.items() if v is not None})  # validate the flags early
     if backend == "onnx" and quantize == "4":
         quantize = "int4"
@@ -78,7 +80,7 @@ def chat(backend, model, dtype, quantize, max_tokens, stop, system, **sampling):
     """Multi-turn chat in the terminal, replies streamed."""
     from qwen_mlx.chat import run_chat
 
-    loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, **sampling)
+    loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, **sampling)
     run_chat(loaded, params, max_tokens, system=system, stop=tuple(stop))
 
 
@@ -93,7 +95,7 @@ def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, sys
 
     if prompt == "-":
         prompt = sys.stdin.read()
-    loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, **sampling)
+    loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, **sampling)
     tok = loaded.tokenizer
     if raw:
         ids = tok.encode(prompt)
