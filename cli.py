@@ -125,6 +125,9 @@ def info(model):
           f"{a.num_attention_heads} heads / {a.num_key_value_heads} KV heads x {a.head_dim}")
     print(f"vocabulary     {a.vocab_size}, embeddings {'tied' if a.tie_word_embeddings else 'untied'}")
     print(f"rope           {a.rope_type}, theta {a.rope_theta:g}; context {a.context_length}")
+    for cap, reason in a.context_caps():
+        print(f"               context capped at {cap} by {reason}; config.json says "
+              f"{a.max_position_embeddings}")
     print("parameters")
     for name, n in counts.items():
         print(f"  {name:<12} {n:>14,}  {100 * n / total:5.1f}%")

@@ -118,7 +118,9 @@ def stream_generate(session: Session, tokenizer: Tokenizer, prompt: Sequence[int
     check_stop_strings(stop)
     context = session.backend.args.context_length
     if len(prompt) >= context:
-        raise QwenError(f"the prompt has {len(prompt)} tokens; this model's context holds {context}")
+        caps = [reason for cap, reason in session.backend.args.context_caps() if cap == context]
+        raise QwenError(f"the prompt has {len(prompt)} tokens; this model's context holds {context}"
+                        + (f" (capped by {caps[0]})" if caps else ""))
     max_tokens = min(max_tokens, context - len(prompt))
     stats = stats if stats is not None else GenerationStats()
     sampler = Sampler(params)

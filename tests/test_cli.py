@@ -207,3 +207,15 @@ def test_a_failed_chat_turn_keeps_the_conversation(tiny_model):
     assert len(session.tokens) == loaded.backend.cache_length
     assert session.tokens[:len(loaded.tokenizer.encode_chat(messages[:-1]))] == \
         loaded.tokenizer.encode_chat(messages[:-1])
+
+
+def test_info_and_generate_name_the_dual_chunk_cap(tiny_model, tmp_path):
+    folder = _copy(tiny_model("gqa2-untied"), tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["dual_chunk_attention_config"] = {"chunk_size": 16, "local_size": 4,
+                                             "original_max_position_embeddings": 256}
+    (folder / "config.json").write_text(json.dumps(config))
+    r = run("info", "--model", str(folder))
+    assert r.returncode == 0 and "context 16" in r.stdout and "Dual Chunk Attention" in r.stdout, r.stdout
+    r = run("generate", "--model", str(folder), "--raw", "--prompt", "word " * 40, "--max-tokens", "2")
+    assert r.returncode == 2 and "capped by Dual Chunk Attention" in r.stderr, r.stderr
