@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import export  # noqa: F401  registers the torch and onnx backends, as cli.py does
+
 from tests.conftest_tokenizer import tiny_tokenizer_dir  # noqa: F401  (re-exported fixture)
 from tests.tiny_models import write_tiny_model
 
