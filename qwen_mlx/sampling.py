@@ -1,10 +1,10 @@
 """Sampling rules, shared by every backend: logits arrive as a numpy float32 vector.
 
 The order matches HF transformers' `generate`: repetition penalty, then temperature, top-k, top-p and
-min-p. A temperature of 0 is greedy decoding. Pure numpy, and no step sorts or exponentiates the whole
-vocabulary when a filter makes most of it provably irrelevant: each filter narrows a candidate set that
-is shown to contain every token HF would keep, and the arithmetic that decides is then done on those
-candidates only, with HF's formulas (see docs/BENCHMARKS.md for what this buys).
+min-p. A temperature of 0 is greedy decoding. Pure numpy. Each filter first narrows the vocabulary to
+candidates that provably hold every token HF would keep, then decides on those alone with HF's rules,
+so nothing sorts the vocabulary (unless top_p is within rounding of 1) and, with top-k, nothing but the
+candidates is exponentiated. The decisions are HF's rules in exact arithmetic (tests/test_sampling.py).
 """
 
 from __future__ import annotations
