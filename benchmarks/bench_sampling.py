@@ -1,17 +1,19 @@
 """Per-token cost of qwen_mlx.sampling.Sampler against the implementation it replaced, in one run.
 
-    python benchmarks/bench_sampling.py [--rounds 7] [--tokens 30] [--vocab 151936]
+    python benchmarks/bench_sampling.py [--rounds 7] [--tokens 30] [--vocab 151936] [--logits FILE.npy]
 
-Both samplers see the same logits: vectors drawn like a Qwen2.5 model's over its 151,936-token
-vocabulary (a bulk around -3 with spread 2.7 and a head of a few dozen tokens up to 17-23 above it,
-so the top token holds 0.1-0.99 of the mass, as the real 0.5B checkpoint's next-token logits do), and a history of ~300 distinct ids for the
-repetition penalty. Rounds alternate old and new (the order flips every round) so the shared
-machine's load hits both alike; each figure is the median over rounds of ms per token.
+Both samplers see the same logits, drawn like a Qwen2.5 model's over its 151,936-token vocabulary: a
+bulk around -3 (spread 2.7) and a ranked head of a few dozen tokens up to 17-23 above it, so the top
+token holds 0.1-0.99 of the mass, as the real 0.5B checkpoint's next-token logits do; and a history of
+~300 distinct ids for the repetition penalty. Old and new alternate within each round (the order flips
+every round) so the shared machine's load hits both alike; each figure is the median over rounds.
+--logits takes real next-token logits instead, a [steps, vocab] float array saved with numpy.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -49,7 +51,8 @@ class BaselineSampler:
             if seen.size:
                 logits = logits.copy()
                 scores = logits[seen]
-                logits[seen] = np.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
+                logits[seen] = np.where(scores < 0, scores * p.repetition_penalty,
+                                        scores / p.repetition_penalty)
         if p.greedy:
             return int(np.argmax(logits))
         logits = logits / np.float32(p.temperature)
@@ -87,9 +90,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=30, help="tokens sampled per side, mode and round")
     ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--logits", type=Path, help="a .npy of real logits, [steps, vocab]")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    logits = [realistic_logits(rng, args.vocab) for _ in range(8)]
+    if args.logits:
+        logits = list(np.load(args.logits).astype(np.float32))
+        args.vocab = logits[0].size
+    else:
+        logits = [realistic_logits(rng, args.vocab) for _ in range(8)]
     history = set(rng.integers(0, args.vocab, 300).tolist())
     sides = {"old": BaselineSampler, "new": Sampler}
     times: dict[tuple[str, str], list[float]] = {(m, s): [] for m in MODES for s in sides}
@@ -101,8 +109,10 @@ def main() -> None:
         for mode, params in MODES.items():
             for side in order:
                 times[mode, side].append(ms_per_token(sides[side](params), logits, history, args.tokens))
-    print(f"vocab {args.vocab}, {args.rounds} rounds x {args.tokens} tokens; {platform.machine()}, "
-          f"Python {platform.python_version()}, numpy {np.__version__}")
+    source = args.logits.name if args.logits else "drawn"
+    print(f"vocab {args.vocab}, {source} logits, {args.rounds} rounds x {args.tokens} tokens; "
+          f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy "
+          f"{np.__version__}; load average {os.getloadavg()[0]:.1f} at the end")
     print("| sampling | old ms/token | new ms/token | speed-up |")
     print("| --- | --- | --- | --- |")
     for mode in MODES:

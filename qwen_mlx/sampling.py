@@ -73,7 +73,8 @@ class Sampler:
         i = _draw(weights, self.rng)
         return i if ids is None else int(ids[i])
 
-    def distribution(self, logits: np.ndarray, history: Iterable[int] = ()) -> tuple[np.ndarray | None, np.ndarray]:
+    def distribution(self, logits: np.ndarray, history: Iterable[int] = (),
+                     ) -> tuple[np.ndarray | None, np.ndarray]:
         """What a sampling step draws from: the ids HF's processors leave in play and their weights
         (probabilities up to a common factor); ids is None when every token stays in play."""
         p = self.params

@@ -27,7 +27,8 @@ def hf_scores(logits: np.ndarray, history: list[int], p: SamplingParams, filters
 
     ids = torch.tensor([history], dtype=torch.long)
     scores = torch.tensor(logits)[None]
-    procs = [RepetitionPenaltyLogitsProcessor(float(p.repetition_penalty)), TemperatureLogitsWarper(float(p.temperature))]
+    procs = [RepetitionPenaltyLogitsProcessor(float(p.repetition_penalty)),
+             TemperatureLogitsWarper(float(p.temperature))]
     if filters and p.top_k:
         procs.append(TopKLogitsWarper(p.top_k))
     if filters and p.top_p < 1:
@@ -259,7 +260,8 @@ def test_greedy_and_repetition_penalty():
     assert Sampler(SamplingParams(temperature=0, repetition_penalty=1.5))(logits, [1]) == 3
 
 
-@pytest.mark.parametrize("params", [QWEN_DEFAULTS, SamplingParams(top_p=0.8), SamplingParams(temperature=0.8)])
+@pytest.mark.parametrize("params", [QWEN_DEFAULTS, SamplingParams(top_p=0.8),
+                                    SamplingParams(temperature=0.8)])
 def test_seed_replays_exactly(params):
     rng = np.random.default_rng(8)
     steps = [realistic_logits(rng) for _ in range(4)]
