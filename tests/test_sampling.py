@@ -123,7 +123,8 @@ def test_large_vocabulary_draw_matches_softmax():
     QWEN_DEFAULTS,
     SamplingParams(top_p=0.8),
     SamplingParams(temperature=0.7, top_p=0.95),
-    SamplingParams(temperature=3.0, top_p=0.9),  # flat: the nucleus needs the later, wider thresholds
+    SamplingParams(temperature=1.2, top_p=0.9),  # wider: ~2-3k candidates, from a later threshold
+    SamplingParams(temperature=3.0, top_p=0.9),  # flat: the last threshold, most of the vocabulary
     SamplingParams(top_p=0.8, min_p=0.05),
     SamplingParams(temperature=0.7, top_p=0.95, min_p=0.2),
     SamplingParams(temperature=1.3, min_p=0.1),
