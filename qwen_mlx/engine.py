@@ -150,9 +150,9 @@ class Engine:
         with self._cv:
             if self._closing:
                 raise ShuttingDown("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                busy = len(self._running) + len(self._prefilling)
-                raise Overloaded(max(1, round(self._step_time * 16 * max(busy, 1) / self.backend.max_batch)))
+            busy = len(self._running) + len(self._prefilling) + len(self._waiting)
+            if busy >= self.backend.max_batch + self.max_queue:  # every slot taken and the queue full
+                raise Overloaded(max(1, round(self._step_time * 64)))
             self._waiting.append(live)
             self._cv.notify()
         return live.handle
@@ -161,6 +161,10 @@ class Engine:
         handle.cancel()
         with self._cv:
             self._cv.notify()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     def load(self) -> dict[str, int]:
         with self._cv:
@@ -221,7 +225,7 @@ class Engine:
         if self._running:
             logits = self.backend.decode([x.seq for x in self._running], [x.next_token for x in self._running])
             for live, row in zip(list(self._running), logits):
-                if self._next_token(live, row):
+                if self._advance(live, row):
                     self._running.remove(live)
 
     def _prefill_chunk(self, live: _Live) -> None:
@@ -236,8 +240,15 @@ class Engine:
             return
         self._prefilling.remove(live)
         self.backend.remember(live.seq, prompt)  # later requests sharing this prompt's prefix skip it
-        if not self._next_token(live, logits):
+        if not self._advance(live, logits):
             self._running.append(live)
+
+    def _advance(self, live: _Live, logits: np.ndarray) -> bool:
+        try:
+            return self._next_token(live, logits)
+        except QwenError as e:  # this request's grammar failed: end it alone
+            self._finish(live, Failed(str(e)))
+            return True
 
     def _next_token(self, live: _Live, logits: np.ndarray) -> bool:
         """Sample, emit and check the end rules for one token; True when the request is finished."""
