@@ -20,6 +20,10 @@ import numpy as np
 from ..errors import QwenError
 from ..tokenizer import Tokenizer
 
+# JSON as json.dumps writes it (and as Qwen writes its tool calls): one space after ',' and ':', no other
+# whitespace. Flexible whitespace would let a model pad its output with newlines until max_tokens.
+JSON_STYLE = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+
 _lock = threading.Lock()
 _tokenizers: dict[int, Any] = {}
 
@@ -45,6 +49,7 @@ class GrammarConstraint:
         import llguidance
 
         self.matcher = llguidance.LLMatcher(_ll_tokenizer(tokenizer, n_vocab), grammar, log_level=0)
+        self.real = tokenizer.vocab_size  # ids past it pad the embedding matrix: never text, never allowed
         if self.matcher.is_error():
             raise QwenError(f"the grammar is not usable: {self.matcher.get_error()}")
 
@@ -53,7 +58,7 @@ class GrammarConstraint:
         if self.matcher.is_error():
             raise QwenError(f"structured output failed: {self.matcher.get_error()}")
         out = np.full_like(logits, -np.inf)
-        n = min(len(allowed), len(logits))
+        n = min(len(allowed), len(logits), self.real)
         keep = np.flatnonzero(allowed[:n])
         out[keep] = logits[keep]
         return out
@@ -70,14 +75,15 @@ def _schema_grammar(schema: dict) -> str:
     import llguidance
 
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema)
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_STYLE)
     except ValueError as e:
         raise QwenError(f"response_format: the JSON schema is not usable: {e}") from None
 
 
-def _tool_call_grammar(tools: list[Any], name: str | None) -> str:
+def _tool_call_grammar(tools: list[Any], name: str | None, tokenizer: Tokenizer) -> str:
     """Lark: one `<tool_call>` block (Qwen's format) whose JSON names one of the tools and carries
-    arguments valid for that tool's parameters."""
+    arguments valid for that tool's parameters. Qwen's vocabulary has the tags as single added tokens,
+    which llguidance matches by id (`<[id]>`), not by their text."""
     choices = []
     for tool in tools:
         fn = tool.function
@@ -88,7 +94,12 @@ def _tool_call_grammar(tools: list[Any], name: str | None) -> str:
     if not choices:
         raise QwenError(f"tool_choice names {name!r}, which is not among the tools")
     schema = choices[0] if len(choices) == 1 else {"anyOf": choices}
-    return f'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json {json.dumps(schema)}\n'
+    schema = {**schema, "x-guidance": JSON_STYLE}
+    tags = []
+    for tag in ("<tool_call>", "</tool_call>"):
+        i = tokenizer.token_to_id(tag)
+        tags.append(f"<[{i}]>" if i is not None else json.dumps(tag))
+    return f'start: {tags[0]} "\\n" call "\\n" {tags[1]}\ncall: %json {json.dumps(schema)}\n'
 
 
 def make_constraint(body: Any, tokenizer: Tokenizer, n_vocab: int | None = None) -> GrammarConstraint | None:
@@ -99,7 +110,7 @@ def make_constraint(body: Any, tokenizer: Tokenizer, n_vocab: int | None = None)
         if body.response_format is not None and body.response_format.type != "text":
             raise QwenError("response_format and a forced tool_choice cannot be combined")
         name = None if choice == "required" else choice.function.name
-        return GrammarConstraint(tokenizer, _tool_call_grammar(body.tools or [], name), n_vocab)
+        return GrammarConstraint(tokenizer, _tool_call_grammar(body.tools or [], name, tokenizer), n_vocab)
     fmt = body.response_format
     if fmt is None or fmt.type == "text":
         return None
