@@ -356,3 +356,43 @@ def test_binding_elsewhere_without_a_key_warns(folder):
             serve(Loaded(), host="203.0.113.1", port=1, out=out)
         finally:
             assert "without --api-key" in out.getvalue()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def test_chat_page_streams_a_reply_in_a_real_browser(server, library):
+    """Debian's chromium, driven by Playwright: type, see the streamed reply, go on with the chat."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium (apt-get install -y chromium)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-default-apps", "--disable-extensions", "--no-first-run",
+            "--disable-sync", "--metrics-recording-only", "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 640})
+            outside: list[str] = []
+            page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(server.url) else None)
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('model').textContent !== 'connecting…'", timeout=30000)
+            assert page.text_content("#model") == server.client().models.list().data[0].id
+            page.fill("#temperature", "0")
+            page.fill("#input", "Tell me a story about a cat.")
+            page.keyboard.press("Enter")
+            page.wait_for_selector(".assistant.done", timeout=120000)
+            reply = page.text_content(".assistant.done .text")
+            prompt = chat_ids(library, [{"role": "user", "content": "Tell me a story about a cat."}])
+            expected, _ = reference(library, prompt, 1024 - len(prompt), temperature=0)
+            assert reply == expected and reply
+            # the second turn carries the first: its prompt starts with the cached conversation
+            page.fill("#input", "And then?")
+            page.click("#send")
+            page.wait_for_function("document.querySelectorAll('.assistant.done').length === 2", timeout=120000)
+            assert "prompt tokens cached" in page.text_content(".assistant.done >> nth=1")
+            docs = ROOT / "docs"
+            page.screenshot(path=str(docs / "serve_chat_page.png"))
+            assert outside == [], "the page must load nothing from outside this server"
+        finally:
+            browser.close()
