@@ -13,23 +13,19 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
 
+from .dtypes import BYTES, DTYPES, SAFETENSORS, check_dtype
 from .errors import QwenError
+from .files import check_output_folder, staged_folder
 from .paths import cache_dir
 from .progress import progress_bar
 
-DTYPES = ("float32", "bfloat16", "float16")
-_SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # The split regex of Qwen2's tokenizer.json (single digits, unlike GPT-4's \p{N}{1,3}).
 QWEN2_SPLIT_REGEX = (
@@ -342,8 +338,8 @@ def _write_safetensors(plan: list[tuple[Any, str, tuple[int, ...]]], path: Path,
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for _, name, shape in plan:
-        size = int(np.prod(shape)) * _BYTES[dtype]
-        header[name] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        size = int(np.prod(shape)) * BYTES[dtype]
+        header[name] = {"dtype": SAFETENSORS[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # keep the data 8-byte aligned
@@ -367,11 +363,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _check_dtype(dtype: str) -> None:
-    if dtype not in DTYPES:
-        raise QwenError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-
-
 def convert_gguf(
     gguf_path: str | Path,
     out_dir: str | Path,
@@ -380,13 +371,9 @@ def convert_gguf(
     progress: bool = True,
 ) -> Path:
     """Convert a qwen2 GGUF into an HF folder at `out_dir` (returned); nothing half-written on failure."""
-    _check_dtype(dtype)
+    check_dtype(dtype)
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise QwenError(f"output path {out_dir} exists and is not a folder")
-        if any(out_dir.iterdir()) and not force:
-            raise QwenError(f"output folder {out_dir} is not empty (pass force=True / --force to replace it)")
+    check_output_folder(out_dir, force)  # before the long work, not after it
 
     reader = _open(gguf_path)
     meta = _metadata(reader)
@@ -407,35 +394,13 @@ def convert_gguf(
     if missing:
         raise QwenError(f"GGUF lacks {len(missing)} tensors of a qwen2 model, e.g. {sorted(missing)[0]!r}")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary, shareable folder
+    with staged_folder(out_dir, force) as staging:
         tokens = _write_tokenizer(meta, staging, config["max_position_embeddings"])
         _write_json(staging / "config.json", config)
         _write_json(staging / "generation_config.json", _generation_config(meta, tokens))
         _write_safetensors(plan, staging / "model.safetensors", dtype, progress)
         del reader, tensors, plan  # release the memory map before the swap
-        _swap_into_place(staging, out_dir)
-    except BaseException:  # Ctrl-C included: never leave a staging folder behind
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
-
-
-def _swap_into_place(staging: Path, out_dir: Path) -> None:
-    """Rename the finished folder into place; an existing one is moved aside first and removed after."""
-    if not out_dir.exists() or not any(out_dir.iterdir()):
-        os.replace(staging, out_dir)  # rename(2) may replace an empty directory
-        return
-    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-    os.replace(out_dir, old)
-    try:
-        os.replace(staging, out_dir)
-    except BaseException:
-        os.replace(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
@@ -468,7 +433,7 @@ def _sha256(path: Path) -> str:
 
 def cached_conversion(gguf_path: str | Path, dtype: str = "float32", progress: bool = True) -> Path:
     """convert_gguf into cache_dir()/gguf/<sha256[:16]>-<dtype>/ once; later calls return that folder."""
-    _check_dtype(dtype)
+    check_dtype(dtype)
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise QwenError(f"GGUF file not found: {gguf_path}")
@@ -480,6 +445,4 @@ def cached_conversion(gguf_path: str | Path, dtype: str = "float32", progress: b
     with file_lock(root / f".{target.name}.lock"):
         if (target / "config.json").is_file():
             return target
-        for stale in root.glob(f".{target.name}.tmp-*"):  # left by a killed run; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
         return convert_gguf(gguf_path, target, dtype=dtype, force=True, progress=progress)

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 
 from ..engine import Done, Engine, Failed, Overloaded, Request, ShuttingDown, Token
 from ..errors import QwenError
+from ..generate import check_stop_strings
 from ..sampling import SamplingParams
 from .logprobs import TokenText
 from .protocol import ChatRequest, CompletionRequest, Sampling
@@ -141,6 +142,10 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                                 f"{config.model_id!r})", "not_found_error", param="model", code="model_not_found")
         if body.stream_options is not None and not body.stream:
             raise ApiError(400, "stream_options needs stream: true", param="stream_options")
+        try:
+            check_stop_strings(body.stop_strings())
+        except QwenError as e:
+            raise ApiError(400, str(e).replace("--", ""), param="stop") from None
         overrides = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                                                    "seed")}
         try:

@@ -96,8 +96,7 @@ class Sampling(Strict):
     user: Optional[str] = None  # an end-user id for the caller's logs; changes nothing
 
     def stop_strings(self) -> tuple[str, ...]:
-        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return tuple(s for s in stop if s)
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
 class ChatRequest(Sampling):

@@ -1,0 +1,90 @@
+"""Writing a folder all at once: every command that writes one (convert, export-onnx) goes through here.
+
+The folder is built in a hidden staging sibling and renamed into place only when complete, so a failure or
+Ctrl-C never leaves a half-written result, and an existing folder is replaced only when asked (`force`).
+Staging folders carry their writer's pid, so the next run removes those whose writer died (a kill -9 or a
+power cut skips every cleanup handler).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import QwenError
+
+
+def check_output_folder(out_dir: Path, force: bool) -> None:
+    """Refuse a path that is a file, or a non-empty folder unless `force`: nothing is ever clobbered silently."""
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise QwenError(f"{out_dir} exists and is not a folder")
+        if any(out_dir.iterdir()) and not force:
+            raise QwenError(f"{out_dir} is not empty (pass --force to replace it)")
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: Path, force: bool = False) -> Iterator[Path]:
+    """Yield an empty staging folder; on success it replaces `out_dir`, on any exception it is removed."""
+    out_dir = Path(out_dir).expanduser().absolute()
+    check_output_folder(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out_dir)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-{os.getpid()}-"))
+    try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
+        yield staging
+        replace_folder(staging, out_dir)
+    except BaseException:  # Ctrl-C included
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def replace_folder(staging: Path, out_dir: Path) -> None:
+    """Rename the finished folder into place; an existing one is moved aside first and removed after, and
+    put back if the rename fails."""
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        os.replace(staging, out_dir)  # rename(2) replaces an empty directory
+        return
+    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-{os.getpid()}-"))
+    os.replace(out_dir, old)
+    try:
+        os.replace(staging, out_dir)
+    except BaseException:
+        os.replace(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_staging(out_dir: Path) -> list[Path]:
+    """Remove `.NAME.tmp-PID-*` / `.NAME.old-PID-*` siblings of `out_dir` whose process is gone."""
+    removed = []
+    for kind in ("tmp", "old"):
+        for path in out_dir.parent.glob(f".{out_dir.name}.{kind}-*"):
+            pid = path.name[len(f".{out_dir.name}.{kind}-"):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
