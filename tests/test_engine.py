@@ -197,3 +197,18 @@ def test_a_failed_forward_ends_requests_with_an_error_and_the_engine_goes_on(loa
     assert failed and all("device lost" in f.message and f.status == 500 for f in failed)
     assert all(len(tokens(ev)) == 5 for ev in first if isinstance(ev[-1], Done))
     assert tokens(after) == greedy_tokens(Session(loaded.backend), tok.encode("hello"), 5)
+
+
+def test_the_torch_backend_runs_through_the_same_engine(loaded, tiny_model, no_eos):
+    pytest.importorskip("torch")
+    import export  # noqa: F401  (registers the torch and onnx backends)
+
+    twin = load("torch", str(tiny_model("gqa2-untied")), "float32")
+    ps = prompts(loaded.tokenizer, 2)
+    engine = Engine(batch_backend(twin.backend, 8), loaded.tokenizer).start()
+    assert isinstance(engine.backend, SerialBatch)  # no batched torch forward yet: one sequence at a time
+    try:
+        events = run_requests(engine, [Request(p, GREEDY, 10) for p in ps])
+    finally:
+        engine.shutdown(0)
+    assert [tokens(ev) for ev in events] == [greedy_tokens(Session(loaded.backend), p, 10) for p in ps]
