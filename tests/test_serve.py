@@ -396,3 +396,40 @@ def test_chat_page_streams_a_reply_in_a_real_browser(server, library):
             assert outside == [], "the page must load nothing from outside this server"
         finally:
             browser.close()
+
+
+@pytest.mark.real
+def test_real_checkpoint_batched_answers_tools_and_json(real_model_dir):
+    """Qwen2.5-Coder-0.5B-Instruct: replies in a batch equal replies alone; a real tool call and schema."""
+    jsonschema = pytest.importorskip("jsonschema")
+    s = Server(real_model_dir, "--max-batch", "4")
+    try:
+        c = s.client()
+        m = c.models.list().data[0].id
+        questions = ["What is 2 + 2?", "Name a prime number larger than ten, and explain in one sentence why."]
+
+        def ask(q):
+            return c.chat.completions.create(model=m, messages=[{"role": "user", "content": q}], temperature=0,
+                                             max_tokens=12).choices[0].message.content
+
+        alone = [ask(q) for q in questions]
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(ask, questions)) == alone
+        assert "4" in alone[0]
+        tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                 "required": ["city"]}}}]
+        r = c.chat.completions.create(model=m, messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                      tools=tools, tool_choice="required", temperature=0, max_tokens=40)
+        call = r.choices[0].message.tool_calls[0]
+        assert call.function.name == "get_weather" and "Paris" in json.loads(call.function.arguments)["city"]
+        schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"],
+                  "additionalProperties": False}
+        r = c.chat.completions.create(model=m, messages=[{"role": "user", "content": "2 + 2 = ? Reply in JSON."}],
+                                      temperature=0, max_tokens=20, response_format={
+                                          "type": "json_schema", "json_schema": {"name": "sum", "schema": schema}})
+        answer = json.loads(r.choices[0].message.content)
+        jsonschema.validate(answer, schema)
+        assert answer["answer"] == 4
+    finally:
+        assert s.stop() == 0
