@@ -8,7 +8,7 @@ and reshapes its batch at that token boundary. Pure Python: MLX's implementation
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -94,3 +94,42 @@ def batch_backend(backend: Backend, max_batch: int) -> BatchBackend:
     batched = getattr(backend, "batched", None)
     impl = batched(max_batch) if batched is not None and max_batch > 1 else None
     return impl if impl is not None else SerialBatch(backend)
+
+
+class PrefixCache:
+    """An LRU of cached sequences (token ids and each layer's (keys, values) B=1 K T D), for reuse by
+    requests that share a prefix. Framework-neutral: arrays only need `[..., :n, :]` slicing; `own`
+    turns a slice into an array that holds its own memory (not a view pinning a larger buffer)."""
+
+    def __init__(self, budget: int, own: Callable[[list[tuple[Any, Any]]], list[tuple[Any, Any]]]):
+        self.budget = budget  # cached positions, over all entries
+        self.own = own
+        self.entries: list[tuple[np.ndarray, list[tuple[Any, Any]]]] = []  # most recently used last
+
+    def lookup(self, prompt: Sequence[int]) -> tuple[list[tuple[Any, Any]] | None, int]:
+        """The layers of the longest cached prefix of `prompt`, cut to it (at most len - 1 positions)."""
+        ids = np.asarray(prompt, dtype=np.int64)
+        best, best_len = None, 0
+        for i, (tokens, _) in enumerate(self.entries):
+            n = min(len(tokens), len(ids) - 1)
+            diff = np.flatnonzero(tokens[:n] != ids[:n])
+            common = int(diff[0]) if diff.size else n
+            if common > best_len:
+                best, best_len = i, common
+        if best is None:
+            return None, 0
+        entry = self.entries.pop(best)
+        self.entries.append(entry)
+        return [(k[..., :best_len, :], v[..., :best_len, :]) for k, v in entry[1]], best_len
+
+    def store(self, tokens: Sequence[int], layers: list[tuple[Any, Any]]) -> None:
+        ids = np.asarray(tokens, dtype=np.int64)
+        if not 0 < len(ids) <= self.budget:
+            return
+        layers = self.own([(k[..., :len(ids), :], v[..., :len(ids), :]) for k, v in layers])
+        # An entry that is a prefix of the new one is superseded by it.
+        self.entries = [(t, kv) for t, kv in self.entries
+                        if not (len(t) <= len(ids) and np.array_equal(t, ids[:len(t)]))]
+        self.entries.append((ids, layers))
+        while sum(len(t) for t, _ in self.entries) > self.budget:
+            self.entries.pop(0)

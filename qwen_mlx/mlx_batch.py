@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .batching import PrefixCache
 from .model import KVCache
 
 if TYPE_CHECKING:
@@ -55,16 +56,21 @@ class BatchKVCache:
         return self.keys[..., :end, :], self.values[..., :end, :]
 
     def row(self, b: int, length: int) -> tuple[mx.array, mx.array]:
-        """Row b's first `length` valid positions, copied out of the batch buffer."""
+        """Row b's first `length` valid positions (a view of the batch buffer)."""
         start = self.left[b]
-        return (mx.contiguous(self.keys[b:b + 1, :, start:start + length, :]),
-                mx.contiguous(self.values[b:b + 1, :, start:start + length, :]))
+        return self.keys[b:b + 1, :, start:start + length, :], self.values[b:b + 1, :, start:start + length, :]
 
 
 class MLXSeq:
     def __init__(self, cache: list[KVCache]):
         self.cache: list[KVCache] | None = cache  # its own cache until it joins the batch
         self.length = cache[0].offset             # positions its KV holds
+
+
+def _own(layers: list[tuple[mx.array, mx.array]]) -> list[tuple[mx.array, mx.array]]:
+    layers = [(mx.contiguous(k), mx.contiguous(v)) for k, v in layers]
+    mx.eval(layers)
+    return layers
 
 
 def _single_cache(layers: list[tuple[mx.array, mx.array]], length: int) -> list[KVCache]:
@@ -86,25 +92,13 @@ class MLXBatch:
         self.max_batch = max_batch
         self.rows: list[MLXSeq] = []
         self.cache: list[BatchKVCache] = []
-        self.prefix_tokens = prefix_tokens  # the LRU's budget, in cached positions
-        self.prefixes: list[tuple[np.ndarray, list[tuple[mx.array, mx.array]]]] = []  # most recent last
+        self.prefixes = PrefixCache(prefix_tokens, _own)
 
     # --- one sequence ------------------------------------------------------------------------------
 
     def start(self, prompt: Sequence[int]) -> tuple[MLXSeq, int]:
-        ids = np.asarray(prompt, dtype=np.int64)
-        best, best_len = None, 0
-        for i, (tokens, _) in enumerate(self.prefixes):
-            n = min(len(tokens), len(ids) - 1)
-            diff = np.flatnonzero(tokens[:n] != ids[:n])
-            common = int(diff[0]) if diff.size else n
-            if common > best_len:
-                best, best_len = i, common
-        if best is None:
-            return MLXSeq(self.model.make_cache()), 0
-        entry = self.prefixes.pop(best)
-        self.prefixes.append(entry)  # most recently used
-        return MLXSeq(_single_cache(entry[1], best_len)), best_len
+        layers, cached = self.prefixes.lookup(prompt)
+        return MLXSeq(self.model.make_cache() if layers is None else _single_cache(layers, cached)), cached
 
     def prefill(self, seq: MLXSeq, tokens: Sequence[int]) -> np.ndarray:
         logits = self.model(mx.array([list(tokens)], dtype=mx.int32), seq.cache)  # 1 1 V
@@ -112,29 +106,18 @@ class MLXBatch:
         return np.array(logits[0, -1].astype(mx.float32))
 
     def remember(self, seq: MLXSeq, tokens: Sequence[int]) -> None:
-        self.release(seq, tokens, keep=True)
+        self.prefixes.store(tokens[:seq.length], self._layers(seq))
 
-    def release(self, seq: MLXSeq, tokens: Sequence[int] | None = None, keep: bool = False) -> None:
+    def release(self, seq: MLXSeq, tokens: Sequence[int] | None = None) -> None:
         if tokens is not None and seq.length > 0:
-            if seq.cache is not None:
-                layers = [(c.keys[..., :seq.length, :], c.values[..., :seq.length, :]) for c in seq.cache]
-            else:
-                b = self.rows.index(seq)
-                layers = [c.row(b, seq.length) for c in self.cache]
-            self._remember(np.asarray(tokens[:seq.length], dtype=np.int64), layers)
-        if not keep:
-            seq.cache = None  # a row still in the batch leaves at the next decode
+            self.prefixes.store(tokens[:seq.length], self._layers(seq))
+        seq.cache = None  # a row still in the batch leaves at the next decode
 
-    def _remember(self, tokens: np.ndarray, layers: list[tuple[mx.array, mx.array]]) -> None:
-        if len(tokens) > self.prefix_tokens:
-            return
-        mx.eval(layers)
-        # An entry that is a prefix of the new one is superseded by it.
-        self.prefixes = [(t, kv) for t, kv in self.prefixes
-                         if not (len(t) <= len(tokens) and np.array_equal(t, tokens[:len(t)]))]
-        self.prefixes.append((tokens, layers))
-        while sum(len(t) for t, _ in self.prefixes) > self.prefix_tokens:
-            self.prefixes.pop(0)
+    def _layers(self, seq: MLXSeq) -> list[tuple[mx.array, mx.array]]:
+        if seq.cache is not None:
+            return [(c.keys[..., :seq.length, :], c.values[..., :seq.length, :]) for c in seq.cache]
+        b = self.rows.index(seq)
+        return [c.row(b, seq.length) for c in self.cache]
 
     # --- the batch ---------------------------------------------------------------------------------
 

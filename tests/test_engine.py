@@ -199,14 +199,31 @@ def test_a_failed_forward_ends_requests_with_an_error_and_the_engine_goes_on(loa
     assert tokens(after) == greedy_tokens(Session(loaded.backend), tok.encode("hello"), 5)
 
 
-def test_the_torch_backend_runs_through_the_same_engine(loaded, tiny_model, no_eos):
+def test_the_torch_backend_batches_through_the_same_engine(loaded, tiny_model, no_eos):
     pytest.importorskip("torch")
     import export  # noqa: F401  (registers the torch and onnx backends)
+    from export.torch_batch import TorchBatch
 
     twin = load("torch", str(tiny_model("gqa2-untied")), "float32")
+    ps = prompts(loaded.tokenizer, 8)
+    alone = [greedy_tokens(Session(loaded.backend), p, 16) for p in ps]  # MLX alone: the same tokens
+    backend = Recorder(batch_backend(twin.backend, 8))
+    assert isinstance(backend.inner, TorchBatch)
+    engine = Engine(backend, loaded.tokenizer, prefill_chunk=16).start()
+    try:
+        events = run_requests(engine, [Request(p, GREEDY, 16 - i) for i, p in enumerate(ps)])
+        (again,) = run_requests(engine, [Request(ps[3] + tokens(events[3])[:4], GREEDY, 4)])
+    finally:
+        engine.shutdown(0)
+    assert max(backend.sizes) == 8
+    assert [tokens(ev) for ev in events] == [a[:16 - i] for i, a in enumerate(alone)]
+    assert again[-1].cached_tokens == len(ps[3]) + 3
+    assert tokens(again) == greedy_tokens(Session(loaded.backend), ps[3] + tokens(events[3])[:4], 4)
+
+
+def test_the_serial_fallback_serves_any_backend(loaded, no_eos):
     ps = prompts(loaded.tokenizer, 2)
-    engine = Engine(batch_backend(twin.backend, 8), loaded.tokenizer).start()
-    assert isinstance(engine.backend, SerialBatch)  # no batched torch forward yet: one sequence at a time
+    engine = Engine(SerialBatch(loaded.backend), loaded.tokenizer).start()
     try:
         events = run_requests(engine, [Request(p, GREEDY, 10) for p in ps])
     finally:
