@@ -358,6 +358,14 @@ def test_binding_elsewhere_without_a_key_warns(folder):
             assert "without --api-key" in out.getvalue()
 
 
+
+def test_serve_without_its_extra_says_what_to_install():
+    code = ("import sys; sys.modules['fastapi'] = None; sys.path.insert(0, sys.argv[1]); import cli; "
+            "sys.exit(cli.main(['serve', '--model', 'unused']))")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "pip install 'qwen-mlx[serve]'" in r.stderr and "Traceback" not in r.stderr
+
+
 CHROMIUM = Path("/usr/bin/chromium")
 
 
