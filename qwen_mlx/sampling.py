@@ -121,7 +121,7 @@ def _top_k(x: np.ndarray, k: int) -> np.ndarray:
     """Ids (ascending) of every score >= the k-th largest: HF keeps all the ties at the boundary."""
     rows = min(64, x.size // (8 * k))
     if rows < 2:  # k is a sizeable share of the vocabulary: select over all of it
-        return np.flatnonzero(x >= np.partition(x, x.size - k)[x.size - k])
+        return np.flatnonzero((x >= np.partition(x, x.size - k)[x.size - k]) & (x > -np.inf))
     cols = x.size // rows
     # Strided groups (column g holds ids g, g + cols, ...) and their maxima: k maxima are >= the k-th
     # largest of them, so it is <= the k-th largest score, and the scores above it hold the top k (plus
@@ -134,7 +134,9 @@ def _top_k(x: np.ndarray, k: int) -> np.ndarray:
                            np.arange(rows * cols, x.size)])
     scores = np.concatenate([grid[:, picked].ravel(), x[rows * cols:]])
     cand, scores = cand[scores >= floor], scores[scores >= floor]
-    return cand[scores >= np.partition(scores, scores.size - k)[scores.size - k]]
+    kth = np.partition(scores, scores.size - k)[scores.size - k]
+    # HF also keeps -inf scores when fewer than k are finite (a grammar mask), at probability 0: drop them
+    return cand[(scores >= kth) & (scores > -np.inf)]
 
 
 def _top_p(x: np.ndarray, top: np.float32, ids: np.ndarray | None, top_p: float) -> np.ndarray:

@@ -161,6 +161,23 @@ def test_ties_at_the_top_k_boundary_are_all_kept():
         np.testing.assert_array_equal(np.flatnonzero(got), np.flatnonzero(want))
 
 
+@pytest.mark.parametrize("params", [SamplingParams(top_k=20), QWEN_DEFAULTS, SamplingParams(top_k=20, min_p=0.1),
+                                    SamplingParams(top_k=40_000, top_p=0.9)])
+def test_a_mask_leaving_fewer_than_k_tokens(params):
+    """A grammar mask (-inf everywhere but 6 tokens) under top-k 20: HF's top-k keeps the -inf scores too,
+    at probability 0; only the 6 stay in play, and nothing sorts the vocabulary."""
+    rng = np.random.default_rng(7)
+    allowed = rng.choice(VOCAB, 6, replace=False)
+    logits = np.full(VOCAB, -np.inf, dtype=np.float32)
+    logits[allowed] = realistic_logits(rng)[allowed] + np.float32(15)
+    want = hf_distribution(logits, allowed[:2].tolist(), params)
+    ids, _ = Sampler(params).distribution(logits, allowed[:2].tolist())
+    assert set(ids) <= set(allowed)
+    got = our_distribution(logits, allowed[:2].tolist(), params)
+    np.testing.assert_array_equal(np.flatnonzero(got), np.flatnonzero(want))
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-9)
+
+
 def test_a_tie_at_the_top_p_crossing():
     """HF cuts tokens tied with the crossing one in torch.sort's order, which is unspecified; the count
     kept and the probabilities are what is defined. This sampler keeps the lower ids of a tie."""
