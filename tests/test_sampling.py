@@ -161,8 +161,10 @@ def test_ties_at_the_top_k_boundary_are_all_kept():
         np.testing.assert_array_equal(np.flatnonzero(got), np.flatnonzero(want))
 
 
-@pytest.mark.parametrize("params", [SamplingParams(top_k=20), QWEN_DEFAULTS, SamplingParams(top_k=20, min_p=0.1),
-                                    SamplingParams(top_k=40_000, top_p=0.9)])
+@pytest.mark.parametrize("params", [
+    SamplingParams(top_k=20), QWEN_DEFAULTS, SamplingParams(top_k=20, min_p=0.1),
+    SamplingParams(top_k=40_000, top_p=0.9),
+])
 def test_a_mask_leaving_fewer_than_k_tokens(params):
     """A grammar mask (-inf everywhere but 6 tokens) under top-k 20: HF's top-k keeps the -inf scores too,
     at probability 0; only the 6 stay in play, and nothing sorts the vocabulary."""
