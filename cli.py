@@ -109,7 +109,8 @@ def chat(backend, model, dtype, quantize, max_tokens, stop, system, **sampling):
 @click.option("--system", default=None, help="system message (chat template only)")
 def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, system, **sampling):
     """One reply to one prompt: the text on stdout, a JSON stats line last on stderr."""
-    from qwen_mlx.generate import GenerationStats, Session, stream_generate
+    from qwen_mlx.engine import Engine, stream_generate
+    from qwen_mlx.generate import GenerationStats
 
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -121,7 +122,8 @@ def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, sys
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         ids = tok.encode_chat(messages)
     stats = GenerationStats()
-    for piece in stream_generate(Session(loaded.backend), tok, ids, params, max_tokens, tuple(stop), stats):
+    engine = Engine.for_backend(loaded.backend, tok)  # the server's generation loop, a batch of one
+    for piece in stream_generate(engine, ids, params, max_tokens, tuple(stop), stats):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

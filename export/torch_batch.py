@@ -29,7 +29,10 @@ class TorchSeq:
 
 
 class TorchBatch:
+    device_sampling = False  # logits go to numpy (qwen_mlx.engine.batching.BatchBackend)
+
     def __init__(self, backend: TorchBackend, max_batch: int, prefix_tokens: int = 16384):
+        self.backend = backend
         self.model = backend.model
         self.args = backend.args
         self.device = backend.device
@@ -115,3 +118,6 @@ class TorchBatch:
 
     def reset(self) -> None:
         self.rows, self.past, self.left = [], [], []
+
+    def peak_memory_gb(self) -> float:
+        return self.backend.peak_memory_gb()

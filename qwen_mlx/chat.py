@@ -1,8 +1,9 @@
 """The terminal chat: a multi-turn conversation kept in the KV cache.
 
 Each turn renders the whole conversation with the checkpoint's chat template (the exact transcript HF
-would render) and hands it to the `Session`, which keeps the cached prefix and prefills only the new
-tokens. When the context fills up, the oldest turns are dropped and the user is told.
+would render) and runs it through the engine with a batch of one (the server's generation loop), whose
+backend keeps the conversation's KV cache and prefills only the new tokens. When the context fills up,
+the oldest turns are dropped and the user is told.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import sys
 from typing import Callable, TextIO
 
 from .backends import LoadedModel
+from .engine import Engine, stream_generate
 from .errors import QwenError
-from .generate import GenerationStats, Session, stream_generate
+from .generate import GenerationStats
 from .sampling import SamplingParams
 
 HELP = "/reset forgets the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops a reply."
@@ -20,9 +22,9 @@ HELP = "/reset forgets the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops 
 
 def run_chat(loaded: LoadedModel, params: SamplingParams, max_tokens: int, system: str | None = None,
              stop: tuple[str, ...] = (), read: Callable[[str], str] = input, out: TextIO = sys.stdout,
-             err: TextIO = sys.stderr) -> tuple[list[dict], Session]:
-    """Run until /exit or end of input; returns the conversation and the session (for tests)."""
-    session = Session(loaded.backend)
+             err: TextIO = sys.stderr) -> tuple[list[dict], Engine]:
+    """Run until /exit or end of input; returns the conversation and the engine (for tests)."""
+    engine = Engine.for_backend(loaded.backend, loaded.tokenizer)
     tokenizer = loaded.tokenizer
     context = loaded.backend.args.context_length
     start = [{"role": "system", "content": system}] if system else []
@@ -33,7 +35,7 @@ def run_chat(loaded: LoadedModel, params: SamplingParams, max_tokens: int, syste
             line = read(">>> ")
         except EOFError:
             print(file=out)
-            return messages, session
+            return messages, engine
         except KeyboardInterrupt:
             print(file=out)
             continue
@@ -41,10 +43,9 @@ def run_chat(loaded: LoadedModel, params: SamplingParams, max_tokens: int, syste
         if not text:
             continue
         if text in ("/exit", "/quit"):
-            return messages, session
+            return messages, engine
         if text == "/reset":
-            messages = list(start)
-            session.reset()
+            messages = list(start)  # the next prompt shares no cached prefix beyond the system turn
             print("(conversation forgotten)", file=err)
             continue
         messages.append({"role": "user", "content": line})
@@ -62,13 +63,13 @@ def run_chat(loaded: LoadedModel, params: SamplingParams, max_tokens: int, syste
         stats = GenerationStats()
         reply = ""
         try:
-            for piece in stream_generate(session, tokenizer, prompt, params, max_tokens, stop, stats):
+            for piece in stream_generate(engine, prompt, params, max_tokens, stop, stats):
                 reply += piece
                 out.write(piece)
                 out.flush()
         except KeyboardInterrupt:
             print("\n(stopped)", file=err)
-        except Exception as e:  # a failed turn must not end the conversation (the cache was rolled back)
+        except Exception as e:  # a failed turn must not end the conversation (the engine stays usable)
             out.write("\n")
             print(f"error: {_describe(e)}", file=err)
             messages.pop()  # forget the turn that failed: the next one renders as if it never happened

@@ -1,22 +1,22 @@
-"""The generation loop every backend shares: prefill, decode, sampling, stop rules, streaming, stats.
+"""What every backend's generation shares: the backend interface, the Session over its KV cache, stop
+strings and streamed text, the stats line.
 
 A backend only runs the model: it feeds tokens after those already in its KV cache and returns the
 logits of the last position. Everything a user can observe (which token comes next, when to stop, what
-is printed, the stats line) is decided here, once, so MLX, PyTorch and ONNX cannot drift apart.
+is printed, the stats line) is decided once, above the backends, so MLX, PyTorch and ONNX cannot drift
+apart: here and in the engine (qwen_mlx.engine), which runs the loop for the server, `chat` and `generate`.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
 from .config import ModelArgs
 from .errors import QwenError
-from .sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -108,52 +108,6 @@ class Session:
         self.tokens = []
 
 
-def stream_generate(session: Session, tokenizer: Tokenizer, prompt: Sequence[int], params: SamplingParams,
-                    max_tokens: int, stop: Sequence[str] = (), stats: GenerationStats | None = None,
-                    ) -> Iterator[str]:
-    """Yield printable text pieces as they are decoded. Ends on an EOS token, a stop string (which is
-    not yielded), `max_tokens`, or the end of the context. Fills `stats` when given."""
-    if max_tokens < 0:
-        raise QwenError(f"--max-tokens must be >= 0, got {max_tokens}")
-    check_stop_strings(stop)
-    context = session.backend.args.context_length
-    if len(prompt) >= context:
-        caps = [reason for cap, reason in session.backend.args.context_caps() if cap == context]
-        raise QwenError(f"the prompt has {len(prompt)} tokens; this model's context holds {context}"
-                        + (f" (capped by {caps[0]})" if caps else ""))
-    max_tokens = min(max_tokens, context - len(prompt))
-    stats = stats if stats is not None else GenerationStats()
-    sampler = Sampler(params)
-    history = set(prompt)
-    out = TextStream(tokenizer, stop)
-
-    t0 = time.perf_counter()
-    logits = session.prefill(prompt) if max_tokens else None
-    t1 = time.perf_counter()
-    stats.prompt_tokens = len(prompt)
-    stats.prompt_tps = session.prefilled / max(t1 - t0, 1e-9) if max_tokens else 0.0
-    n = 0
-    while n < max_tokens:
-        token = sampler(logits, history)
-        if token in tokenizer.eos_token_ids:
-            break
-        n += 1
-        history.add(token)
-        piece = out.add(token)
-        if piece:
-            yield piece
-        if out.stopped or n == max_tokens:
-            break
-        logits = session.step(token)
-    piece = out.finish()
-    if piece:
-        yield piece
-    t2 = time.perf_counter()
-    stats.generation_tokens = n
-    stats.generation_tps = n / max(t2 - t1, 1e-9) if n else 0.0
-    stats.peak_memory_gb = session.backend.peak_memory_gb()
-
-
 class TextStream:
     """Generated token ids -> printable text pieces, cut at the first stop string.
 
@@ -200,14 +154,6 @@ def check_stop_strings(stop: Sequence[str]) -> None:
 def _find_stop(text: str, stop: Sequence[str]) -> int | None:
     hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
     return min(hits) if hits else None
-
-
-def generate(session: Session, tokenizer: Tokenizer, prompt: Sequence[int], params: SamplingParams,
-             max_tokens: int, stop: Sequence[str] = ()) -> tuple[str, GenerationStats]:
-    """The whole reply at once, for scripts and tests."""
-    stats = GenerationStats()
-    text = "".join(stream_generate(session, tokenizer, prompt, params, max_tokens, stop, stats))
-    return text, stats
 
 
 def greedy_tokens(session: Session, prompt: Sequence[int], n: int) -> list[int]:

@@ -29,12 +29,13 @@ def test_generate_prints_text_then_a_stats_line(tiny_model):
     assert 0 < stats["generation_tokens"] <= 12
     # the same text from the library, and from stdin with --prompt -
     from qwen_mlx.backends import load
-    from qwen_mlx.generate import Session, generate
-    from qwen_mlx.sampling import SamplingParams
+    from qwen_mlx.generate import Session, greedy_tokens
 
     loaded = load("mlx", folder, "float32")
     ids = loaded.tokenizer.encode_chat([{"role": "user", "content": "Hello there"}])
-    text, _ = generate(Session(loaded.backend), loaded.tokenizer, ids, SamplingParams(temperature=0), 12)
+    reply = greedy_tokens(Session(loaded.backend), ids, 12)  # the plain greedy loop, no engine
+    ends = [i for i, t in enumerate(reply) if t in loaded.tokenizer.eos_token_ids]
+    text = loaded.tokenizer.decode(reply[:ends[0]] if ends else reply)
     assert r.stdout == text + "\n"
     r2 = run("generate", "--model", folder, "--prompt", "-", "--temperature", "0", "--max-tokens", "12",
              stdin="Hello there")
@@ -62,7 +63,7 @@ def test_chat_session_through_stdin(tiny_model):
     assert "(conversation forgotten)" in r.stderr and r.stderr.count("prompt tokens") == 3
 
 
-def test_chat_transcript_is_what_transformers_renders(tiny_model):
+def test_chat_transcript_is_what_transformers_renders(tiny_model, monkeypatch):
     """The KV cache holds exactly HF's rendering of the conversation, each turn prefilling only new text."""
     import io
 
@@ -70,20 +71,30 @@ def test_chat_transcript_is_what_transformers_renders(tiny_model):
 
     from qwen_mlx.backends import load
     from qwen_mlx.chat import run_chat
+    from qwen_mlx.engine.mlx_batch import MLXBatch
     from qwen_mlx.sampling import SamplingParams
 
     folder = tiny_model("gqa2-untied")
     lines = iter(["My name is Ada.", "What is my name?", "/exit"])
     loaded = load("mlx", str(folder), "float32")
+    starts = []  # (prompt tokens, cached tokens) of each turn
+    real_start = MLXBatch.start
 
-    messages, session = run_chat(loaded, SamplingParams(temperature=0), 8, system="Be brief.",
-                                 read=lambda _: next(lines), out=io.StringIO(), err=io.StringIO())
+    def start(self, prompt):
+        seq, cached = real_start(self, prompt)
+        starts.append((len(prompt), cached))
+        return seq, cached
+
+    monkeypatch.setattr(MLXBatch, "start", start)
+    messages, engine = run_chat(loaded, SamplingParams(temperature=0), 8, system="Be brief.",
+                                read=lambda _: next(lines), out=io.StringIO(), err=io.StringIO())
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
     hf = AutoTokenizer.from_pretrained(folder)
     want = hf.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
     want_ids = hf(want, add_special_tokens=False)["input_ids"]
-    assert session.tokens[:len(want_ids)] == want_ids
-    assert session.prefilled < len(want_ids)  # the second turn reused the first turn's cache
+    held, _ = engine.backend.prefixes.entries[-1]  # what the cache held when the last reply ended
+    assert held[:len(want_ids)].tolist() == want_ids and len(held) > len(want_ids)
+    assert starts[0][1] == 0 and starts[1][1] >= starts[0][0]  # the second turn reused the whole first prompt
 
 
 BAD_CONFIG = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "intermediate_size": 8,
@@ -179,34 +190,36 @@ def test_empty_stop_string_is_refused(tiny_model):
     assert r.stderr.startswith("error: --stop") and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_a_failed_chat_turn_keeps_the_conversation(tiny_model):
+def test_a_failed_chat_turn_keeps_the_conversation(tiny_model, monkeypatch):
     """Regression (issue 7): any exception in a turn ended chat with a traceback and lost the conversation."""
     import io
 
     from qwen_mlx.backends import load
     from qwen_mlx.chat import run_chat
+    from qwen_mlx.engine.mlx_batch import MLXBatch
     from qwen_mlx.sampling import SamplingParams
 
     loaded = load("mlx", str(tiny_model("gqa2-untied")), "float32")
-    real_forward, calls = loaded.backend.forward, []
+    real_prefill, calls = MLXBatch.prefill, []
 
-    def flaky(tokens):
+    def flaky(self, seq, tokens):
         calls.append(len(tokens))
-        if len(calls) == 3:  # the second turn (its prefill)
+        if len(calls) == 2:  # the second turn's prefill
             raise RuntimeError("device lost\nsecond line")
-        return real_forward(tokens)
+        return real_prefill(self, seq, tokens)
 
-    loaded.backend.forward = flaky
+    monkeypatch.setattr(MLXBatch, "prefill", flaky)
     lines = iter(["My name is Ada.", "What is my name?", "Still there?", "/exit"])
     err = io.StringIO()
-    messages, session = run_chat(loaded, SamplingParams(temperature=0), 2, read=lambda _: next(lines),
-                                 out=io.StringIO(), err=err)
+    messages, engine = run_chat(loaded, SamplingParams(temperature=0), 2, read=lambda _: next(lines),
+                                out=io.StringIO(), err=err)
     errors = [line for line in err.getvalue().splitlines() if line.startswith("error:")]
     assert errors == ["error: RuntimeError: device lost second line (the conversation is kept)"]
     assert [m["content"] for m in messages if m["role"] == "user"] == ["My name is Ada.", "Still there?"]
-    assert len(session.tokens) == loaded.backend.cache_length
-    assert session.tokens[:len(loaded.tokenizer.encode_chat(messages[:-1]))] == \
-        loaded.tokenizer.encode_chat(messages[:-1])
+    assert err.getvalue().count("prompt tokens") == 2  # the stats line of each turn that worked
+    held, _ = engine.backend.prefixes.entries[-1]
+    prompt = loaded.tokenizer.encode_chat(messages[:-1])
+    assert held[:len(prompt)].tolist() == prompt
 
 
 def test_info_and_generate_name_the_dual_chunk_cap(tiny_model, tmp_path):

@@ -72,11 +72,11 @@ def test_batch_of_8_gives_each_request_its_tokens_alone(loaded, no_eos):
         assert isinstance(ev[-1], Done) and ev[-1].finish_reason == "length"
 
 
-def test_serial_backend_gives_the_same_tokens(loaded, no_eos):
+def test_a_batch_of_one_gives_the_same_tokens(loaded, no_eos):
     ps = prompts(loaded.tokenizer, 3)
     alone = [greedy_tokens(Session(loaded.backend), p, 12) for p in ps]
     engine = Engine(batch_backend(loaded.backend, 1), loaded.tokenizer).start()
-    assert isinstance(engine.backend, SerialBatch)
+    assert isinstance(engine.backend, MLXBatch) and engine.backend.max_batch == 1  # as `chat` runs
     try:
         events = run_requests(engine, [Request(p, GREEDY, 12) for p in ps])
     finally:
@@ -142,7 +142,7 @@ def test_cancel_frees_the_slot_and_others_go_on(loaded, no_eos):
         deadline = time.monotonic() + 30
         while engine.load()["running"] and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert engine.load() == {"running": 0, "waiting": 0, "max_batch": 2}
+        assert engine.load() == {"running": 0, "waiting": 0, "max_batch": 2, "cancelled": 1}
         (ev,) = run_requests(engine, [Request(tok.encode("hello"), GREEDY, 5)])
         assert len(tokens(ev)) == 5
     finally:
@@ -229,3 +229,131 @@ def test_the_serial_fallback_serves_any_backend(loaded, no_eos):
     finally:
         engine.shutdown(0)
     assert [tokens(ev) for ev in events] == [greedy_tokens(Session(loaded.backend), p, 10) for p in ps]
+
+
+# --- sampling on the device, pipelined steps (what an MLX GPU runs; forced on here, on the CPU) ---------
+
+class Counting:
+    """Wraps a BatchBackend to count which decode path each step took (observes, changes nothing)."""
+
+    def __init__(self, inner):
+        self.inner, self.host, self.device = inner, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def decode(self, seqs, toks):
+        self.host += 1
+        return self.inner.decode(seqs, toks)
+
+    def decode_sampled(self, seqs, toks, draws):
+        self.device += 1
+        return self.inner.decode_sampled(seqs, toks, draws)
+
+
+def run_on(loaded, device_sampling, requests, max_batch=8):
+    backend = Counting(MLXBatch(loaded.backend, max_batch, device_sampling=device_sampling))
+    engine = Engine(backend, loaded.tokenizer, prefill_chunk=16).start()
+    try:
+        return run_requests(engine, requests), backend
+    finally:
+        engine.shutdown(0)
+
+
+def test_device_sampling_gives_the_same_greedy_tokens_batched_and_pipelined(loaded, no_eos):
+    ps = prompts(loaded.tokenizer)
+    alone = [greedy_tokens(Session(loaded.backend), p, 20) for p in ps]
+    events, backend = run_on(loaded, True, [Request(p, GREEDY, 20 - i) for i, p in enumerate(ps)])
+    assert backend.host == 0 and backend.device >= 19  # the longest: 1 token from its prefill, 19 steps
+    assert [tokens(ev) for ev in events] == [a[:20 - i] for i, a in enumerate(alone)]
+    assert all(ev[-1].finish_reason == "length" for ev in events)
+
+
+def test_device_repetition_penalty_and_mixed_batches_match_the_host(loaded, no_eos):
+    ps = prompts(loaded.tokenizer, 6)
+    rep = SamplingParams(temperature=0, repetition_penalty=1.3)
+    reqs = lambda: [Request(p, rep, 16) for p in ps[:4]] + [  # noqa: E731
+        Request(ps[4], GREEDY, 16, logprobs=2),  # needs its logits on the host: those steps run unpipelined
+        Request(ps[5], GREEDY, 6, presence_penalty=0.5)]
+    host, hb = run_on(loaded, False, reqs())
+    device, db = run_on(loaded, True, reqs())
+    assert hb.device == 0 and db.device > 0 and db.host > 0
+    assert [tokens(ev) for ev in device] == [tokens(ev) for ev in host]
+    assert tokens(host[0]) != greedy_tokens(Session(loaded.backend), ps[0], 16)  # the penalty did something
+
+
+def test_device_sampling_replays_a_seed(loaded, no_eos):
+    ps = prompts(loaded.tokenizer, 3)
+    p = [SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=7), SamplingParams(temperature=1.2, seed=8),
+         SamplingParams(temperature=0.7, top_p=0.8, min_p=0.05, repetition_penalty=1.1, seed=9)]
+    first, _ = run_on(loaded, True, [Request(x, q, 12) for x, q in zip(ps, p)])
+    again, _ = run_on(loaded, True, [Request(x, q, 12) for x, q in zip(ps, p)])
+    assert [tokens(ev) for ev in first] == [tokens(ev) for ev in again]
+    assert len({tuple(tokens(ev)) for ev in first}) == 3
+
+
+DEVICE_CASES = [
+    SamplingParams(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05),  # Qwen's defaults
+    SamplingParams(temperature=1.0, top_p=0.9),
+    SamplingParams(temperature=0.8),
+    SamplingParams(temperature=0.7, top_p=0.95, min_p=0.05),
+    SamplingParams(temperature=1.3, top_k=5),
+    SamplingParams(temperature=1.0, min_p=0.2, repetition_penalty=1.5),
+    SamplingParams(temperature=0),
+]
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["own-batch", "mixed-batch"])
+def test_device_distribution_is_the_numpy_samplers(together):
+    """The tokens in play and their probabilities, row by row, against qwen_mlx.sampling (HF's rules)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from qwen_mlx.engine import Draw
+    from qwen_mlx.engine.mlx_sampling import distribution, seen_mask
+    from qwen_mlx.sampling import Sampler
+
+    rng = np.random.default_rng(0)
+    V = 3000
+    logits = (rng.standard_normal((len(DEVICE_CASES), V)) * 3).astype(np.float32)
+    histories = [set(rng.integers(0, V, 50).tolist()) for _ in DEVICE_CASES]
+    draws = [Draw(p, h, 0.5) for p, h in zip(DEVICE_CASES, histories)]
+    groups = [list(range(len(draws)))] if together else [[i] for i in range(len(draws))]
+    for rows in groups:
+        seen = seen_mask([histories[i] for i in rows], V)
+        ids, w = distribution(mx.array(logits[rows]), [draws[i] for i in rows], seen)
+        ids = np.arange(V)[None].repeat(len(rows), 0) if ids is None else np.array(ids)
+        w = np.array(w)
+        for r, i in enumerate(rows):
+            if DEVICE_CASES[i].greedy:
+                continue
+            want_ids, want_w = Sampler(DEVICE_CASES[i]).distribution(logits[i], histories[i])
+            want = dict(zip(range(V) if want_ids is None else want_ids.tolist(), want_w / want_w.sum()))
+            want = {k: v for k, v in want.items() if v > 0}
+            got = {int(k): float(v) for k, v in zip(ids[r], w[r] / w[r].sum()) if v > 0}
+            assert set(got) == set(want), DEVICE_CASES[i]
+            assert max(abs(got[k] - want[k]) for k in want) < 1e-5
+
+
+def test_device_draw_is_the_inverse_cdf_of_its_distribution():
+    import mlx.core as mx
+    import numpy as np
+
+    from qwen_mlx.engine import Draw
+    from qwen_mlx.engine.mlx_sampling import distribution, sample
+
+    rng = np.random.default_rng(1)
+    logits = mx.array((rng.standard_normal((len(DEVICE_CASES), 1000)) * 2).astype(np.float32))
+    for u in (0.0, 0.1234, 0.5, 0.9, 0.999999):
+        draws = [Draw(p, set(), u) for p in DEVICE_CASES]
+        ids, w = distribution(logits, draws, None)
+        got = np.array(sample(logits, draws, None)).tolist()
+        w = np.array(w, dtype=np.float64)
+        ids = np.arange(w.shape[1])[None].repeat(len(draws), 0) if ids is None else np.array(ids)
+        for r, p in enumerate(DEVICE_CASES):
+            if p.greedy:
+                assert got[r] == int(np.argmax(np.array(logits[r])))
+                continue
+            cdf = np.cumsum(w[r])
+            j = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), int(np.flatnonzero(w[r])[-1]))
+            assert got[r] == ids[r, j], (p, u)

@@ -1,4 +1,5 @@
-"""The shared generation loop on a real (tiny) model: streaming, EOS, stop strings, limits."""
+"""The generation loop `chat` and `generate` run (the engine, a batch of one) on a real (tiny) model:
+streaming, EOS, stop strings, limits; and the Session under the serial fallback."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 
 from qwen_mlx.backends import load
+from qwen_mlx.engine import Engine, SerialBatch, generate, stream_generate
 from qwen_mlx.errors import QwenError
-from qwen_mlx.generate import GenerationStats, Session, generate, greedy_tokens, stream_generate
+from qwen_mlx.generate import GenerationStats, Session, greedy_tokens
 from qwen_mlx.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
@@ -16,6 +18,10 @@ GREEDY = SamplingParams(temperature=0)
 @pytest.fixture(scope="module")
 def loaded(tiny_model):
     return load("mlx", str(tiny_model("gqa2-untied")), "float32")
+
+
+def one(loaded):
+    return Engine.for_backend(loaded.backend, loaded.tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +35,7 @@ def test_stream_joins_to_the_greedy_decode(loaded, prompt):
     eos = [i for i, t in enumerate(tok_ids) if t in tok.eos_token_ids]
     tok_ids = tok_ids[:eos[0]] if eos else tok_ids
     stats = GenerationStats()
-    pieces = list(stream_generate(Session(loaded.backend), tok, prompt, GREEDY, 24, (), stats))
+    pieces = list(stream_generate(one(loaded), prompt, GREEDY, 24, (), stats))
     assert "".join(pieces) == tok.decode(tok_ids)
     assert stats.generation_tokens == len(tok_ids) and stats.prompt_tokens == len(prompt)
     assert stats.prompt_tps > 0 and stats.peak_memory_gb > 0
@@ -41,7 +47,7 @@ def test_eos_stops_without_printing_it(loaded, prompt):
     saved = tok.eos_token_ids
     tok.eos_token_ids = frozenset({ids[4]})  # pretend the fifth greedy token ends the turn
     try:
-        text, stats = generate(Session(loaded.backend), tok, prompt, GREEDY, 10)
+        text, stats = generate(one(loaded), prompt, GREEDY, 10)
     finally:
         tok.eos_token_ids = saved
     first = ids.index(ids[4])
@@ -50,31 +56,31 @@ def test_eos_stops_without_printing_it(loaded, prompt):
 
 def test_stop_string_is_cut_and_never_streamed(loaded, prompt):
     tok = loaded.tokenizer
-    full, _ = generate(Session(loaded.backend), tok, prompt, GREEDY, 30)
+    full, _ = generate(one(loaded), prompt, GREEDY, 30)
     assert len(full) > 12, "the tiny model should say something"
     stop = full[8:12]
-    pieces = list(stream_generate(Session(loaded.backend), tok, prompt, GREEDY, 30, (stop, "never there")))
+    pieces = list(stream_generate(one(loaded), prompt, GREEDY, 30, (stop, "never there")))
     assert "".join(pieces) == full[:full.index(stop)]
 
 
 def test_max_tokens_and_context_limits(loaded, prompt):
     tok = loaded.tokenizer
-    text, stats = generate(Session(loaded.backend), tok, prompt, GREEDY, 0)
+    text, stats = generate(one(loaded), prompt, GREEDY, 0)
     assert text == "" and stats.generation_tokens == 0
     context = loaded.backend.args.context_length
     with pytest.raises(QwenError, match=f"context holds {context}"):
-        generate(Session(loaded.backend), tok, [5] * context, GREEDY, 4)
+        generate(one(loaded), [5] * context, GREEDY, 4)
     with pytest.raises(QwenError, match="--max-tokens"):
-        generate(Session(loaded.backend), tok, prompt, GREEDY, -1)
+        generate(one(loaded), prompt, GREEDY, -1)
     # A prompt near the end of the context gets only the room that is left.
-    _, stats = generate(Session(loaded.backend), tok, [5] * (context - 3), SamplingParams(temperature=0.0), 50)
+    _, stats = generate(one(loaded), [5] * (context - 3), SamplingParams(temperature=0.0), 50)
     assert stats.generation_tokens <= 3
 
 
 def test_sampling_with_a_seed_is_reproducible(loaded, prompt):
     p = SamplingParams(temperature=1.0, top_p=0.9, seed=3)
-    a, _ = generate(Session(loaded.backend), loaded.tokenizer, prompt, p, 12)
-    b, _ = generate(Session(loaded.backend), loaded.tokenizer, prompt, p, 12)
+    a, _ = generate(one(loaded), prompt, p, 12)
+    b, _ = generate(one(loaded), prompt, p, 12)
     assert a == b
 
 
@@ -101,4 +107,55 @@ def test_interrupted_forward_leaves_a_consistent_cache(loaded, prompt):
 
 def test_empty_stop_string_is_refused_not_a_truncated_reply(loaded, prompt):
     with pytest.raises(QwenError, match="--stop"):
-        generate(Session(loaded.backend), loaded.tokenizer, prompt, GREEDY, 8, ("",))
+        generate(one(loaded), prompt, GREEDY, 8, ("",))
+
+
+class Interrupting:
+    """Wraps a BatchBackend: its n-th decode runs (the caches are written), then Ctrl-C lands."""
+
+    def __init__(self, inner, at):
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def decode(self, seqs, tokens):
+        logits = self.inner.decode(seqs, tokens)
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return logits
+
+
+@pytest.fixture
+def no_eos(loaded):
+    saved = loaded.tokenizer.eos_token_ids
+    loaded.tokenizer.eos_token_ids = frozenset()
+    yield
+    loaded.tokenizer.eos_token_ids = saved
+
+
+@pytest.mark.parametrize("serial", [False, True], ids=["batched", "serial"])
+def test_ctrl_c_mid_reply_leaves_the_engine_usable(loaded, prompt, no_eos, serial):
+    """`chat` catches the KeyboardInterrupt; the next turn on the same engine must be exact."""
+    from qwen_mlx.engine import batch_backend
+
+    inner = SerialBatch(loaded.backend) if serial else batch_backend(loaded.backend, 1)
+    engine = Engine(Interrupting(inner, 3), loaded.tokenizer)
+    pieces = []
+    with pytest.raises(KeyboardInterrupt):
+        for piece in stream_generate(engine, prompt, GREEDY, 20):
+            pieces.append(piece)
+    want, _ = generate(one(loaded), prompt + [7], GREEDY, 12)
+    assert generate(engine, prompt + [7], GREEDY, 12)[0] == want
+    # a reader that stops early (Ctrl-C while it prints) drops its request too
+    for _ in stream_generate(engine, prompt, GREEDY, 20):
+        break
+    assert engine.load()["running"] == 0
+    assert generate(engine, prompt + [7], GREEDY, 12)[0] == want
+
+
+def test_the_serial_fallback_streams_the_same_reply(loaded, prompt):
+    serial_text, serial = generate(Engine(SerialBatch(loaded.backend), loaded.tokenizer), prompt, GREEDY, 16)
+    text, stats = generate(one(loaded), prompt, GREEDY, 16)
+    assert (serial_text, serial.generation_tokens) == (text, stats.generation_tokens)

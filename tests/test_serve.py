@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -91,11 +92,12 @@ def chat_ids(library, messages):
 
 
 def reference(library, prompt, max_tokens, **sampling):
-    from qwen_mlx.generate import Session, generate
+    """What `generate` in this process answers (the same engine, a batch of one, no HTTP)."""
+    from qwen_mlx.engine import Engine, generate
     from qwen_mlx.sampling import SamplingParams
 
     params = SamplingParams.from_generation_config(library.generation_config, **sampling)
-    return generate(Session(library.backend), library.tokenizer, prompt, params, max_tokens)
+    return generate(Engine.for_backend(library.backend, library.tokenizer), prompt, params, max_tokens)
 
 
 MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
@@ -244,6 +246,26 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server):
             time.sleep(0.02)
         assert other.result(timeout=60).usage.completion_tokens > 0
         assert httpx.get(server.url + "/health").json()["running"] == 0
+
+
+def test_a_client_leaving_before_a_non_streamed_answer_cancels_it(server):
+    """Nothing is written to a non-streaming client until the end: its disconnect must still be seen."""
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 900, "temperature": 0}).encode()
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    before = httpx.get(server.url + "/health").json()["cancelled"]
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and httpx.get(server.url + "/health").json()["running"] == 0:
+            time.sleep(0.01)
+        assert httpx.get(server.url + "/health").json()["running"] == 1
+    # the socket is closed: the request stops at the next step, long before its 900 tokens
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and httpx.get(server.url + "/health").json()["running"] > 0:
+        time.sleep(0.01)
+    health = httpx.get(server.url + "/health").json()
+    assert health["running"] == 0 and health["cancelled"] == before + 1
 
 
 def test_tools_round_trip(server, library):

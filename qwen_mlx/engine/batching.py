@@ -3,23 +3,37 @@
 A `BatchBackend` owns the KV caches of many sequences. The engine starts a sequence (the backend reuses
 the longest prefix it has cached), prefills it in chunks on its own, then hands it to `decode`, which runs
 one forward for every running sequence: the backend notices who joined and who left since the last call
-and reshapes its batch at that token boundary. Pure Python: MLX's implementation is qwen_mlx/mlx_batch.py.
+and reshapes its batch at that token boundary. Pure Python: MLX's implementation is mlx_batch.py.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
 from ..config import ModelArgs
 from ..generate import Backend, Session
+from ..sampling import SamplingParams
+
+
+@dataclass
+class Draw:
+    """What a backend that samples on its device needs to pick one row's next token."""
+
+    params: SamplingParams
+    history: set[int]  # the prompt and the tokens generated before this step (repetition penalty)
+    u: float           # uniform in [0, 1) from the request's seeded generator (unused when greedy)
 
 
 class BatchBackend(Protocol):
     args: ModelArgs
     device: str
     max_batch: int
+    # True where sampling on the device beats copying logits to numpy (an MLX GPU): the engine then
+    # calls `decode_sampled` and `read` instead of `decode` when no row needs its logits on the host.
+    device_sampling: bool
 
     def start(self, prompt: Sequence[int]) -> tuple[Any, int]:
         """A new sequence whose cache already holds the longest cached prefix of `prompt` (at most
@@ -31,6 +45,14 @@ class BatchBackend(Protocol):
     def decode(self, seqs: Sequence[Any], tokens: Sequence[int]) -> np.ndarray:
         """One token per sequence, one batched forward; float32 logits [len(seqs), vocab]."""
 
+    def decode_sampled(self, seqs: Sequence[Any], tokens: Sequence[int] | Any, draws: Sequence[Draw]) -> Any:
+        """Like `decode`, then each row's next token sampled on the device by `draws`; returns at once,
+        the work queued. `tokens` may be the previous call's result (same sequences, same order): the
+        step then starts from tokens the host has not seen. Only where `device_sampling` is True."""
+
+    def read(self, pending: Any) -> list[int]:
+        """The tokens a `decode_sampled` call picked (waits for them)."""
+
     def remember(self, seq: Any, tokens: Sequence[int]) -> None:
         """Keep what `seq`'s cache holds (`tokens`) as a prefix for later requests; `seq` goes on."""
 
@@ -39,6 +61,8 @@ class BatchBackend(Protocol):
 
     def reset(self) -> None:
         """Drop every sequence (after a failed forward: the caches may be half written)."""
+
+    def peak_memory_gb(self) -> float: ...
 
 
 class SerialSeq:
@@ -51,9 +75,12 @@ class SerialBatch:
     """Any `Backend` (one KV cache) as a BatchBackend of at most one sequence.
 
     The single cache is a `Session`, which already reuses the prefix shared with the previous request
-    (the next turn of a chat): `start` reports it as cached, and the first `prefill` feeds only the rest."""
+    (the next turn of a chat): `start` reports it as cached, and the first `prefill` feeds only the rest.
+    The Session rolls its cache back when a forward fails or is interrupted, so what it holds is always
+    known: it is kept across released, cancelled and failed sequences alike."""
 
     max_batch = 1
+    device_sampling = False
 
     def __init__(self, backend: Backend):
         self.backend = backend
@@ -82,17 +109,20 @@ class SerialBatch:
         pass  # the one cache is the Session's: it keeps the last sequence anyway
 
     def release(self, seq: SerialSeq, tokens: Sequence[int] | None = None) -> None:
-        if tokens is None:
-            self.session.reset()  # what the cache holds is not known to be worth keeping
+        pass  # the Session's tokens say what its cache holds, whatever became of the sequence
 
     def reset(self) -> None:
-        self.session.reset()
+        pass  # likewise: a failed or interrupted forward was rolled back by the Session
+
+    def peak_memory_gb(self) -> float:
+        return self.backend.peak_memory_gb()
 
 
 def batch_backend(backend: Backend, max_batch: int) -> BatchBackend:
-    """The backend's own batched implementation when it has one, else the serial fallback."""
+    """The backend's own batched implementation when it has one (a batch of one included: `chat` and
+    `generate` then run exactly as the server does), else the serial fallback."""
     batched = getattr(backend, "batched", None)
-    impl = batched(max_batch) if batched is not None and max_batch > 1 else None
+    impl = batched(max_batch) if batched is not None else None
     return impl if impl is not None else SerialBatch(backend)
 
 

@@ -6,7 +6,8 @@ shorter rows padded on the left. Rows carry their own RoPE positions (`mx.fast.r
 offsets) and a mask hides each row's padding, so a row computes what it would alone. Finished rows leave
 at the next step and the padding every row shares is cut. A small LRU keeps the KV of recent prompts
 (and of finished conversations) so a request sharing a prefix with one (a system prompt, the next turn of
-a chat) prefills only the rest.
+a chat) prefills only the rest. On a GPU, rows are sampled on the device and the next step is queued
+before the host reads the tokens (`decode_sampled`, mlx_sampling.py).
 
 Shapes: B rows, K kv heads, T cached positions (padding included), D head_dim, V vocabulary.
 """
@@ -19,7 +20,8 @@ import mlx.core as mx
 import numpy as np
 
 from ..model import KVCache
-from .batching import PrefixCache
+from .batching import Draw, PrefixCache
+from .mlx_sampling import sample, seen_mask
 
 if TYPE_CHECKING:
     from ..mlx_backend import MLXBackend
@@ -82,14 +84,26 @@ def _single_cache(layers: list[tuple[mx.array, mx.array]], length: int) -> list[
     return cache
 
 
-class MLXBatch:
-    """The BatchBackend (qwen_mlx.batching) of an MLXBackend: shares its model, keeps its own caches."""
+class Pending:
+    """A queued step's sampled tokens, still on the device, and the rows' seen-token masks after it."""
 
-    def __init__(self, backend: MLXBackend, max_batch: int, prefix_tokens: int = 16384):
+    def __init__(self, tokens: mx.array, seen: mx.array | None):
+        self.tokens, self.seen = tokens, seen  # B int32; B V bool or None (no repetition penalty)
+
+
+class MLXBatch:
+    """The BatchBackend (qwen_mlx.engine.batching) of an MLXBackend: shares its model, keeps its own caches.
+
+    `device_sampling` defaults to the device: on a GPU logits stay there and steps are pipelined; on a
+    CPU numpy samples faster than MLX's CPU kernels (docs/BENCHMARKS.md), so logits go to the host."""
+
+    def __init__(self, backend: MLXBackend, max_batch: int, prefix_tokens: int = 16384,
+                 device_sampling: bool | None = None):
         self.model = backend.model
         self.args = backend.args
         self.device = backend.device
         self.max_batch = max_batch
+        self.device_sampling = mx.default_device() == mx.gpu if device_sampling is None else device_sampling
         self.rows: list[MLXSeq] = []
         self.cache: list[BatchKVCache] = []
         self.prefixes = PrefixCache(prefix_tokens, _own)
@@ -122,16 +136,41 @@ class MLXBatch:
     # --- the batch ---------------------------------------------------------------------------------
 
     def decode(self, seqs: Sequence[MLXSeq], tokens: Sequence[int]) -> np.ndarray:
+        return np.array(self._forward(seqs, mx.array(list(tokens), dtype=mx.int32)))
+
+    def decode_sampled(self, seqs: Sequence[MLXSeq], tokens: Sequence[int] | Pending,
+                       draws: Sequence[Draw]) -> Pending:
+        if isinstance(tokens, Pending):  # the previous step's tokens, never read by the host
+            ids, seen = tokens.tokens, tokens.seen
+        else:
+            ids, seen = mx.array(list(tokens), dtype=mx.int32), None
+        logits = self._forward(seqs, ids)
+        if any(d.params.repetition_penalty != 1.0 for d in draws):
+            # each row's prompt and generated tokens, this step's input included
+            seen = seen_mask([d.history for d in draws], logits.shape[-1]) if seen is None else \
+                mx.put_along_axis(seen, ids[:, None], mx.array(True), axis=-1)
+        else:
+            seen = None
+        nxt = sample(logits, draws, seen)
+        mx.async_eval(nxt, *([] if seen is None else [seen]))
+        return Pending(nxt, seen)
+
+    def read(self, pending: Pending) -> list[int]:
+        return pending.tokens.tolist()
+
+    def _forward(self, seqs: Sequence[MLXSeq], tokens: mx.array) -> mx.array:
+        """One token per row (B int32) -> float32 logits B V, lazy."""
         if [id(s) for s in seqs] != [id(r) for r in self.rows]:
             self._reshape(seqs)
         B = len(seqs)
         idx, left = self.cache[0].idx, self.cache[0].left
-        # B 1 1 T+1: a row sees its own positions and the new token, never its left padding
-        mask = (mx.arange(idx + 1)[None] >= mx.array(left)[:, None]).reshape(B, 1, 1, idx + 1)
-        logits = self.model(mx.array(list(tokens), dtype=mx.int32)[:, None], self.cache, mask)  # B 1 V
+        mask = None
+        if any(left):  # B 1 1 T+1: a row sees its own positions and the new token, never its left padding
+            mask = (mx.arange(idx + 1)[None] >= mx.array(left)[:, None]).reshape(B, 1, 1, idx + 1)
+        logits = self.model(tokens[:, None], self.cache, mask)  # B 1 V
         for s in seqs:
             s.length += 1
-        return np.array(logits[:, -1].astype(mx.float32))
+        return logits[:, -1].astype(mx.float32)
 
     def _reshape(self, seqs: Sequence[MLXSeq]) -> None:
         """Drop the rows not in `seqs`, append the sequences that joined, in the order of `seqs`."""
@@ -173,3 +212,6 @@ class MLXBatch:
 
     def reset(self) -> None:
         self.rows, self.cache = [], []
+
+    def peak_memory_gb(self) -> float:
+        return mx.get_peak_memory() / 1e9

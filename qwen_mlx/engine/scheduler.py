@@ -1,14 +1,22 @@
-"""The scheduler: one thread owns the model and serves many requests with continuous batching.
+"""The scheduler: the generation loop of the server, `chat` and `generate`, with continuous batching.
 
 Requests wait in a bounded queue, start when a slot is free (the backend reuses a cached prefix), prefill
 in chunks (one chunk per step, so running streams keep flowing), then join the running batch: each step
 is one batched forward for every running sequence. A request leaves at the token boundary where it ends
 (EOS, a stop string, its grammar's end, max_tokens, the context's end) or is cancelled (its client left).
-Sampling, stop strings and detokenizing are the generation loop's own (qwen_mlx.generate, .sampling),
-per request; the engine only adds OpenAI's presence/frequency penalties and grammar masks.
+Sampling rules, stop strings and detokenizing are shared with the rest of the package (qwen_mlx.sampling,
+qwen_mlx.generate.TextStream); the engine adds OpenAI's presence/frequency penalties and grammar masks.
 
-Results go out through each request's `emit` callback, from the engine thread: zero or more `Token`s, then
-exactly one `Done` or `Failed`. Every accepted request gets its final event, even on shutdown.
+Two ways to run it: the server starts its thread (`start`, `submit`), and results go out through each
+request's `emit` callback, from that thread: zero or more `Token`s, then exactly one `Done` or `Failed`;
+every accepted request gets its final event, even on shutdown. `chat` and `generate` call `stream`, which
+steps the engine in their own thread (a batch of one), so Ctrl-C lands where they can catch it.
+
+Where the backend samples on its device (an MLX GPU: `device_sampling`), a step whose rows all allow it
+never copies logits to the host: the backend samples there, and the next forward is queued from those
+tokens before the host reads them (as mlx-lm pipelines with `mx.async_eval`), so detokenizing and
+streaming overlap the device's work. A row with a grammar, logprobs or OpenAI penalties needs its logits
+on the host: while one runs, steps run unpipelined with numpy sampling, as on a CPU.
 """
 
 from __future__ import annotations
@@ -17,15 +25,18 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from ..errors import QwenError
 from ..generate import PREFILL_CHUNK, TextStream
 from ..sampling import Sampler, SamplingParams
+from .batching import Draw, batch_backend
 
 if TYPE_CHECKING:
+    from ..config import ModelArgs
+    from ..generate import Backend
     from ..tokenizer import Tokenizer
     from .batching import BatchBackend
 
@@ -69,6 +80,8 @@ class Done:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    prefill_seconds: float = 0.0  # from its first prefill chunk to the logits of its first token
+    decode_seconds: float = 0.0   # from there to its end
 
 
 @dataclass
@@ -111,6 +124,14 @@ class _Live:
     history: set[int] = field(default_factory=set)
     counts: collections.Counter = field(default_factory=collections.Counter)
     next_token: int = -1
+    started: float = 0.0    # its first prefill chunk
+    prefilled: float = 0.0  # its first logits
+
+    @property
+    def on_device(self) -> bool:
+        """Its tokens can be sampled where its logits are: nothing needs them on the host."""
+        req = self.req
+        return req.constraint is None and req.logprobs is None and not (req.presence_penalty or req.frequency_penalty)
 
 
 class Engine:
@@ -121,14 +142,24 @@ class Engine:
         self.context = backend.args.context_length
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        self.cancelled = 0  # requests dropped because their client left
         self._cv = threading.Condition()
         self._waiting: collections.deque[_Live] = collections.deque()
         self._prefilling: list[_Live] = []
         self._running: list[_Live] = []
+        # A decode step queued on the device whose sampled tokens the host has not read yet, and its rows.
+        self._device_sampling = bool(getattr(backend, "device_sampling", False))
+        self._pending: Any = None
+        self._pending_rows: list[_Live] = []
         self._closing = False
         self._deadline = 0.0
         self._step_time = 0.05  # moving average, for Retry-After
         self._thread = threading.Thread(target=self._loop, name="qwen-mlx-engine", daemon=True)
+
+    @classmethod
+    def for_backend(cls, backend: Backend, tokenizer: Tokenizer, max_batch: int = 1, **kwargs: Any) -> Engine:
+        """An engine over `backend`'s own batched implementation (qwen_mlx.engine.batching.batch_backend)."""
+        return cls(batch_backend(backend, max_batch), tokenizer, **kwargs)
 
     def start(self) -> Engine:
         self._thread.start()
@@ -141,8 +172,7 @@ class Engine:
         request that cannot run, Overloaded when the queue is full, ShuttingDown after `shutdown`."""
         if not req.prompt:
             raise QwenError("the prompt is empty")
-        if len(req.prompt) >= self.context:
-            raise QwenError(f"the prompt has {len(req.prompt)} tokens; this model's context holds {self.context}")
+        check_prompt_length(self.backend.args, len(req.prompt))
         if req.max_tokens < 1:
             raise QwenError(f"max_tokens must be >= 1, got {req.max_tokens}")
         live = _Live(req, emit, Handle(), min(req.max_tokens, self.context - len(req.prompt)),
@@ -169,7 +199,7 @@ class Engine:
     def load(self) -> dict[str, int]:
         with self._cv:
             return {"running": len(self._running) + len(self._prefilling), "waiting": len(self._waiting),
-                    "max_batch": self.backend.max_batch}
+                    "max_batch": self.backend.max_batch, "cancelled": self.cancelled}
 
     def shutdown(self, grace: float = 10.0, wait: bool = True) -> None:
         """Refuse new requests; let those in flight finish for `grace` seconds, then end them with a
@@ -182,12 +212,57 @@ class Engine:
         if wait and self._thread.is_alive():
             self._thread.join()
 
+    # --- in the caller's thread --------------------------------------------------------------------
+
+    def stream(self, req: Request) -> Iterator[Token | Done]:
+        """Run `req` to its end in the calling thread (the engine's own thread must not be started):
+        its `Token`s, then its `Done`. An exception inside a step (Ctrl-C, a failed forward) ends the
+        request and propagates as is; the engine stays usable, and what its caches hold stays correct."""
+        if self._thread.is_alive():
+            raise RuntimeError("this engine runs its own thread: use submit()")
+        self._abandon()  # a previous stream whose reader stopped early
+        events: collections.deque[Any] = collections.deque()
+        self.submit(req, events.append)
+        try:
+            while True:
+                while events:
+                    event = events.popleft()
+                    if isinstance(event, Failed):
+                        raise QwenError(event.message)
+                    yield event
+                    if isinstance(event, Done):
+                        return
+                with self._cv:
+                    self._admit()
+                try:
+                    self._step()
+                except BaseException:
+                    self._abandon(broken=True)
+                    raise
+        finally:
+            self._abandon()  # the reader stopped early (Ctrl-C while it printed): drop the request
+
+    def _abandon(self, broken: bool = False) -> None:
+        """Drop every request in flight without an event. `broken`: a step failed part way, so the
+        backend's batch state is not trusted either."""
+        with self._cv:
+            lives = list(self._waiting) + self._prefilling + self._running
+            self._waiting.clear()
+        self._prefilling, self._running = [], []
+        self._pending, self._pending_rows = None, []
+        if broken:
+            self.backend.reset()
+            return
+        for live in lives:
+            if live.seq is not None:
+                self.backend.release(live.seq)
+
     # --- the engine thread -------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._waiting or self._prefilling or self._running or self._closing):
+                while not (self._waiting or self._prefilling or self._running or self._pending or self._closing):
                     self._cv.wait()
                 if self._closing:
                     while self._waiting:
@@ -196,41 +271,47 @@ class Engine:
                         for live in self._prefilling + self._running:
                             self._finish(live, Failed("the server shut down before this reply finished", 503))
                         self._prefilling, self._running = [], []
+                        self._pending, self._pending_rows = None, []
                     if not (self._prefilling or self._running):
                         return
-                self._drop_cancelled()
-                while self._waiting and len(self._running) + len(self._prefilling) < self.backend.max_batch:
-                    self._prefilling.append(self._waiting.popleft())
-            t0 = time.perf_counter()
+                self._admit()
             try:
                 self._step()
             except Exception as e:  # a failed forward: end everyone in flight, start clean
                 for live in self._prefilling + self._running:
                     self._emit(live, Failed(f"generation failed: {type(e).__name__}: {e}"))
                 self._prefilling, self._running = [], []
+                self._pending, self._pending_rows = None, []
                 self.backend.reset()
-            self._step_time = 0.9 * self._step_time + 0.1 * (time.perf_counter() - t0)
 
-    def _drop_cancelled(self) -> None:
-        self._waiting = collections.deque(live for live in self._waiting if not live.handle.cancelled)
+    def _admit(self) -> None:
+        """Under the lock: forget cancelled requests, and start waiting ones while there are free slots."""
+        if any(live.handle.cancelled for live in self._waiting):
+            self.cancelled += sum(live.handle.cancelled for live in self._waiting)
+            self._waiting = collections.deque(live for live in self._waiting if not live.handle.cancelled)
         for group in (self._prefilling, self._running):
             for live in [x for x in group if x.handle.cancelled]:
                 group.remove(live)
+                self.cancelled += 1
                 if live.seq is not None:
                     self.backend.release(live.seq)
+        while self._waiting and len(self._running) + len(self._prefilling) < self.backend.max_batch:
+            self._prefilling.append(self._waiting.popleft())
 
     def _step(self) -> None:
+        t0 = time.perf_counter()
         if self._prefilling:
             self._prefill_chunk(self._prefilling[0])
-        if self._running:
-            logits = self.backend.decode([x.seq for x in self._running], [x.next_token for x in self._running])
-            for live, row in zip(list(self._running), logits):
-                if self._advance(live, row):
-                    self._running.remove(live)
+        if self._pending is not None:
+            self._decode_pipelined()
+        elif self._running:
+            self._decode()
+        self._step_time = 0.9 * self._step_time + 0.1 * (time.perf_counter() - t0)
 
     def _prefill_chunk(self, live: _Live) -> None:
         prompt = live.req.prompt
         if live.seq is None:
+            live.started = time.perf_counter()
             live.seq, live.cached = self.backend.start(prompt)
             live.fed = live.cached
         chunk = prompt[live.fed:live.fed + self.prefill_chunk]
@@ -238,10 +319,45 @@ class Engine:
         live.fed += len(chunk)
         if live.fed < len(prompt):
             return
+        live.prefilled = time.perf_counter()
         self._prefilling.remove(live)
         self.backend.remember(live.seq, prompt)  # later requests sharing this prompt's prefix skip it
         if not self._advance(live, logits):
             self._running.append(live)
+
+    def _decode(self) -> None:
+        rows = list(self._running)
+        seqs, tokens = [x.seq for x in rows], [x.next_token for x in rows]
+        if self._device_sampling and all(x.on_device for x in rows):
+            # Queue the forward and the sampling; the tokens are read at the next step, once the step
+            # after this one is queued behind them.
+            self._pending = self.backend.decode_sampled(seqs, tokens, self._draws(rows))
+            self._pending_rows = rows
+            return
+        logits = self.backend.decode(seqs, tokens)
+        for live, row in zip(rows, logits):
+            if self._advance(live, row):
+                self._running.remove(live)
+
+    def _decode_pipelined(self) -> None:
+        pending, rows = self._pending, self._pending_rows
+        same = len(rows) == len(self._running) and all(a is b for a, b in zip(rows, self._running))
+        if same and all(x.on_device for x in rows):
+            # Nobody joined or left: the next step starts from the device's tokens before they are read.
+            self._pending = self.backend.decode_sampled([x.seq for x in rows], pending, self._draws(rows))
+        else:  # the batch changes: take these tokens, then start again from the host's
+            self._pending, self._pending_rows = None, []
+        running = {id(x) for x in self._running}
+        for live, token in zip(rows, self.backend.read(pending)):
+            # a row that finished or was cancelled meanwhile had its token computed for nothing
+            if id(live) in running and self._accept(live, token):
+                self._running.remove(live)
+
+    @staticmethod
+    def _draws(rows: list[_Live]) -> list[Draw]:
+        # The uniform comes from the request's own seeded generator, so a seed replays on the device too.
+        return [Draw(x.req.params, x.history, 0.0 if x.req.params.greedy else float(x.sampler.rng.random()))
+                for x in rows]
 
     def _advance(self, live: _Live, logits: np.ndarray) -> bool:
         try:
@@ -251,7 +367,7 @@ class Engine:
             return True
 
     def _next_token(self, live: _Live, logits: np.ndarray) -> bool:
-        """Sample, emit and check the end rules for one token; True when the request is finished."""
+        """Sample on the host, then `_accept`; True when the request is finished."""
         req = live.req
         raw = logits
         if live.counts and (req.presence_penalty or req.frequency_penalty):
@@ -261,6 +377,11 @@ class Engine:
         token = live.sampler(logits, live.history)
         if req.constraint is not None:
             req.constraint.accept(token)
+        return self._accept(live, token, raw)
+
+    def _accept(self, live: _Live, token: int, logits: np.ndarray | None = None) -> bool:
+        """Emit `token` and check the end rules; True when the request is finished."""
+        req = live.req
         if token in self.tokenizer.eos_token_ids:
             self._finish(live, "stop")
             return True
@@ -268,8 +389,8 @@ class Engine:
         live.history.add(token)
         live.counts[token] += 1
         event = Token(token, live.out.add(token))
-        if req.logprobs is not None:
-            logprobs = log_softmax(raw)
+        if req.logprobs is not None and logits is not None:
+            logprobs = log_softmax(logits)
             event.logprob = float(logprobs[token])
             if req.logprobs:
                 top = np.argpartition(-logprobs, req.logprobs)[:req.logprobs]
@@ -292,7 +413,9 @@ class Engine:
         if isinstance(end, Failed):
             self._emit(live, end)
         else:
-            self._emit(live, Done(end, live.out.finish(), len(live.req.prompt), len(live.tokens), live.cached))
+            now = time.perf_counter()
+            self._emit(live, Done(end, live.out.finish(), len(live.req.prompt), len(live.tokens), live.cached,
+                                  live.prefilled - live.started, now - live.prefilled))
 
     @staticmethod
     def _emit(live: _Live, event: Any) -> None:
@@ -300,6 +423,14 @@ class Engine:
             live.emit(event)
         except Exception:  # the client's event loop is gone: nothing to tell
             live.handle.cancel()
+
+
+def check_prompt_length(args: ModelArgs, n: int) -> None:
+    context = args.context_length
+    if n >= context:
+        caps = [reason for cap, reason in args.context_caps() if cap == context]
+        raise QwenError(f"the prompt has {n} tokens; this model's context holds {context}"
+                        + (f" (capped by {caps[0]})" if caps else ""))
 
 
 def apply_penalties(logits: np.ndarray, counts: collections.Counter, presence: float, frequency: float

@@ -1,0 +1,45 @@
+"""`chat` and `generate`: one request at a time through the engine, in the caller's thread.
+
+The same scheduler, batched backend, sampling and stop rules as the server, with a batch of one; what
+the terminal needs on top is printable text pieces and the stats line.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+from ..errors import QwenError
+from ..generate import GenerationStats, check_stop_strings
+from ..sampling import SamplingParams
+from .scheduler import Done, Engine, Request, check_prompt_length
+
+
+def stream_generate(engine: Engine, prompt: Sequence[int], params: SamplingParams, max_tokens: int,
+                    stop: Sequence[str] = (), stats: GenerationStats | None = None) -> Iterator[str]:
+    """Yield printable text pieces as they are decoded. Ends on an EOS token, a stop string (which is
+    not yielded), `max_tokens`, or the end of the context. Fills `stats` when given."""
+    if max_tokens < 0:
+        raise QwenError(f"--max-tokens must be >= 0, got {max_tokens}")
+    check_stop_strings(stop)
+    check_prompt_length(engine.backend.args, len(prompt))
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(prompt)
+    if max_tokens == 0:
+        return
+    for event in engine.stream(Request(list(prompt), params, max_tokens, tuple(stop))):
+        if event.text:
+            yield event.text
+        if isinstance(event, Done):
+            stats.prompt_tps = (event.prompt_tokens - event.cached_tokens) / max(event.prefill_seconds, 1e-9)
+            stats.generation_tokens = event.completion_tokens
+            stats.generation_tps = event.completion_tokens / max(event.decode_seconds, 1e-9) \
+                if event.completion_tokens else 0.0
+            stats.peak_memory_gb = engine.backend.peak_memory_gb()
+
+
+def generate(engine: Engine, prompt: Sequence[int], params: SamplingParams, max_tokens: int,
+             stop: Sequence[str] = ()) -> tuple[str, GenerationStats]:
+    """The whole reply at once, for scripts and tests."""
+    stats = GenerationStats()
+    text = "".join(stream_generate(engine, prompt, params, max_tokens, stop, stats))
+    return text, stats
