@@ -6,13 +6,15 @@ top-k 20, top-p 0.8, repetition penalty 1.05), float32, on MLX's default device,
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python benchmarks/bench_engine_overhead.py
 
-Rows: our engine with one request, our engine with 8 concurrent requests (aggregate), mlx-lm's
-`stream_generate` with one request.
+Rows: our engine with one request, our engine with 8 concurrent requests (aggregate), each with logits
+sampled on the host (numpy) and on the MLX device with pipelined steps (what the engine picks on a GPU),
+and mlx-lm's `stream_generate` with one request. `--greedy` runs all of it greedy instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -40,17 +42,18 @@ def build_model(out: Path) -> Path:
     return out
 
 
-def run_ours(folder: Path, n_tokens: int, clients: int) -> float:
+def run_ours(folder: Path, n_tokens: int, clients: int, sampling: dict, on_device: bool) -> float:
     from qwen_mlx.backends import load
-    from qwen_mlx.engine import batch_backend
-    from qwen_mlx.engine import Engine, Request, Token, run_requests
+    from qwen_mlx.engine import Engine, Request, Token, batch_backend, run_requests
     from qwen_mlx.sampling import SamplingParams
 
     loaded = load("mlx", str(folder), "float32")
-    engine = Engine(batch_backend(loaded.backend, max(clients, 2)), loaded.tokenizer).start()
+    backend = batch_backend(loaded.backend, max(clients, 2))
+    backend.device_sampling = "always" if on_device else "never"
+    engine = Engine(backend, loaded.tokenizer).start()
     try:
         prompt = loaded.tokenizer.encode_chat([{"role": "user", "content": "Write a story about a robot."}])
-        reqs = [Request(prompt, SamplingParams(seed=i, **QWEN_SAMPLING), n_tokens) for i in range(clients)]
+        reqs = [Request(prompt, SamplingParams(seed=i, **sampling), n_tokens) for i in range(clients)]
         run_requests(engine, reqs[:1])  # warm up
         t0 = time.perf_counter()
         events = run_requests(engine, reqs)
@@ -60,7 +63,7 @@ def run_ours(folder: Path, n_tokens: int, clients: int) -> float:
     return sum(1 for ev in events for e in ev if isinstance(e, Token)) / dt
 
 
-def run_mlx_lm(folder: Path, n_tokens: int) -> float:
+def run_mlx_lm(folder: Path, n_tokens: int, sampling: dict) -> float:
     from mlx_lm import load as lm_load
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -68,9 +71,9 @@ def run_mlx_lm(folder: Path, n_tokens: int) -> float:
     model, tokenizer = lm_load(str(folder))
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Write a story about a robot."}],
                                            add_generation_prompt=True)
-    sampler = make_sampler(temp=QWEN_SAMPLING["temperature"], top_p=QWEN_SAMPLING["top_p"],
-                           top_k=QWEN_SAMPLING["top_k"])
-    processors = make_logits_processors(repetition_penalty=QWEN_SAMPLING["repetition_penalty"])
+    sampler = make_sampler(temp=sampling["temperature"], top_p=sampling.get("top_p", 1.0),
+                           top_k=sampling.get("top_k", 0))
+    processors = make_logits_processors(repetition_penalty=sampling.get("repetition_penalty"))
     last = None
     for last in stream_generate(model, tokenizer, prompt, max_tokens=n_tokens, sampler=sampler,
                                 logits_processors=processors):
@@ -82,15 +85,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--greedy", action="store_true", help="temperature 0 instead of Qwen's sampling")
     a = p.parse_args()
+    sampling = {"temperature": 0.0} if a.greedy else QWEN_SAMPLING
+    rows: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_model(Path(tmp))
-        rows: dict[str, list[float]] = {"qwen-mlx engine, 1 request": [], "qwen-mlx engine, 8 requests (aggregate)": [],
-                                        "mlx-lm stream_generate, 1 request": []}
         for _ in range(a.rounds):  # interleaved: each round runs every side once
-            rows["qwen-mlx engine, 1 request"].append(run_ours(folder, a.tokens, 1))
-            rows["qwen-mlx engine, 8 requests (aggregate)"].append(run_ours(folder, a.tokens, 8))
-            rows["mlx-lm stream_generate, 1 request"].append(run_mlx_lm(folder, a.tokens))
+            for clients in (1, 8):
+                for on_device in (False, True):
+                    name = (f"qwen-mlx engine, {clients} request{'s (aggregate)' if clients > 1 else ''}, "
+                            f"{'device sampling, pipelined' if on_device else 'numpy sampling'}")
+                    rows.setdefault(name, []).append(run_ours(folder, a.tokens, clients, sampling, on_device))
+            rows.setdefault("mlx-lm stream_generate, 1 request", []).append(run_mlx_lm(folder, a.tokens, sampling))
+    print(f"{'greedy' if a.greedy else 'Qwen sampling'}, load average {os.getloadavg()[0]:.1f}\n")
     print(f"| decode tok/s, {a.tokens} tokens, median of {a.rounds} rounds | tok/s |")
     print("| --- | --- |")
     for name, values in rows.items():

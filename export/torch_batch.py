@@ -29,8 +29,6 @@ class TorchSeq:
 
 
 class TorchBatch:
-    device_sampling = False  # logits go to numpy (qwen_mlx.engine.batching.BatchBackend)
-
     def __init__(self, backend: TorchBackend, max_batch: int, prefix_tokens: int = 16384):
         self.backend = backend
         self.model = backend.model

@@ -53,6 +53,10 @@ class Recorder:
         self.sizes.append(len(seqs))
         return self.inner.decode(seqs, toks)
 
+    def decode_sampled(self, seqs, toks, draws):  # greedy rows on MLX: sampled on the device, pipelined
+        self.sizes.append(len(seqs))
+        return self.inner.decode_sampled(seqs, toks, draws)
+
 
 def test_batch_of_8_gives_each_request_its_tokens_alone(loaded, no_eos):
     ps = prompts(loaded.tokenizer)
@@ -179,10 +183,17 @@ class Broken:
         return getattr(self.inner, name)
 
     def decode(self, seqs, toks):
+        self._maybe_fail()
+        return self.inner.decode(seqs, toks)
+
+    def decode_sampled(self, seqs, toks, draws):
+        self._maybe_fail()
+        return self.inner.decode_sampled(seqs, toks, draws)
+
+    def _maybe_fail(self):
         if self.fail:
             self.fail = False
             raise RuntimeError("device lost")
-        return self.inner.decode(seqs, toks)
 
 
 def test_a_failed_forward_ends_requests_with_an_error_and_the_engine_goes_on(loaded, no_eos):
@@ -253,6 +264,7 @@ class Counting:
 
 def run_on(loaded, device_sampling, requests, max_batch=8):
     backend = Counting(MLXBatch(loaded.backend, max_batch, device_sampling=device_sampling))
+    assert backend.inner.device_sampling == device_sampling
     engine = Engine(backend, loaded.tokenizer, prefill_chunk=16).start()
     try:
         return run_requests(engine, requests), backend
@@ -263,7 +275,7 @@ def run_on(loaded, device_sampling, requests, max_batch=8):
 def test_device_sampling_gives_the_same_greedy_tokens_batched_and_pipelined(loaded, no_eos):
     ps = prompts(loaded.tokenizer)
     alone = [greedy_tokens(Session(loaded.backend), p, 20) for p in ps]
-    events, backend = run_on(loaded, True, [Request(p, GREEDY, 20 - i) for i, p in enumerate(ps)])
+    events, backend = run_on(loaded, "always", [Request(p, GREEDY, 20 - i) for i, p in enumerate(ps)])
     assert backend.host == 0 and backend.device >= 19  # the longest: 1 token from its prefill, 19 steps
     assert [tokens(ev) for ev in events] == [a[:20 - i] for i, a in enumerate(alone)]
     assert all(ev[-1].finish_reason == "length" for ev in events)
@@ -275,8 +287,8 @@ def test_device_repetition_penalty_and_mixed_batches_match_the_host(loaded, no_e
     reqs = lambda: [Request(p, rep, 16) for p in ps[:4]] + [  # noqa: E731
         Request(ps[4], GREEDY, 16, logprobs=2),  # needs its logits on the host: those steps run unpipelined
         Request(ps[5], GREEDY, 6, presence_penalty=0.5)]
-    host, hb = run_on(loaded, False, reqs())
-    device, db = run_on(loaded, True, reqs())
+    host, hb = run_on(loaded, "never", reqs())
+    device, db = run_on(loaded, "always", reqs())
     assert hb.device == 0 and db.device > 0 and db.host > 0
     assert [tokens(ev) for ev in device] == [tokens(ev) for ev in host]
     assert tokens(host[0]) != greedy_tokens(Session(loaded.backend), ps[0], 16)  # the penalty did something
@@ -286,8 +298,8 @@ def test_device_sampling_replays_a_seed(loaded, no_eos):
     ps = prompts(loaded.tokenizer, 3)
     p = [SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=7), SamplingParams(temperature=1.2, seed=8),
          SamplingParams(temperature=0.7, top_p=0.8, min_p=0.05, repetition_penalty=1.1, seed=9)]
-    first, _ = run_on(loaded, True, [Request(x, q, 12) for x, q in zip(ps, p)])
-    again, _ = run_on(loaded, True, [Request(x, q, 12) for x, q in zip(ps, p)])
+    first, _ = run_on(loaded, "always", [Request(x, q, 12) for x, q in zip(ps, p)])
+    again, _ = run_on(loaded, "always", [Request(x, q, 12) for x, q in zip(ps, p)])
     assert [tokens(ev) for ev in first] == [tokens(ev) for ev in again]
     assert len({tuple(tokens(ev)) for ev in first}) == 3
 
@@ -357,3 +369,19 @@ def test_device_draw_is_the_inverse_cdf_of_its_distribution():
             cdf = np.cumsum(w[r])
             j = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), int(np.flatnonzero(w[r])[-1]))
             assert got[r] == ids[r, j], (p, u)
+
+
+def test_on_a_cpu_greedy_rows_are_sampled_on_the_device_and_others_on_the_host(loaded, no_eos):
+    """The measured choice (docs/BENCHMARKS.md): MLX's argmax beats numpy there, numpy's top-k/top-p
+    beat MLX's CPU sort."""
+    import mlx.core as mx
+
+    if mx.default_device() == mx.gpu:
+        pytest.skip("a GPU samples every row on the device")
+    ps = prompts(loaded.tokenizer, 2)
+    sampled = SamplingParams(temperature=0.8, top_k=20, seed=1)
+    (greedy,), g = run_on(loaded, "greedy", [Request(ps[0], GREEDY, 8)])
+    (_,), s = run_on(loaded, "greedy", [Request(ps[1], sampled, 8)])
+    assert MLXBatch(loaded.backend, 2).device_sampling == "greedy"
+    assert (g.host, s.device) == (0, 0) and g.device > 0 and s.host > 0
+    assert tokens(greedy) == greedy_tokens(Session(loaded.backend), ps[0], 8)

@@ -120,11 +120,16 @@ class Interrupting:
         return getattr(self.inner, name)
 
     def decode(self, seqs, tokens):
-        logits = self.inner.decode(seqs, tokens)
+        return self._count(self.inner.decode(seqs, tokens))
+
+    def decode_sampled(self, seqs, tokens, draws):  # greedy on MLX: sampled on the device, pipelined
+        return self._count(self.inner.decode_sampled(seqs, tokens, draws))
+
+    def _count(self, out):
         self.calls += 1
         if self.calls == self.at:
             raise KeyboardInterrupt
-        return logits
+        return out
 
 
 @pytest.fixture

@@ -31,9 +31,6 @@ class BatchBackend(Protocol):
     args: ModelArgs
     device: str
     max_batch: int
-    # True where sampling on the device beats copying logits to numpy (an MLX GPU): the engine then
-    # calls `decode_sampled` and `read` instead of `decode` when no row needs its logits on the host.
-    device_sampling: bool
 
     def start(self, prompt: Sequence[int]) -> tuple[Any, int]:
         """A new sequence whose cache already holds the longest cached prefix of `prompt` (at most
@@ -45,10 +42,15 @@ class BatchBackend(Protocol):
     def decode(self, seqs: Sequence[Any], tokens: Sequence[int]) -> np.ndarray:
         """One token per sequence, one batched forward; float32 logits [len(seqs), vocab]."""
 
+    def samples_on_device(self, params: Sequence[SamplingParams]) -> bool:
+        """Whether sampling rows with these parameters on the device beats copying their logits to numpy
+        (always on an MLX GPU). Where it does, the engine calls `decode_sampled` and `read` instead of
+        `decode` for steps in which no row needs its logits on the host. Optional."""
+
     def decode_sampled(self, seqs: Sequence[Any], tokens: Sequence[int] | Any, draws: Sequence[Draw]) -> Any:
         """Like `decode`, then each row's next token sampled on the device by `draws`; returns at once,
         the work queued. `tokens` may be the previous call's result (same sequences, same order): the
-        step then starts from tokens the host has not seen. Only where `device_sampling` is True."""
+        step then starts from tokens the host has not seen."""
 
     def read(self, pending: Any) -> list[int]:
         """The tokens a `decode_sampled` call picked (waits for them)."""
@@ -80,7 +82,6 @@ class SerialBatch:
     known: it is kept across released, cancelled and failed sequences alike."""
 
     max_batch = 1
-    device_sampling = False
 
     def __init__(self, backend: Backend):
         self.backend = backend

@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..model import KVCache
+from ..sampling import SamplingParams
 from .batching import Draw, PrefixCache
 from .mlx_sampling import sample, seen_mask
 
@@ -94,16 +95,19 @@ class Pending:
 class MLXBatch:
     """The BatchBackend (qwen_mlx.engine.batching) of an MLXBackend: shares its model, keeps its own caches.
 
-    `device_sampling` defaults to the device: on a GPU logits stay there and steps are pipelined; on a
-    CPU numpy samples faster than MLX's CPU kernels (docs/BENCHMARKS.md), so logits go to the host."""
+    Where rows are sampled, `device_sampling`, is measured (docs/BENCHMARKS.md): "always" on a GPU, where
+    logits stay there and steps are pipelined; "greedy" on a CPU, where MLX's argmax (and pipelining)
+    beats numpy but numpy's top-k/top-p beat MLX's CPU sort; "never" copies every row's logits to numpy."""
 
     def __init__(self, backend: MLXBackend, max_batch: int, prefix_tokens: int = 16384,
-                 device_sampling: bool | None = None):
+                 device_sampling: str | None = None):
         self.model = backend.model
         self.args = backend.args
         self.device = backend.device
         self.max_batch = max_batch
-        self.device_sampling = mx.default_device() == mx.gpu if device_sampling is None else device_sampling
+        if device_sampling not in (None, "always", "greedy", "never"):
+            raise ValueError(f"device_sampling must be always, greedy or never, got {device_sampling!r}")
+        self.device_sampling = device_sampling or ("always" if mx.default_device() == mx.gpu else "greedy")
         self.rows: list[MLXSeq] = []
         self.cache: list[BatchKVCache] = []
         self.prefixes = PrefixCache(prefix_tokens, _own)
@@ -137,6 +141,10 @@ class MLXBatch:
 
     def decode(self, seqs: Sequence[MLXSeq], tokens: Sequence[int]) -> np.ndarray:
         return np.array(self._forward(seqs, mx.array(list(tokens), dtype=mx.int32)))
+
+    def samples_on_device(self, params: Sequence[SamplingParams]) -> bool:
+        return self.device_sampling == "always" or (self.device_sampling == "greedy"
+                                                    and all(p.greedy for p in params))
 
     def decode_sampled(self, seqs: Sequence[MLXSeq], tokens: Sequence[int] | Pending,
                        draws: Sequence[Draw]) -> Pending:

@@ -12,8 +12,8 @@ request's `emit` callback, from that thread: zero or more `Token`s, then exactly
 every accepted request gets its final event, even on shutdown. `chat` and `generate` call `stream`, which
 steps the engine in their own thread (a batch of one), so Ctrl-C lands where they can catch it.
 
-Where the backend samples on its device (an MLX GPU: `device_sampling`), a step whose rows all allow it
-never copies logits to the host: the backend samples there, and the next forward is queued from those
+Where the backend samples on its device (`samples_on_device`: an MLX GPU), a step whose rows all allow
+it never copies logits to the host: the backend samples there, and the next forward is queued from those
 tokens before the host reads them (as mlx-lm pipelines with `mx.async_eval`), so detokenizing and
 streaming overlap the device's work. A row with a grammar, logprobs or OpenAI penalties needs its logits
 on the host: while one runs, steps run unpipelined with numpy sampling, as on a CPU.
@@ -148,7 +148,7 @@ class Engine:
         self._prefilling: list[_Live] = []
         self._running: list[_Live] = []
         # A decode step queued on the device whose sampled tokens the host has not read yet, and its rows.
-        self._device_sampling = bool(getattr(backend, "device_sampling", False))
+        self._on_device = getattr(backend, "samples_on_device", None)
         self._pending: Any = None
         self._pending_rows: list[_Live] = []
         self._closing = False
@@ -328,7 +328,7 @@ class Engine:
     def _decode(self) -> None:
         rows = list(self._running)
         seqs, tokens = [x.seq for x in rows], [x.next_token for x in rows]
-        if self._device_sampling and all(x.on_device for x in rows):
+        if self._samples_on_device(rows):
             # Queue the forward and the sampling; the tokens are read at the next step, once the step
             # after this one is queued behind them.
             self._pending = self.backend.decode_sampled(seqs, tokens, self._draws(rows))
@@ -342,7 +342,7 @@ class Engine:
     def _decode_pipelined(self) -> None:
         pending, rows = self._pending, self._pending_rows
         same = len(rows) == len(self._running) and all(a is b for a, b in zip(rows, self._running))
-        if same and all(x.on_device for x in rows):
+        if same and self._samples_on_device(rows):
             # Nobody joined or left: the next step starts from the device's tokens before they are read.
             self._pending = self.backend.decode_sampled([x.seq for x in rows], pending, self._draws(rows))
         else:  # the batch changes: take these tokens, then start again from the host's
@@ -352,6 +352,10 @@ class Engine:
             # a row that finished or was cancelled meanwhile had its token computed for nothing
             if id(live) in running and self._accept(live, token):
                 self._running.remove(live)
+
+    def _samples_on_device(self, rows: list[_Live]) -> bool:
+        return self._on_device is not None and all(x.on_device for x in rows) and \
+            self._on_device([x.req.params for x in rows])
 
     @staticmethod
     def _draws(rows: list[_Live]) -> list[Draw]:
