@@ -385,3 +385,24 @@ def test_on_a_cpu_greedy_rows_are_sampled_on_the_device_and_others_on_the_host(l
     assert MLXBatch(loaded.backend, 2).device_sampling == "greedy"
     assert (g.host, s.device) == (0, 0) and g.device > 0 and s.host > 0
     assert tokens(greedy) == greedy_tokens(Session(loaded.backend), ps[0], 8)
+
+
+def test_a_process_whose_engine_thread_stopped_exits_cleanly(tiny_model):
+    """Regression: after a clean shutdown the process aborted at exit (status 134, "terminate called
+    without an active exception"): MLX's per-thread destructor ran in a finalizing interpreter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+from qwen_mlx.backends import load
+from qwen_mlx.engine import Engine, Request, run_requests
+from qwen_mlx.sampling import SamplingParams
+loaded = load("mlx", {str(tiny_model("gqa2-untied"))!r}, "float32")
+engine = Engine.for_backend(loaded.backend, loaded.tokenizer, 4).start()
+run_requests(engine, [Request(loaded.tokenizer.encode("hello world"), SamplingParams(temperature=0), 20)])
+engine.shutdown(0)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr[-2000:]

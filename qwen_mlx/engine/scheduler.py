@@ -154,7 +154,8 @@ class Engine:
         self._closing = False
         self._deadline = 0.0
         self._step_time = 0.05  # moving average, for Retry-After
-        self._thread = threading.Thread(target=self._loop, name="qwen-mlx-engine", daemon=True)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="qwen-mlx-engine", daemon=True)
 
     @classmethod
     def for_backend(cls, backend: Backend, tokenizer: Tokenizer, max_batch: int = 1, **kwargs: Any) -> Engine:
@@ -209,8 +210,8 @@ class Engine:
                 self._closing = True
                 self._deadline = time.monotonic() + grace
             self._cv.notify()
-        if wait and self._thread.is_alive():
-            self._thread.join()
+        if wait and self._thread.ident is not None:
+            self._stopped.wait()
 
     # --- in the caller's thread --------------------------------------------------------------------
 
@@ -218,7 +219,7 @@ class Engine:
         """Run `req` to its end in the calling thread (the engine's own thread must not be started):
         its `Token`s, then its `Done`. An exception inside a step (Ctrl-C, a failed forward) ends the
         request and propagates as is; the engine stays usable, and what its caches hold stays correct."""
-        if self._thread.is_alive():
+        if self._thread.ident is not None:
             raise RuntimeError("this engine runs its own thread: use submit()")
         self._abandon()  # a previous stream whose reader stopped early
         events: collections.deque[Any] = collections.deque()
@@ -249,7 +250,7 @@ class Engine:
             lives = list(self._waiting) + self._prefilling + self._running
             self._waiting.clear()
         self._prefilling, self._running = [], []
-        self._pending, self._pending_rows = None, []
+        self._drop_pending()
         if broken:
             self.backend.reset()
             return
@@ -258,6 +259,17 @@ class Engine:
                 self.backend.release(live.seq)
 
     # --- the engine thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._stopped.set()
+        # Parked, not ended: a thread that ran MLX and ends while the interpreter shuts down aborts the
+        # process (MLX's per-thread destructor takes the GIL from a finalizing interpreter: "terminate
+        # called without an active exception", exit status 134, after a clean server shutdown; mlx 0.32
+        # on Linux). A parked daemon thread is simply dropped at exit.
+        threading.Event().wait()
 
     def _loop(self) -> None:
         while True:
@@ -271,8 +283,8 @@ class Engine:
                         for live in self._prefilling + self._running:
                             self._finish(live, Failed("the server shut down before this reply finished", 503))
                         self._prefilling, self._running = [], []
-                        self._pending, self._pending_rows = None, []
                     if not (self._prefilling or self._running):
+                        self._drop_pending()
                         return
                 self._admit()
             try:
@@ -281,8 +293,18 @@ class Engine:
                 for live in self._prefilling + self._running:
                     self._emit(live, Failed(f"generation failed: {type(e).__name__}: {e}"))
                 self._prefilling, self._running = [], []
-                self._pending, self._pending_rows = None, []
+                self._drop_pending()
                 self.backend.reset()
+
+    def _drop_pending(self) -> None:
+        """Forget the queued step once the device has finished it: MLX aborts a process that exits with
+        work in flight. Its error, if any, is moot: this is called when its rows are gone."""
+        pending, self._pending, self._pending_rows = self._pending, None, []
+        if pending is not None:
+            try:
+                self.backend.read(pending)
+            except Exception:  # noqa: S110 (the step's rows were already failed or dropped)
+                pass
 
     def _admit(self) -> None:
         """Under the lock: forget cancelled requests, and start waiting ones while there are free slots."""
@@ -342,7 +364,8 @@ class Engine:
     def _decode_pipelined(self) -> None:
         pending, rows = self._pending, self._pending_rows
         same = len(rows) == len(self._running) and all(a is b for a, b in zip(rows, self._running))
-        if same and self._samples_on_device(rows):
+        goes_on = any(len(x.tokens) + 1 < x.max_tokens for x in rows)  # else every row ends at these tokens
+        if same and goes_on and self._samples_on_device(rows):
             # Nobody joined or left: the next step starts from the device's tokens before they are read.
             self._pending = self.backend.decode_sampled([x.seq for x in rows], pending, self._draws(rows))
         else:  # the batch changes: take these tokens, then start again from the host's
