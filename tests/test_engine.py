@@ -406,3 +406,48 @@ engine.shutdown(0)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                        cwd=Path(__file__).resolve().parent.parent)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+class PrefillRecorder(Recorder):
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.prefills = []  # rows per prefill forward
+
+    def prefill(self, seq, tokens):
+        self.prefills.append(1)
+        return self.inner.prefill(seq, tokens)
+
+    def prefill_batch(self, seqs, chunks):
+        self.prefills.append(len(seqs))
+        return self.inner.prefill_batch(seqs, chunks)
+
+
+def test_prompts_waiting_together_prefill_in_one_forward(loaded, no_eos):
+    """Rows with and without a cached prefix, of different lengths, one forward: the same tokens."""
+    tok = loaded.tokenizer
+    ps = prompts(tok, 6)
+    ps = [ps[0] + tok.encode(" and then"), ps[1] + tok.encode(" more"), *ps[2:]]
+    alone = [greedy_tokens(Session(loaded.backend), p, 10) for p in ps]
+    backend = PrefillRecorder(batch_backend(loaded.backend, 8))
+    engine = Engine(backend, tok)
+    warm = threading.Semaphore(0)
+    for p in prompts(tok, 2):  # cache two prompts the first two requests extend
+        engine.submit(Request(p, GREEDY, 1), lambda ev: warm.release() if isinstance(ev, Done) else None)
+    events: list[list] = [[] for _ in ps]
+    done = threading.Semaphore(0)
+    engine.start()
+    try:
+        assert warm.acquire(timeout=60) and warm.acquire(timeout=60)
+        backend.prefills.clear()
+        with engine._cv:  # all six arrive within one step
+            for i, p in enumerate(ps):
+                engine.submit(Request(p, GREEDY, 10), lambda ev, i=i: (events[i].append(ev), isinstance(
+                    ev, (Done, Failed)) and done.release()))
+        for _ in ps:
+            assert done.acquire(timeout=60)
+    finally:
+        engine.shutdown(0)
+    assert max(backend.prefills) > 2, backend.prefills
+    assert [tokens(ev) for ev in events] == alone
+    cached = [ev[-1].cached_tokens for ev in events]
+    assert cached[:2] == [len(p) for p in prompts(tok, 2)] and len(set(cached)) > 2, cached

@@ -55,7 +55,6 @@ def test_eos_stops_without_printing_it(loaded, prompt):
 
 
 def test_stop_string_is_cut_and_never_streamed(loaded, prompt):
-    tok = loaded.tokenizer
     full, _ = generate(one(loaded), prompt, GREEDY, 30)
     assert len(full) > 12, "the tiny model should say something"
     stop = full[8:12]
@@ -64,7 +63,6 @@ def test_stop_string_is_cut_and_never_streamed(loaded, prompt):
 
 
 def test_max_tokens_and_context_limits(loaded, prompt):
-    tok = loaded.tokenizer
     text, stats = generate(one(loaded), prompt, GREEDY, 0)
     assert text == "" and stats.generation_tokens == 0
     context = loaded.backend.args.context_length

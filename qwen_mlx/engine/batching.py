@@ -42,6 +42,9 @@ class BatchBackend(Protocol):
     def decode(self, seqs: Sequence[Any], tokens: Sequence[int]) -> np.ndarray:
         """One token per sequence, one batched forward; float32 logits [len(seqs), vocab]."""
 
+    def prefill_batch(self, seqs: Sequence[Any], chunks: Sequence[Sequence[int]]) -> np.ndarray:
+        """`prefill` for several sequences in one forward: float32 logits [len(seqs), vocab]. Optional."""
+
     def samples_on_device(self, params: Sequence[SamplingParams]) -> bool:
         """Whether sampling rows with these parameters on the device beats copying their logits to numpy
         (always on an MLX GPU). Where it does, the engine calls `decode_sampled` and `read` instead of

@@ -123,6 +123,53 @@ class MLXBatch:
         seq.length += len(tokens)
         return np.array(logits[0, -1].astype(mx.float32))
 
+    def prefill_batch(self, seqs: Sequence[MLXSeq], chunks: Sequence[Sequence[int]]) -> np.ndarray:
+        """Several sequences' next chunks in one forward (their weights read once): logits [len, vocab].
+
+        Row b holds P_b cached positions and gets L_b new tokens. In a temporary batch cache, its cached
+        KV is right-aligned on T0 = max P_b (zeros before it) and the Lmax new inputs are appended to
+        every row, row b's real tokens last: the Lmax - L_b inputs before them are filler that the mask
+        hides from every real query (and that attend only to themselves, so nothing is NaN). RoPE
+        offsets put each real token at P_b + i. Each row's cached and new KV is then copied out again."""
+        Lmax = max(len(c) for c in chunks)
+        P, L = [s.length for s in seqs], [len(c) for c in chunks]
+        T0, T = max(P), max(P) + Lmax
+        layers = []
+        for i in range(len(self.model.model.layers)):
+            ks, vs = [], []
+            for s, p in zip(seqs, P):
+                c = s.cache[i]
+                k = c.keys[..., :p, :] if p else None
+                v = c.values[..., :p, :] if p else None
+                shape = (1, self.args.num_key_value_heads, T0 - p, self.args.head_dim)
+                dtype = self.model.model.norm.weight.dtype  # the activations' (a quantized embedding's is not)
+                pad = mx.zeros(shape, dtype)
+                ks.append(pad if k is None else mx.concatenate([pad, k], axis=2))
+                vs.append(pad if v is None else mx.concatenate([pad, v], axis=2))
+            layers.append(BatchKVCache(mx.concatenate(ks, axis=0), mx.concatenate(vs, axis=0), [T0 - p for p in P]))
+        offsets = mx.array([p - (Lmax - n) for p, n in zip(P, L)], dtype=mx.int32)
+        for c in layers:
+            c.positions = offsets  # the filler's positions do not matter; each real token's do
+        ids = mx.array([[0] * (Lmax - len(c)) + list(c) for c in chunks], dtype=mx.int32)
+        t = mx.arange(T)[None, None, :]                                                # 1 1 T
+        q = (T0 + mx.arange(Lmax))[None, :, None]                                       # 1 Lmax 1
+        lo, start = mx.array([T0 - p for p in P])[:, None, None], mx.array([T - n for n in L])[:, None, None]
+        valid = ((t >= lo) & (t < T0)) | (t >= start)                                  # B 1 T
+        mask = ((valid & (t <= q)) | (t == q))[:, None]                                # B 1 Lmax T
+        logits = self.model(ids, layers, mask)                                         # B 1 V
+        for b, (s, p, n) in enumerate(zip(seqs, P, L)):
+            cache = []
+            for c in layers:
+                k = mx.concatenate([c.keys[b:b + 1, :, T0 - p:T0, :], c.keys[b:b + 1, :, T - n:T, :]], axis=2)
+                v = mx.concatenate([c.values[b:b + 1, :, T0 - p:T0, :], c.values[b:b + 1, :, T - n:T, :]], axis=2)
+                one = KVCache()
+                one.keys, one.values, one.offset = k, v, p + n
+                cache.append(one)
+            s.cache, s.length = cache, p + n
+        out = np.array(logits[:, -1].astype(mx.float32))
+        mx.eval([c.keys for s in seqs for c in s.cache], [c.values for s in seqs for c in s.cache])
+        return out
+
     def remember(self, seq: MLXSeq, tokens: Sequence[int]) -> None:
         self.prefixes.store(tokens[:seq.length], self._layers(seq))
 

@@ -323,29 +323,41 @@ class Engine:
     def _step(self) -> None:
         t0 = time.perf_counter()
         if self._prefilling:
-            self._prefill_chunk(self._prefilling[0])
+            self._prefill()
         if self._pending is not None:
             self._decode_pipelined()
         elif self._running:
             self._decode()
         self._step_time = 0.9 * self._step_time + 0.1 * (time.perf_counter() - t0)
 
-    def _prefill_chunk(self, live: _Live) -> None:
-        prompt = live.req.prompt
-        if live.seq is None:
-            live.started = time.perf_counter()
-            live.seq, live.cached = self.backend.start(prompt)
-            live.fed = live.cached
-        chunk = prompt[live.fed:live.fed + self.prefill_chunk]
-        logits = self.backend.prefill(live.seq, chunk)
-        live.fed += len(chunk)
-        if live.fed < len(prompt):
-            return
-        live.prefilled = time.perf_counter()
-        self._prefilling.remove(live)
-        self.backend.remember(live.seq, prompt)  # later requests sharing this prompt's prefix skip it
-        if not self._advance(live, logits):
-            self._running.append(live)
+    def _prefill(self) -> None:
+        """The next chunk of the first prompt waiting to prefill, and with it (where the backend has
+        `prefill_batch`) those of the next ones, while the padded batch stays within one chunk's size."""
+        group: list[tuple[_Live, list[int]]] = []
+        for live in self._prefilling:
+            if live.seq is None:
+                live.started = time.perf_counter()
+                live.seq, live.cached = self.backend.start(live.req.prompt)
+                live.fed = live.cached
+            chunk = live.req.prompt[live.fed:live.fed + self.prefill_chunk]
+            if group and (len(group) + 1) * max(len(chunk), *(len(c) for _, c in group)) > self.prefill_chunk:
+                break
+            group.append((live, chunk))
+            if not hasattr(self.backend, "prefill_batch"):
+                break
+        if len(group) > 1:
+            logits = self.backend.prefill_batch([x.seq for x, _ in group], [c for _, c in group])
+        else:
+            logits = [self.backend.prefill(group[0][0].seq, group[0][1])]
+        for (live, chunk), row in zip(group, logits):
+            live.fed += len(chunk)
+            if live.fed < len(live.req.prompt):
+                continue
+            live.prefilled = time.perf_counter()
+            self._prefilling.remove(live)
+            self.backend.remember(live.seq, live.req.prompt)  # later requests sharing this prefix skip it
+            if not self._advance(live, row):
+                self._running.append(live)
 
     def _decode(self) -> None:
         rows = list(self._running)
