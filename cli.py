@@ -134,7 +134,7 @@ def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, sys
 @model_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", type=int, default=8000, show_default=True, help="0 picks a free port")
-@click.option("--max-batch", type=int, default=8, show_default=True, help="sequences decoded together")
+@click.option("--max-batch", type=int, default=16, show_default=True, help="sequences decoded together")
 @click.option("--max-queue", type=int, default=64, show_default=True,
               help="requests waiting for a slot; beyond it: 429 with Retry-After")
 @click.option("--max-tokens", type=int, default=4096, show_default=True, help="the largest max_tokens a request may ask")

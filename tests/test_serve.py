@@ -108,7 +108,7 @@ def test_models_and_health(server, folder):
     models = server.client().models.list()
     assert [m.id for m in models.data] == [folder.name]
     health = httpx.get(server.url + "/health").json()
-    assert health["status"] == "ok" and health["max_batch"] == 8
+    assert health["status"] == "ok" and health["max_batch"] == 16
 
 
 def test_chat_matches_the_library_streaming_or_not(server, library):

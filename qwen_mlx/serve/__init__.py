@@ -30,7 +30,7 @@ def require_extra() -> None:
         raise QwenError(f"{EXTRA_HINT}; missing {e.name}") from None
 
 
-def serve(loaded: LoadedModel, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
+def serve(loaded: LoadedModel, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
           api_key: str | None = None, max_queue: int = 64, max_tokens: int = 4096, grace: float = 10.0,
           model_id: str | None = None, out: Any = sys.stderr) -> None:
     """Serve until SIGINT/SIGTERM; then refuse new requests, give those in flight `grace` seconds to
