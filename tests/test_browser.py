@@ -29,9 +29,11 @@ import edge_runtimes as er  # noqa: E402  (standard library only at import time)
 
 SERVE = REPO / "examples" / "browser" / "serve.py"
 CHROMIUM = os.environ.get("QWEN_MLX_CHROMIUM", "/usr/bin/chromium")
-# Headless, no GPU (so WebGPU has no adapter and the page runs on wasm), and nothing that phones home.
+# Headless, no GPU (so WebGPU has no adapter and the page runs on wasm), nothing that phones home, and
+# root-in-a-container friendly (no sandbox; /tmp rather than a small /dev/shm).
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage"]
 N_TOKENS = 12
 PAGE_TIMEOUT_MS = 300_000
 

@@ -21,10 +21,11 @@ const DTYPE_FILES = {
     fp32: 'model.onnx', fp16: 'model_fp16.onnx', q8: 'model_quantized.onnx', int8: 'model_int8.onnx',
     uint8: 'model_uint8.onnx', q4: 'model_q4.onnx', q4f16: 'model_q4f16.onnx',
 };
-// What to pick when the URL names no dtype: small and fast for the device first.
+// What to pick when the URL names no dtype: transformers.js' own habits first (q4f16 is the usual WebGPU
+// choice, q8 its wasm default; int4 decodes slowly on wasm, see README.md), then by size.
 const PREFERENCE = {
     webgpu: ['q4f16', 'fp16', 'q4', 'fp32', 'q8', 'int8', 'uint8'],
-    wasm: ['q4', 'q8', 'int8', 'uint8', 'fp32', 'q4f16', 'fp16'],
+    wasm: ['q8', 'int8', 'uint8', 'q4', 'fp32', 'q4f16', 'fp16'],
 };
 
 const $ = (id) => document.getElementById(id);
@@ -113,7 +114,8 @@ async function loadModel() {
         $('log').replaceChildren();
         for (const id of ['prompt', 'go', 'reset']) $(id).disabled = false;
         const seconds = ((performance.now() - started) / 1000).toFixed(1);
-        setState('ready', `${name} ${dtype} on ${device} (onnxruntime-web ${env.backends.onnx.versions?.web ?? ''}), loaded in ${seconds} s`);
+        const threads = device === 'wasm' ? `, ${env.backends.onnx.wasm.numThreads} thread(s)` : '';
+        setState('ready', `${name} ${dtype} on ${device}${threads}, loaded in ${seconds} s`);
     } catch (error) {
         fail(error);
     } finally {
@@ -175,7 +177,8 @@ async function send(text) {
         Object.assign(window, {
             __promptIds: promptIds, __tokens: tokens, __streamedTokens: streamed, __reply: reply, __chunks: chunks,
         });
-        setState('done', `${$('model').value} ${window.__dtype} on ${window.__device}: ready`);
+        setState('done', `${$('model').value} ${window.__dtype} on ${window.__device}`
+            + (window.__device === 'wasm' ? `, ${env.backends.onnx.wasm.numThreads} thread(s)` : '') + ': ready');
     } catch (error) {
         fail(error);
     } finally {

@@ -147,12 +147,20 @@ class Handler(SimpleHTTPRequestHandler):
             super().log_message(format, *args)
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        # A browser that drops a download it no longer needs (a reload, a closed tab) is not an error.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 def make_server(folders: list[str], host: str = "127.0.0.1", port: int = 8000,
-                node_modules: str | None = None, quiet: bool = True) -> ThreadingHTTPServer:
+                node_modules: str | None = None, quiet: bool = True) -> Server:
     models = model_mounts(folders)  # the user's input first: its mistakes are the likelier ones
     mounts = {**library_mounts(find_node_modules(node_modules)), **models}
-    server = ThreadingHTTPServer((host, port), partial(Handler, mounts=mounts, quiet=quiet))
-    server.daemon_threads = True
+    server = Server((host, port), partial(Handler, mounts=mounts, quiet=quiet))
     server.model_names = list(manifest(mounts))  # type: ignore[attr-defined]
     return server
 
