@@ -11,7 +11,7 @@
 #                     and ORTModelForCausalLM
 #   $PREFIX/node      a node project with @huggingface/transformers (onnxruntime-node, CUDA skipped); its
 #                     node_modules also serve examples/browser/ (the web bundle and onnxruntime-web's wasm)
-#   Debian's chromium (as root, through apt-get), the browser tests/test_browser.py drives with Playwright
+# tests/test_browser.py also needs Debian's chromium (.ci/run installs it: apt-get install -y chromium).
 # Tests and benchmarks find them through QWEN_MLX_PEERS (default /work/venvs).
 set -euo pipefail
 
@@ -56,15 +56,5 @@ if [ ! -f "$PREFIX/node/.ready" ]; then
       ONNXRUNTIME_NODE_INSTALL_CUDA=skip npm install --no-audit --no-fund "@huggingface/transformers@$TRANSFORMERS_JS_VERSION"
       node -e "import('@huggingface/transformers').then(m => console.log('transformers.js', m.env.version))" )
     touch "$PREFIX/node/.ready"
-fi
-# --- a browser for examples/browser (tests/test_browser.py; Playwright cannot download one here) -------
-if [ ! -x "${QWEN_MLX_CHROMIUM:-/usr/bin/chromium}" ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; }
-        chromium --version
-    else
-        echo "note: no chromium; install it (apt-get install chromium) for tests/test_browser.py" >&2
-    fi
 fi
 echo "peers ready under $PREFIX"

@@ -41,7 +41,7 @@ PAGE_TIMEOUT_MS = 300_000
 def _unavailable(reason: str) -> None:
     """CI installs everything these tests need (.ci/run), so there a missing piece is a failure."""
     if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI must have it: see benchmarks/setup_peers.sh)")
+        pytest.fail(f"{reason} (CI must have it: .ci/run installs chromium, benchmarks/setup_peers.sh the rest)")
     pytest.skip(reason)
 
 
