@@ -10,7 +10,6 @@ reason, except in CI (CI=true), where they fail.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
@@ -26,56 +25,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import edge_runtimes as er  # noqa: E402  (standard library only at import time)
+from tests.chromium import chromium, unavailable  # noqa: E402
 
 SERVE = REPO / "examples" / "browser" / "serve.py"
-CHROMIUM = os.environ.get("QWEN_MLX_CHROMIUM", "/usr/bin/chromium")
-# Headless, no GPU (so WebGPU has no adapter and the page runs on wasm), nothing that phones home, and
-# root-in-a-container friendly (no sandbox; /tmp rather than a small /dev/shm).
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage"]
 N_TOKENS = 12
 PAGE_TIMEOUT_MS = 300_000
-
-
-def _unavailable(reason: str) -> None:
-    """CI installs everything these tests need (.ci/run), so there a missing piece is a failure."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI must have it: .ci/run installs chromium, benchmarks/setup_peers.sh the rest)")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     """A headless Chromium with a fresh profile, driven by Playwright."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("the playwright Python package is not installed (pip install -e '.[dev]')")
-    if not Path(CHROMIUM).exists():
-        _unavailable(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     reason = er.missing_reason("transformersjs")
     if reason:
-        _unavailable(reason)
-    # An LD_PRELOADed OpenBLAS (the MLX speed-up, see qwen_mlx/_blas.py) makes Chromium abort at start
-    # ("GPU process isn't usable"): neither Playwright's driver nor the browser gets it.
-    preload = os.environ.pop("LD_PRELOAD", None)
-    try:
-        manager = sync_playwright().start()
-    finally:
-        if preload is not None:
-            os.environ["LD_PRELOAD"] = preload
-    try:
-        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-        context = manager.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True,
-            args=CHROMIUM_FLAGS, env=env, viewport={"width": 1000, "height": 640})
-        try:
-            yield context
-        finally:
-            context.close()
-    finally:
-        manager.stop()
+        unavailable(reason)
+    with chromium(tmp_path_factory.mktemp("chromium-profile"), viewport={"width": 1000, "height": 640}) as context:
+        yield context
 
 
 @contextmanager
@@ -157,7 +121,7 @@ def _export(hf_folder: Path, out: Path, quantize: str | None) -> Path:
     from qwen_mlx.checkpoint import prepare_model
 
     # The exporter's own accuracy check is its tests' business; here only the browser is in question.
-    extra = {"validate": False} if "validate" in inspect.signature(export_onnx).parameters else {}
+    extra = {"validate": False}  # the exporter checks itself in its own tests
     export_onnx(prepare_model(str(hf_folder)), out, dtype="float32", quantize=quantize, opset=None, force=True,
                 **extra)
     return out
@@ -262,7 +226,7 @@ def test_serve_serves_only_its_mounts(tiny_export):
     _, folder = tiny_export
     reason = er.missing_reason("transformersjs")
     if reason:
-        _unavailable(reason)
+        unavailable(reason)
     with serving(folder) as base:
         host, port = urlsplit(base).netloc.split(":")
 
