@@ -1,0 +1,226 @@
+"""Qwen2-MoE, Qwen3 and Qwen3-MoE against HF transformers' own Qwen2MoeForCausalLM, Qwen3ForCausalLM and
+Qwen3MoeForCausalLM, on the tiny random configs of tests/tiny_models.py (ARCH_CONFIGS): config and
+parameter counts, loader errors, MLX float32 logits and greedy decoding with the KV cache, quantized
+experts, and that only the routed experts are ever read. The torch twin and ONNX export are checked on the
+same configs further down (and in tests/test_onnx_export.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qwen_mlx.checkpoint import prepare_model
+from qwen_mlx.config import ModelArgs
+from qwen_mlx.errors import QwenError
+from qwen_mlx.generate import Session, greedy_tokens
+from tests.reference import backend_logits, load_reference, reference_greedy, reference_logits
+from tests.tiny_models import ARCH_CONFIGS
+
+RNG = np.random.default_rng(99)
+# 70 prompt tokens: prefill sends >= 64 (token, expert) pairs, so MLX's sorted gather path runs; each
+# cached step then takes the unsorted one.
+PROMPT = RNG.integers(0, 500, size=70).tolist()
+STEPS = RNG.integers(0, 500, size=12).tolist()
+MOE = [n for n, c in ARCH_CONFIGS.items() if c["model_type"].endswith("_moe")]
+
+
+@pytest.fixture(scope="session")
+def references(tiny_model):
+    """name -> HF logits and HF's 32 greedy tokens, computed once per session."""
+    cache: dict[str, tuple[np.ndarray, list[int]]] = {}
+
+    def get(name: str) -> tuple[np.ndarray, list[int]]:
+        if name not in cache:
+            model = load_reference(tiny_model(name))
+            cache[name] = reference_logits(model, PROMPT, STEPS), reference_greedy(model, PROMPT[:20], 32)
+        return cache[name]
+
+    return get
+
+
+# ---- config, parameter counts, loader errors ---------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(ARCH_CONFIGS))
+def test_parameter_counts_match_transformers(tiny_model, name):
+    folder = tiny_model(name)
+    args = ModelArgs.from_folder(folder)
+    ref = load_reference(folder)
+    # A size-0 shared expert leaves its gate behind in HF, multiplying zeros: not counted as a parameter.
+    dead = "shared_expert_gate" if args.model_type == "qwen2_moe" and not args.shared_expert else None
+    want = sum(p.numel() for key, p in ref.named_parameters() if not (dead and dead in key))
+    assert sum(args.parameter_counts().values()) == want
+    counts = args.parameter_counts()
+    if args.num_experts:
+        moe_layers = [i for i, layer in enumerate(ref.model.layers) if hasattr(layer.mlp, "experts")]
+        assert args.moe_layers == moe_layers and moe_layers
+        # Active: everything but the routed experts a token is not sent to.
+        per_expert = 3 * args.hidden_size * args.moe_intermediate_size
+        assert counts["experts"] == len(moe_layers) * args.num_experts * per_expert
+        unused = len(moe_layers) * (args.num_experts - args.num_experts_per_tok) * per_expert
+        assert args.active_parameters() == sum(counts.values()) - unused
+    else:
+        assert args.active_parameters() == sum(counts.values()) and counts["experts"] == 0
+
+
+def test_config_flags():
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=100)
+    q3 = ModelArgs.from_dict(dict(base, model_type="qwen3"))
+    assert q3.head_dim == 128 and q3.qk_norm and not q3.qkv_has_bias and not q3.o_has_bias  # HF's defaults
+    assert ModelArgs.from_dict(dict(base, model_type="qwen3", attention_bias=True)).o_has_bias
+    moe = ModelArgs.from_dict(dict(base, model_type="qwen2_moe", num_experts=8, num_experts_per_tok=2,
+                                   moe_intermediate_size=32, decoder_sparse_step=2, mlp_only_layers=[3]))
+    assert moe.moe_layers == [1] and moe.qkv_has_bias and moe.shared_expert
+    assert moe.shared_expert_intermediate_size == 5632  # Qwen2MoeConfig's default when config.json omits it
+    shapes = moe.weight_shapes()
+    assert shapes["model.layers.1.mlp.experts.7.down_proj.weight"] == (64, 32)
+    assert shapes["model.layers.1.mlp.gate.weight"] == (8, 64)
+    assert shapes["model.layers.1.mlp.shared_expert_gate.weight"] == (1, 64)
+    assert shapes["model.layers.0.mlp.gate_proj.weight"] == (128, 64)
+    assert "model.layers.3.mlp.experts.0.up_proj.weight" not in shapes
+    q3moe = ModelArgs.from_dict(dict(base, model_type="qwen3_moe", num_local_experts=4, num_experts_per_tok=1,
+                                     moe_intermediate_size=16))
+    assert q3moe.num_experts == 4 and not q3moe.shared_expert and q3moe.moe_layers == [0, 1, 2, 3]
+    assert "model.layers.0.self_attn.q_norm.weight" in q3moe.weight_shapes()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"model_type": "qwen4"}, "unsupported model_type 'qwen4'"),
+    ({"num_experts_per_tok": 9}, "num_experts_per_tok \\(9\\) must be between 1 and num_experts \\(8\\)"),
+    ({"moe_intermediate_size": 0}, "moe_intermediate_size must be a positive integer"),
+    ({"mlp_only_layers": "all"}, "mlp_only_layers must be a list"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({"model_type": "qwen3"}, "model_type 'qwen3' has no experts"),
+])
+def test_bad_moe_configs(change, message):
+    config = dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, vocab_size=100, num_experts=8, num_experts_per_tok=2,
+                  moe_intermediate_size=32)
+    with pytest.raises(QwenError, match=message):
+        ModelArgs.from_dict(dict(config, **change))
+
+
+def _copy_without(src: Path, dst: Path, drop=lambda key: False, config_change: dict | None = None) -> Path:
+    """A copy of a checkpoint folder with some tensors dropped and/or config.json edited."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(str(src / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if not drop(k)}, str(dst / "model.safetensors"))
+    if config_change:
+        config = json.loads((src / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps(dict(config, **config_change)))
+    return dst
+
+
+def test_loader_errors(tiny_model, tmp_path):
+    src = tiny_model("qwen3moe-norm")  # 8 experts per MoE layer
+    missing = _copy_without(src, tmp_path / "missing", lambda k: k == "model.layers.1.mlp.experts.5.up_proj.weight")
+    with pytest.raises(QwenError, match="missing tensors: model.layers.1.mlp.experts.5.up_proj.weight"):
+        prepare_model(str(missing))
+    fewer = _copy_without(src, tmp_path / "fewer", lambda k: ".mlp.experts.7." in k)
+    with pytest.raises(QwenError, match="layer 0 holds 7 experts, but config.json says num_experts is 8"):
+        prepare_model(str(fewer))
+    more = _copy_without(src, tmp_path / "more", config_change={"num_local_experts": 6})
+    with pytest.raises(QwenError, match="layer 0 holds 8 experts, but config.json says num_experts is 6"):
+        prepare_model(str(more))
+    unknown = _copy_without(src, tmp_path / "unknown", config_change={"model_type": "qwen3_next"})
+    with pytest.raises(QwenError, match="unsupported model_type 'qwen3_next'"):
+        prepare_model(str(unknown))
+    dense = _copy_without(tiny_model("qwen3-untied"), tmp_path / "no-qnorm", lambda k: k.endswith("q_norm.weight"))
+    with pytest.raises(QwenError, match="missing tensors: model.layers.0.self_attn.q_norm.weight"):
+        prepare_model(str(dense))
+
+
+# ---- MLX ----------------------------------------------------------------------------------------------
+
+def mlx_backend(folder: Path, quantize: int | None = None):
+    from qwen_mlx.mlx_backend import MLXBackend
+
+    return MLXBackend(prepare_model(str(folder)), "float32", quantize)
+
+
+@pytest.mark.parametrize("name", list(ARCH_CONFIGS))
+def test_mlx_logits_match_transformers(tiny_model, references, name):
+    want, _ = references(name)
+    got = backend_logits(Session(mlx_backend(tiny_model(name))), PROMPT, STEPS)
+    assert np.abs(got - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", list(ARCH_CONFIGS))
+def test_mlx_greedy_32_steps_match_transformers(tiny_model, references, name):
+    _, want = references(name)
+    assert greedy_tokens(Session(mlx_backend(tiny_model(name))), PROMPT[:20], 32) == want
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mlx_quantized_experts(tiny_model, bits):
+    """--quantize covers the experts (QuantizedSwitchLinear, gather_qmm): the quantized model computes
+    what a float32 model holding the dequantized weights computes. Router and shared-expert gate stay
+    float: they pick the experts."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from qwen_mlx.model import QuantizedSwitchLinear, SwitchLinear
+
+    folder = tiny_model("qwen3moe-q64")
+    quant = mlx_backend(folder, bits)
+    modules = dict(quant.model.named_modules())
+    assert not [p for p, m in modules.items() if isinstance(m, SwitchLinear)]
+    switches = [m for m in modules.values() if isinstance(m, QuantizedSwitchLinear)]
+    assert len(switches) == 3 and all(m.bits == bits and m.group_size == 64 for m in switches)
+    routers = [p for p, m in modules.items() if p.endswith("mlp.gate")]
+    assert routers and all(type(modules[p]) is nn.Linear for p in routers)
+    assert not [p for p, m in modules.items() if type(m) in (nn.Linear, nn.Embedding) and p not in routers]
+
+    dequant = mlx_backend(folder)
+    weights = {path + ".weight": mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
+               for path, m in modules.items()
+               if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear))}
+    assert set(weights) <= set(dict(tree_flatten(dequant.model.parameters())))
+    dequant.model.load_weights(list(weights.items()), strict=False)
+    got = backend_logits(Session(quant), PROMPT, STEPS)
+    want = backend_logits(Session(dequant), PROMPT, STEPS)
+    assert np.abs(got - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("sort_above", [64, 1])
+def test_mlx_reads_only_the_routed_experts(tiny_model, monkeypatch, sort_above):
+    """Experts no token is routed to are set to NaN: the logits stay finite and unchanged, so neither the
+    unsorted nor the sorted gather path ever computes them (a dense all-experts product would be NaN)."""
+    import mlx.core as mx
+
+    from qwen_mlx import model as mlx_model
+
+    monkeypatch.setattr(mlx_model.Experts, "sort_above", sort_above)
+    used: dict[int, set[int]] = {}
+    original = mlx_model.Experts.__call__
+
+    def record(self, x, indices):
+        used.setdefault(id(self), set()).update(np.array(indices).ravel().tolist())
+        return original(self, x, indices)
+
+    prompt, steps = PROMPT[:3], STEPS[:2]
+    backend = mlx_backend(tiny_model("qwen3moe-q64"))  # 16 experts, 4 per token
+    monkeypatch.setattr(mlx_model.Experts, "__call__", record)
+    want = backend_logits(Session(backend), prompt, steps)
+    monkeypatch.setattr(mlx_model.Experts, "__call__", original)
+    poisoned = 0
+    for layer in backend.model.model.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is None:
+            continue
+        unused = np.array([j not in used[id(experts)] for j in range(16)])
+        assert unused.any()
+        poisoned += int(unused.sum())
+        for proj in (experts.gate_proj, experts.up_proj, experts.down_proj):
+            proj.weight = mx.where(mx.array(unused)[:, None, None], mx.array(np.nan, mx.float32), proj.weight)
+    got = backend_logits(Session(backend), prompt, steps)
+    assert poisoned and np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=1e-5)
