@@ -187,7 +187,8 @@ class SparseMoeBlock(nn.Module):
         self.top_k, self.norm_topk_prob = args.num_experts_per_tok, args.norm_topk_prob
         self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)        # the router
         self.experts = Experts(args)
-        if args.shared_expert:
+        self.has_shared_expert = args.shared_expert
+        if self.has_shared_expert:
             self.shared_expert = MLP(args, args.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(args.hidden_size, 1, bias=False)
 
@@ -200,7 +201,7 @@ class SparseMoeBlock(nn.Module):
             weights = weights / weights.sum(axis=-1, keepdims=True)
         y = self.experts(x, indices)                                                 # B L k E
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)                    # B L E
-        if "shared_expert" in self:
+        if self.has_shared_expert:
             y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y
 

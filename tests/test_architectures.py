@@ -224,3 +224,169 @@ def test_mlx_reads_only_the_routed_experts(tiny_model, monkeypatch, sort_above):
     got = backend_logits(Session(backend), prompt, steps)
     assert poisoned and np.isfinite(got).all()
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# ---- the PyTorch twin --------------------------------------------------------------------------------
+
+def torch_backend(folder: Path):
+    from export.torch_backend import TorchBackend
+
+    return TorchBackend(prepare_model(str(folder)))
+
+
+@pytest.mark.parametrize("name", list(ARCH_CONFIGS))
+def test_twin_logits_match_transformers(tiny_model, references, name):
+    want, _ = references(name)
+    got = backend_logits(Session(torch_backend(tiny_model(name))), PROMPT, STEPS)
+    assert np.abs(got - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", list(ARCH_CONFIGS))
+def test_twin_greedy_32_steps_match_transformers(tiny_model, references, name):
+    _, want = references(name)
+    assert greedy_tokens(Session(torch_backend(tiny_model(name))), PROMPT[:20], 32) == want
+
+
+def test_twin_reads_only_the_routed_experts(tiny_model):
+    """As for MLX: NaN in every expert no token was routed to leaves the twin's logits unchanged."""
+    import torch
+
+    from export.model import Experts
+
+    backend = torch_backend(tiny_model("qwen3moe-q64"))
+    used: dict[int, set[int]] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a: used.setdefault(id(m), set()).update(a[1].flatten().tolist()))
+             for m in backend.model.modules() if isinstance(m, Experts)]
+    prompt, steps = PROMPT[:3], STEPS[:2]
+    want = backend_logits(Session(backend), prompt, steps)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        for m in backend.model.modules():
+            if isinstance(m, Experts):
+                unused = torch.tensor([j not in used[id(m)] for j in range(16)])
+                assert unused.any()
+                for proj in (m.gate_proj, m.up_proj, m.down_proj):
+                    proj.weight[unused] = float("nan")
+    backend.trim(0)
+    got = backend_logits(Session(backend), prompt, steps)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# ---- ONNX: one float32 export per architecture, and int4 experts -------------------------------------
+
+ONNX_CONFIGS = ["qwen2moe-shared", "qwen3-bias-tied", "qwen3moe-q64"]  # qwen2: tests/test_onnx_export.py
+
+
+@pytest.fixture(scope="module")
+def onnx_exports(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    """name -> export folder (float32, validated against the twin by export_onnx itself). The int4 variant
+    of qwen3moe-q64 is quantized from the same traced graph (quantize_int4), saving a second trace."""
+    import onnx
+
+    from export.onnx_export import export_onnx, quantize_int4
+
+    root = tmp_path_factory.mktemp("arch-onnx")
+    out = {name: root / name for name in ONNX_CONFIGS}
+    for name in ONNX_CONFIGS:
+        export_onnx(prepare_model(str(tiny_model(name))), out[name])
+    q4 = quantize_int4(onnx.load(str(out["qwen3moe-q64"] / "onnx/model.onnx")))
+    onnx.save_model(q4, str(out["qwen3moe-q64"] / "onnx/model_q4.onnx"))
+    return out
+
+
+def onnx_backend(folder: Path, quantize: str | None = None):
+    from export.onnx_backend import OnnxBackend
+
+    return OnnxBackend(folder, quantize=quantize, provider="CPUExecutionProvider")
+
+
+@pytest.mark.parametrize("name", ONNX_CONFIGS)
+def test_onnx_logits_and_greedy_match_transformers(onnx_exports, references, name):
+    import json
+
+    want_logits, want_greedy = references(name)
+    backend = onnx_backend(onnx_exports[name])
+    assert np.abs(backend_logits(Session(backend), PROMPT, STEPS) - want_logits).max() < 1e-4
+    assert greedy_tokens(Session(backend), PROMPT[:20], 32) == want_greedy
+    genai = json.loads((onnx_exports[name] / "genai_config.json").read_text())
+    assert genai["model"]["type"] == ("qwen3" if name.startswith("qwen3") else "qwen2")
+
+
+def test_onnx_moe_graph_gathers_experts(onnx_exports):
+    """Standard ops only: the experts are Gathers of the stacked [X, out, in] weights followed by MatMuls,
+    the router a TopK; no com.microsoft op in the float32 graph."""
+    import onnx
+
+    model = onnx.load(str(onnx_exports["qwen3moe-q64"] / "onnx/model.onnx"))
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and len(inits.get(n.input[0], [])) == 3]
+    assert sorted(n.input[0] for n in gathers) == [f"model.layers.1.mlp.experts.{p}_proj.weight"
+                                                  for p in ("down", "gate", "up")]
+    assert inits["model.layers.1.mlp.experts.down_proj.weight"] == [16, 64, 64]
+    assert sum(n.op_type == "TopK" for n in model.graph.node) == 1  # layer 0 is an mlp_only layer
+    assert not [n for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+
+
+def test_onnx_int4_covers_the_experts(onnx_exports, tiny_model):
+    """int4: experts become GatherBlockQuantized (4-bit along `in`, block 32), dense matrices MatMulNBits,
+    the router stays a float MatMul. The int4 experts decode (by our own reading of the format) to the
+    float weights within a quantization step, onnxruntime's GatherBlockQuantized computes exactly that
+    decoding, and the whole model stays within export_onnx's own int4 tolerance of the float twin."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from export.onnx_export import validate_export
+
+    folder = onnx_exports["qwen3moe-q64"]
+    model = onnx.load(str(folder / "onnx/model_q4.onnx"))
+    float_model = onnx.load(str(folder / "onnx/model.onnx"))
+    floats = {t.name: numpy_helper.to_array(t) for t in float_model.graph.initializer}
+    inits = {t.name: t for t in model.graph.initializer}
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GatherBlockQuantized") == 3 and "MatMulNBits" in ops
+    router = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1].endswith("mlp.gate.weight.T")]
+    assert len(router) == 1 and router[0].input[1] in inits
+
+    decoded = {}
+    for node in [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]:
+        attrs = {a.name: a.i for a in node.attribute}
+        assert (attrs["gather_axis"], attrs["quantize_axis"], attrs["block_size"]) == (0, 2, 32)
+        data, scales = inits[node.input[0]], numpy_helper.to_array(inits[node.input[2]])
+        assert data.data_type == onnx.TensorProto.INT4
+        X, O, I = data.dims
+        packed = np.frombuffer(data.raw_data, np.uint8)
+        nibbles = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(-1)[: X * O * I].astype(np.int8)
+        q = np.where(nibbles > 7, nibbles - 16, nibbles).reshape(X, O, I // 32, 32)
+        w = (q * scales[..., None]).reshape(X, O, I)
+        original = floats[node.input[0].removesuffix("_Q4")]
+        # Scales are signed (symmetric int4 maps the largest magnitude to -8, so the other end clips at +7):
+        # each weight is within one step, and most within half a step.
+        step = np.repeat(np.abs(scales), 32, axis=-1)
+        assert np.all(np.abs(w - original) <= step + 1e-6)
+        assert np.mean(np.abs(w - original) <= step / 2 + 1e-6) > 0.98
+        decoded[node.output[0]] = (w.astype(np.float32), node)
+
+    # The same graph with each GatherBlockQuantized replaced by a plain Gather of our decoded weights.
+    plain = onnx.ModelProto()
+    plain.CopyFrom(model)
+    for i, node in enumerate(plain.graph.node):
+        if node.op_type == "GatherBlockQuantized":
+            w, _ = decoded[node.output[0]]
+            name = node.input[0] + "_decoded"
+            plain.graph.initializer.append(numpy_helper.from_array(w, name))
+            plain.graph.node[i].CopyFrom(helper.make_node("Gather", [name, node.input[1]], list(node.output), axis=0))
+
+    def logits(proto) -> np.ndarray:
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        feed = {"input_ids": np.array([PROMPT[:9]], np.int64), "attention_mask": np.ones((1, 9), np.int64),
+                "position_ids": np.arange(9)[None]}
+        for inp in session.get_inputs()[3:]:
+            feed[inp.name] = np.zeros((1, inp.shape[1], 0, inp.shape[3]), np.float32)
+        return session.run(["logits"], feed)[0]
+
+    np.testing.assert_allclose(logits(plain), logits(model), atol=1e-5)
+    result = validate_export(prepare_model(str(tiny_model("qwen3moe-q64"))), folder, "float32", "int4")
+    assert result["greedy_agreement"] >= 0.5
