@@ -115,9 +115,12 @@ def stream_generate(session: Session, tokenizer: Tokenizer, prompt: Sequence[int
     not yielded), `max_tokens`, or the end of the context. Fills `stats` when given."""
     if max_tokens < 0:
         raise QwenError(f"--max-tokens must be >= 0, got {max_tokens}")
+    check_stop_strings(stop)
     context = session.backend.args.context_length
     if len(prompt) >= context:
-        raise QwenError(f"the prompt has {len(prompt)} tokens; this model's context holds {context}")
+        caps = [reason for cap, reason in session.backend.args.context_caps() if cap == context]
+        raise QwenError(f"the prompt has {len(prompt)} tokens; this model's context holds {context}"
+                        + (f" (capped by {caps[0]})" if caps else ""))
     max_tokens = min(max_tokens, context - len(prompt))
     stats = stats if stats is not None else GenerationStats()
     sampler = Sampler(params)
@@ -160,6 +163,13 @@ def stream_generate(session: Session, tokenizer: Tokenizer, prompt: Sequence[int
     stats.generation_tokens = n
     stats.generation_tps = n / max(t2 - t1, 1e-9) if n else 0.0
     stats.peak_memory_gb = session.backend.peak_memory_gb()
+
+
+def check_stop_strings(stop: Sequence[str]) -> None:
+    """An empty stop string matches before the first token (and would make the print hold-back negative):
+    it is a mistake in the caller's input, so it is refused rather than guessed at."""
+    if any(not isinstance(s, str) or s == "" for s in stop):
+        raise QwenError("--stop: a stop string must be non-empty text")
 
 
 def _find_stop(text: str, stop: Sequence[str]) -> int | None:
