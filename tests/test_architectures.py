@@ -8,6 +8,7 @@ same configs further down (and in tests/test_onnx_export.py).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -390,3 +391,122 @@ def test_onnx_int4_covers_the_experts(onnx_exports, tiny_model):
     np.testing.assert_allclose(logits(plain), logits(model), atol=1e-5)
     result = validate_export(prepare_model(str(tiny_model("qwen3moe-q64"))), folder, "float32", "int4")
     assert result["greedy_agreement"] >= 0.5
+
+
+# ---- GGUF: tiny GGUFs written from the tiny HF models with gguf's own writer and tensor-name map -------
+
+GGUF_ARCH = {"qwen2_moe": "QWEN2MOE", "qwen3": "QWEN3", "qwen3_moe": "QWEN3MOE"}
+# name -> (Q8_0 quantize the expert stacks, store the shared-expert gate as a vector)
+GGUF_CASES = {"qwen2moe-shared": (False, True), "qwen2moe-norm-mlponly": (False, False),
+              "qwen3-bias-tied": (False, False), "qwen3moe-q64": (True, False)}
+
+
+def write_gguf_from_hf(folder: Path, path: Path, quantize_experts: bool, vector_shexp_gate: bool) -> dict:
+    """The tiny HF checkpoint as llama.cpp's converter lays it out: names from gguf's TensorNameMap, each
+    layer's experts stacked [X, out, in], the tokenizer as gguf metadata. Returns the GGUF name -> the
+    float32 values a reader gets back (quantized stacks: gguf's own dequantization of what was stored)."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    args = ModelArgs.from_dict(config)
+    arch = getattr(gguf.MODEL_ARCH, GGUF_ARCH[args.model_type])
+    names = gguf.get_tensor_name_map(arch, args.num_hidden_layers)
+    dense = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, args.num_hidden_layers)  # mlp_only layers' MLPs
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_block_count(args.num_hidden_layers)
+    writer.add_context_length(args.max_position_embeddings)
+    writer.add_embedding_length(args.hidden_size)
+    writer.add_feed_forward_length(args.intermediate_size)
+    writer.add_head_count(args.num_attention_heads)
+    writer.add_head_count_kv(args.num_key_value_heads)
+    writer.add_key_length(args.head_dim)
+    writer.add_value_length(args.head_dim)
+    writer.add_layer_norm_rms_eps(args.rms_norm_eps)
+    writer.add_rope_freq_base(args.rope_theta)
+    if args.num_experts:
+        writer.add_expert_count(args.num_experts)
+        writer.add_expert_used_count(args.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(args.moe_intermediate_size)
+        if args.model_type == "qwen2_moe":
+            writer.add_expert_shared_feed_forward_length(args.shared_expert_intermediate_size)
+        if args.norm_topk_prob != (args.model_type == "qwen3_moe"):  # llama.cpp's default differs: say so
+            writer.add_expert_weights_norm(args.norm_topk_prob)
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    vocab = {**tok["model"]["vocab"], **{t["content"]: t["id"] for t in tok["added_tokens"]}}
+    tokens = sorted(vocab, key=vocab.get)
+    kinds = {t["content"]: 3 if t["special"] else 4 for t in tok["added_tokens"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([kinds.get(t, 1) for t in tokens])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
+    writer.add_eos_token_id(vocab["<|im_end|>"])
+    writer.add_pad_token_id(vocab["<|endoftext|>"])
+    writer.add_chat_template(json.loads((folder / "tokenizer_config.json").read_text())["chat_template"])
+
+    weights = load_file(str(folder / "model.safetensors"))
+    stacks: dict[str, list] = {}
+    for key in list(weights):
+        if m := re.fullmatch(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+\.weight)", key):
+            stacks.setdefault(f"{m[1]}.{m[3]}", []).append((int(m[2]), weights.pop(key)))
+    for key, parts in stacks.items():
+        weights[key] = np.stack([w for _, w in sorted(parts, key=lambda p: p[0])])
+    if args.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    stored = {}
+    for key, value in weights.items():
+        name = names.get_name(key, try_suffixes=(".weight", ".bias")) or dense.get_name(key, try_suffixes=(".weight",))
+        assert name, key
+        if vector_shexp_gate and key.endswith("shared_expert_gate.weight"):
+            value = value.reshape(-1)
+        if quantize_experts and value.ndim == 3:
+            packed = gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            value = gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q8_0).reshape(value.shape)
+        else:
+            writer.add_tensor(name, value)
+        stored[key] = value
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return stored
+
+
+@pytest.mark.parametrize("name", list(GGUF_CASES))
+def test_gguf_conversion_equals_the_original(tiny_model, references, tmp_path, monkeypatch, name):
+    """convert_gguf gives back the original checkpoint: the same config (ModelArgs), every tensor (experts
+    split back per expert; Q8_0 stacks equal gguf's dequantization), and, through `--model x.gguf`, MLX
+    logits equal to transformers' on the original folder."""
+    from safetensors.numpy import load_file
+
+    from qwen_mlx.gguf_convert import convert_gguf
+
+    folder = tiny_model(name)
+    quantized, vector_gate = GGUF_CASES[name]
+    path = tmp_path / f"{name}.gguf"
+    stored = write_gguf_from_hf(folder, path, quantized, vector_gate)
+    out = convert_gguf(path, tmp_path / "hf", progress=False)
+    original, converted = ModelArgs.from_folder(folder), ModelArgs.from_folder(out)
+    for field in ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "num_experts",
+                  "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+                  "norm_topk_prob", "moe_layers", "qkv_has_bias", "o_has_bias", "qk_norm", "rope_theta"):
+        assert getattr(converted, field) == getattr(original, field), field
+    assert converted.weight_shapes() == original.weight_shapes()
+    got, want = load_file(str(out / "model.safetensors")), load_file(str(folder / "model.safetensors"))
+    assert set(got) == set(original.weight_shapes())
+    for key in got:
+        stack = re.sub(r"experts\.(\d+)\.", "experts.", key)
+        if stack in stored and stored[stack].ndim == 3:  # one expert of a stack
+            j = int(re.search(r"experts\.(\d+)\.", key)[1])
+            np.testing.assert_array_equal(got[key], stored[stack][j], err_msg=key)
+            if not quantized:
+                np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+        else:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    if not quantized:
+        monkeypatch.setenv("QWEN_MLX_CACHE", str(tmp_path / "cache"))
+        logits = backend_logits(Session(mlx_backend(path)), PROMPT, STEPS)
+        assert np.abs(logits - references(name)[0]).max() < 1e-4
