@@ -118,16 +118,27 @@ def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, sys
 @cli.command()
 @model_option
 def info(model):
-    """Architecture, parameter count by component and memory per dtype."""
+    """Architecture, experts, total and active parameters by component, and memory per dtype."""
     from qwen_mlx.checkpoint import prepare_model
 
     ckpt = prepare_model(model)
     a = ckpt.args
     counts = a.parameter_counts()
-    total = sum(counts.values())
+    total, active = sum(counts.values()), a.active_parameters()
+    moe = bool(a.num_experts)
     print(f"model          {ckpt.folder}")
-    print(f"architecture   qwen2: {a.num_hidden_layers} layers, hidden {a.hidden_size}, MLP {a.intermediate_size}, "
-          f"{a.num_attention_heads} heads / {a.num_key_value_heads} KV heads x {a.head_dim}")
+    print(f"architecture   {a.model_type}: {a.num_hidden_layers} layers, hidden {a.hidden_size}, "
+          f"MLP {a.intermediate_size}, {a.num_attention_heads} heads / {a.num_key_value_heads} KV heads x "
+          f"{a.head_dim}" + (", q/k RMSNorm" if a.qk_norm else ""))
+    if moe:
+        per_expert = 3 * a.hidden_size * a.moe_intermediate_size
+        dense = [i for i in range(a.num_hidden_layers) if i not in a.moe_layers]
+        print(f"experts        {a.num_experts} per MoE layer, {a.num_experts_per_tok} per token "
+              f"({'renormalized' if a.norm_topk_prob else 'softmax'} weights), each {a.moe_intermediate_size} wide "
+              f"({per_expert:,} parameters); MoE in {len(a.moe_layers)} of {a.num_hidden_layers} layers"
+              + (f", dense MLP in {dense}" if dense else ""))
+        if a.shared_expert:
+            print(f"               shared expert {a.shared_expert_intermediate_size} wide, sigmoid-gated, on every token")
     print(f"vocabulary     {a.vocab_size}, embeddings {'tied' if a.tie_word_embeddings else 'untied'}")
     print(f"rope           {a.rope_type}, theta {a.rope_theta:g}; context {a.context_length}")
     for cap, reason in a.context_caps():
@@ -135,28 +146,38 @@ def info(model):
               f"{a.max_position_embeddings}")
     print("parameters")
     for name, n in counts.items():
-        print(f"  {name:<12} {n:>14,}  {100 * n / total:5.1f}%")
-    print(f"  {'total':<12} {total:>14,}")
-    # Quantized: Linear and embedding weights at `bits`, plus a 16-bit scale and bias per group of 64.
-    matrices = sum(n for k, n in counts.items() if k != "norms")
-    print("weights memory")
+        if n or name in ("embedding", "attention", "mlp", "norms", "lm_head"):
+            print(f"  {name:<14} {n:>14,}  {100 * n / total:5.1f}%")
+    print(f"  {'total':<14} {total:>14,}")
+    if moe:
+        print(f"  {'active/token':<14} {active:>14,}  {100 * active / total:5.1f}%  "
+              f"({a.num_experts_per_tok} of {a.num_experts} experts)")
+    # Quantized (--quantize): matrices at `bits` plus a 16-bit scale and bias per group of 64; norms and the
+    # MoE router stay in 16 bits.
+    matrices = sum(n for k, n in counts.items() if k not in ("norms", "router"))
+    active_matrices = matrices - (total - active)
+    print("weights memory" + ("           all    read per token" if moe else ""))
+
+    def row(label: str, everything: float, per_token: float) -> None:
+        print(f"  {label:<12} {everything / 1e9:8.2f} GB" + (f"   {per_token / 1e9:8.2f} GB" if moe else ""))
+
     for label, size in BYTES.items():
-        print(f"  {label:<12} {total * size / 1e9:8.2f} GB")
+        row(label, total * size, active * size)
     for bits in (8, 4):
-        size = (matrices * (bits + 0.5) + (total - matrices) * 16) / 8 / 1e9
-        print(f"  {f'{bits}-bit':<12} {size:8.2f} GB")
+        row(f"{bits}-bit", (matrices * (bits + 0.5) + (total - matrices) * 16) / 8,
+            (active_matrices * (bits + 0.5) + (active - active_matrices) * 16) / 8)
     kv = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim
     print(f"KV cache       {kv * 2 / 1024:.1f} KiB per token in 16-bit ({kv * 2 * a.context_length / 1e9:.2f} GB "
           f"for the full context)")
 
 
 @cli.command()
-@click.option("--gguf", "gguf_file", required=True, help="a GGUF file of architecture qwen2")
+@click.option("--gguf", "gguf_file", required=True, help="a GGUF file of architecture qwen2, qwen2moe, qwen3 or qwen3moe")
 @click.option("--out", required=True, help="the HF folder to write")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
 @click.option("--force", is_flag=True, help="replace a non-empty --out")
 def convert(gguf_file, out, dtype, force):
-    """Convert a qwen2 GGUF (llama.cpp) into a Hugging Face folder."""
+    """Convert a Qwen GGUF (llama.cpp) into a Hugging Face folder."""
     from qwen_mlx.gguf_convert import convert_gguf
 
     path = convert_gguf(Path(gguf_file), Path(out), dtype=dtype, force=force)

@@ -90,6 +90,45 @@ def test_config_flags():
     assert "model.layers.0.self_attn.q_norm.weight" in q3moe.weight_shapes()
 
 
+# Published sizes (total, active per token, in billions) from the model cards, against their config.json.
+PUBLISHED = {
+    "Qwen1.5-MoE-A2.7B": (dict(model_type="qwen2_moe", hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
+                               num_key_value_heads=16, intermediate_size=5632, moe_intermediate_size=1408,
+                               shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4,
+                               vocab_size=151936), 14.3, 2.7),
+    "Qwen2-57B-A14B": (dict(model_type="qwen2_moe", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                            num_key_value_heads=4, intermediate_size=18944, moe_intermediate_size=2560,
+                            shared_expert_intermediate_size=20480, num_experts=64, num_experts_per_tok=8,
+                            vocab_size=151936), 57.4, 14.2),
+    "Qwen3-30B-A3B": (dict(model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                           num_key_value_heads=4, head_dim=128, intermediate_size=6144, moe_intermediate_size=768,
+                           num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936), 30.5, 3.3),
+    "Qwen3-0.6B": (dict(model_type="qwen3", hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                        num_key_value_heads=8, head_dim=128, intermediate_size=3072, vocab_size=151936,
+                        tie_word_embeddings=True), 0.6, 0.6),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_total_and_active_parameters(name):
+    config, total, active = PUBLISHED[name]
+    args = ModelArgs.from_dict(config)
+    # Model cards round down as often as to nearest (Qwen3-30B-A3B: 3.35B active is "A3B", "3.3B").
+    assert abs(sum(args.parameter_counts().values()) / 1e9 - total) < 0.06
+    assert abs(args.active_parameters() / 1e9 - active) < 0.06
+
+
+def test_info_shows_experts_and_active_parameters(tiny_model, capsys):
+    import cli
+
+    assert cli.main(["info", "--model", str(tiny_model("qwen2moe-norm-mlponly"))]) == 0
+    out = capsys.readouterr().out
+    args = ModelArgs.from_folder(tiny_model("qwen2moe-norm-mlponly"))
+    assert "architecture   qwen2_moe" in out and "8 per MoE layer, 3 per token (renormalized weights)" in out
+    assert "MoE in 1 of 2 layers, dense MLP in [1]" in out and "shared expert 48 wide" in out
+    assert f"active/token   {args.active_parameters():>14,}" in out and "read per token" in out
+
+
 @pytest.mark.parametrize("change,message", [
     ({"model_type": "qwen4"}, "unsupported model_type 'qwen4'"),
     ({"num_experts_per_tok": 9}, "num_experts_per_tok \\(9\\) must be between 1 and num_experts \\(8\\)"),
