@@ -5,6 +5,7 @@
     python cli.py info --model M
     python cli.py convert --gguf FILE.gguf --out DIR
     python cli.py export-onnx --model M --out DIR
+    python cli.py serve --backend mlx [--model M] [--port 8000]
 
 Every user error ends as one `error: ...` line on stderr and exit status 2; Ctrl-C exits with 130.
 """
@@ -35,15 +36,27 @@ def model_option(f):
                              "or the offline real checkpoint when the Hub is unreachable]")(f)
 
 
+MODEL_OPTIONS = [
+    click.option("--backend", default="mlx", show_default=True, help="mlx, torch or onnx"),
+    model_option,
+    click.option("--dtype", type=click.Choice(DTYPES), default=None,
+                 help="weights and activations [default: float32 on a CPU, bfloat16 on a GPU]"),
+    click.option("--quantize", type=click.Choice(["4", "8", "int4"]), default=None,
+                 help="mlx: 4- or 8-bit affine weights (group 64); onnx: run the int4 export"),
+]
+
+
+def model_options(f):
+    """Flags shared by `chat`, `generate` and `serve`: which model, on which backend, at which precision."""
+    for opt in reversed(MODEL_OPTIONS):
+        f = opt(f)
+    return f
+
+
 def run_options(f):
     """Flags shared by `chat` and `generate`: backend, precision and sampling."""
     opts = [
-        click.option("--backend", default="mlx", show_default=True, help="mlx, torch or onnx"),
-        model_option,
-        click.option("--dtype", type=click.Choice(DTYPES), default=None,
-                     help="weights and activations [default: float32 on a CPU, bfloat16 on a GPU]"),
-        click.option("--quantize", type=click.Choice(["4", "8", "int4"]), default=None,
-                     help="mlx: 4- or 8-bit affine weights (group 64); onnx: run the int4 export"),
+        *MODEL_OPTIONS,
         click.option("--max-tokens", type=int, default=512, show_default=True),
         click.option("--temperature", type=float, default=None, help="0 is greedy [default: checkpoint's]"),
         click.option("--top-p", type=float, default=None),
@@ -113,6 +126,31 @@ def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, sys
         sys.stdout.flush()
     sys.stdout.write("\n")
     print(json.dumps(stats.as_dict()), file=sys.stderr)
+
+
+@cli.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=int, default=8000, show_default=True, help="0 picks a free port")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="sequences decoded together")
+@click.option("--max-queue", type=int, default=64, show_default=True,
+              help="requests waiting for a slot; beyond it: 429 with Retry-After")
+@click.option("--max-tokens", type=int, default=4096, show_default=True, help="the largest max_tokens a request may ask")
+@click.option("--api-key", default=None, envvar="QWEN_MLX_API_KEY", help="require 'Authorization: Bearer KEY'")
+@click.option("--grace", type=float, default=10.0, show_default=True,
+              help="seconds in-flight requests get to finish after Ctrl-C / SIGTERM")
+def serve(backend, model, dtype, quantize, host, port, max_batch, max_queue, max_tokens, api_key, grace):
+    """An OpenAI-compatible HTTP server (chat, completions, streaming) with continuous batching."""
+    from qwen_mlx.serve import require_extra, serve as run_server
+
+    require_extra()  # before loading a model
+    if max_batch < 1 or max_queue < 0 or max_tokens < 1:
+        raise QwenError("--max-batch and --max-tokens must be >= 1, --max-queue >= 0")
+    from qwen_mlx.backends import load
+
+    loaded = load(backend, model, dtype, quantize)
+    run_server(loaded, host, port, max_batch=max_batch, api_key=api_key, max_queue=max_queue,
+               max_tokens=max_tokens, grace=grace)
 
 
 @cli.command()
