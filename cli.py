@@ -71,6 +71,21 @@ def run_options(f):
     return f
 
 
+NO_THINK = click.option("--no-think", is_flag=True,
+                        help="Qwen3: answer without reasoning first (the chat template's enable_thinking=False)")
+
+
+def _thinking_switch(loaded, no_think: bool) -> None:
+    """--no-think: every chat the tokenizer renders gets enable_thinking=False, as HF's
+    apply_chat_template(..., enable_thinking=False) would."""
+    if not no_think:
+        return
+    if not loaded.tokenizer.has_thinking_switch:
+        print("note: this model's chat template has no thinking switch (enable_thinking); --no-think changes "
+              "nothing", file=sys.stderr)
+    loaded.tokenizer.template_kwargs["enable_thinking"] = False
+
+
 def _prepare(backend, model, dtype, quantize, max_tokens, stop=(), **sampling):
     """Check the flags before loading anything, then load the backend and the sampling defaults."""
     from qwen_mlx.backends import load
@@ -94,11 +109,13 @@ def cli():
 @cli.command()
 @run_options
 @click.option("--system", default=None, help="system message")
-def chat(backend, model, dtype, quantize, max_tokens, stop, system, **sampling):
+@NO_THINK
+def chat(backend, model, dtype, quantize, max_tokens, stop, system, no_think, **sampling):
     """Multi-turn chat in the terminal, replies streamed."""
     from qwen_mlx.chat import run_chat
 
     loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, **sampling)
+    _thinking_switch(loaded, no_think)
     run_chat(loaded, params, max_tokens, system=system, stop=tuple(stop))
 
 
@@ -107,13 +124,15 @@ def chat(backend, model, dtype, quantize, max_tokens, stop, system, **sampling):
 @click.option("--prompt", required=True, help="the prompt; '-' reads standard input")
 @click.option("--raw", is_flag=True, help="send the prompt as plain text, not through the chat template")
 @click.option("--system", default=None, help="system message (chat template only)")
-def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, system, **sampling):
+@NO_THINK
+def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, system, no_think, **sampling):
     """One reply to one prompt: the text on stdout, a JSON stats line last on stderr."""
     from qwen_mlx.generate import GenerationStats, Session, stream_generate
 
     if prompt == "-":
         prompt = sys.stdin.read()
     loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, **sampling)
+    _thinking_switch(loaded, no_think and not raw)
     tok = loaded.tokenizer
     if raw:
         ids = tok.encode(prompt)
@@ -139,7 +158,8 @@ def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, sys
 @click.option("--api-key", default=None, envvar="QWEN_MLX_API_KEY", help="require 'Authorization: Bearer KEY'")
 @click.option("--grace", type=float, default=10.0, show_default=True,
               help="seconds in-flight requests get to finish after Ctrl-C / SIGTERM")
-def serve(backend, model, dtype, quantize, host, port, max_batch, max_queue, max_tokens, api_key, grace):
+@NO_THINK
+def serve(backend, model, dtype, quantize, host, port, max_batch, max_queue, max_tokens, api_key, grace, no_think):
     """An OpenAI-compatible HTTP server (chat, completions, streaming) with continuous batching."""
     from qwen_mlx.serve import require_extra, serve as run_server
 
@@ -149,6 +169,7 @@ def serve(backend, model, dtype, quantize, host, port, max_batch, max_queue, max
     from qwen_mlx.backends import load
 
     loaded = load(backend, model, dtype, quantize)
+    _thinking_switch(loaded, no_think)  # the default; a request's chat_template_kwargs can still say otherwise
     run_server(loaded, host, port, max_batch=max_batch, api_key=api_key, max_queue=max_queue,
                max_tokens=max_tokens, grace=grace)
 

@@ -549,3 +549,89 @@ def test_gguf_conversion_equals_the_original(tiny_model, references, tmp_path, m
         monkeypatch.setenv("QWEN_MLX_CACHE", str(tmp_path / "cache"))
         logits = backend_logits(Session(mlx_backend(path)), PROMPT, STEPS)
         assert np.abs(logits - references(name)[0]).max() < 1e-4
+
+
+# ---- Qwen3's thinking switch: enable_thinking through the tokenizer, the CLI and the server -----------
+
+QWEN25_TAIL = "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
+# Qwen3's generation tail: with thinking off, the template writes an empty <think> block for the model.
+QWEN3_TAIL = ("{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
+              "    {%- if enable_thinking is defined and enable_thinking is false %}\n"
+              "        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- endif %}\n{%- endif %}\n")
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+
+
+@pytest.fixture(scope="module")
+def thinking_model(tiny_model, tmp_path_factory) -> Path:
+    """The tiny Qwen3 with a chat template that has Qwen3's thinking switch."""
+    folder = tmp_path_factory.mktemp("thinking") / "qwen3"
+    shutil.copytree(tiny_model("qwen3-untied"), folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert config["chat_template"].endswith(QWEN25_TAIL)
+    config["chat_template"] = config["chat_template"].removesuffix(QWEN25_TAIL) + QWEN3_TAIL
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_template_kwargs_render_as_transformers(thinking_model):
+    from transformers import AutoTokenizer
+
+    from qwen_mlx.tokenizer import Tokenizer
+
+    hf, ours = AutoTokenizer.from_pretrained(thinking_model), Tokenizer.from_folder(thinking_model)
+    chat = [{"role": "user", "content": "Why is the sky blue?"}]
+    assert ours.has_thinking_switch
+    for kwargs in ({}, {"enable_thinking": True}, {"enable_thinking": False}):
+        want = hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, **kwargs)
+        assert ours.apply_chat_template(chat, **kwargs) == want
+    assert ours.apply_chat_template(chat, enable_thinking=False).endswith(EMPTY_THINK)
+    ours.template_kwargs["enable_thinking"] = False  # what --no-think sets
+    assert ours.encode_chat(chat) == hf.apply_chat_template(chat, add_generation_prompt=True, enable_thinking=False,
+                                                             tokenize=True, return_dict=False)
+    assert not ours.apply_chat_template(chat, enable_thinking=True).endswith(EMPTY_THINK)  # a call's own wins
+    ours.template_kwargs["messages"] = []  # a request's chat_template_kwargs may hold anything
+    with pytest.raises(QwenError, match="chat template variables messages cannot be overridden"):
+        ours.apply_chat_template(chat)
+
+
+def _generate(folder: Path, capsys, *flags: str) -> tuple[str, dict]:
+    import cli
+
+    assert cli.main(["generate", "--model", str(folder), "--prompt", "Hi", "--max-tokens", "2",
+                     "--temperature", "0", *flags]) == 0
+    err = capsys.readouterr().err
+    return err, json.loads(err.strip().splitlines()[-1])
+
+
+def test_cli_no_think(thinking_model, tiny_model, capsys):
+    from qwen_mlx.tokenizer import Tokenizer
+
+    think_tokens = len(Tokenizer.from_folder(thinking_model).encode(EMPTY_THINK))
+    _, on = _generate(thinking_model, capsys)
+    err, off = _generate(thinking_model, capsys, "--no-think")
+    assert off["prompt_tokens"] == on["prompt_tokens"] + think_tokens and "no thinking switch" not in err
+    err, _ = _generate(tiny_model("qwen3-untied"), capsys, "--no-think")  # Qwen2.5's template: says so
+    assert "note: this model's chat template has no thinking switch" in err
+
+
+def test_server_chat_template_kwargs(thinking_model):
+    """The OpenAI-style server takes vLLM's `chat_template_kwargs`; `serve --no-think` sets the default."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    from tests.test_serve import Server
+
+    def prompt_tokens(server, **extra) -> int:
+        reply = server.client().chat.completions.create(
+            model="qwen3", messages=[{"role": "user", "content": "Hi"}], max_tokens=1, temperature=0, **extra)
+        return reply.usage.prompt_tokens
+
+    server = Server(thinking_model, "--no-think")
+    try:
+        off = prompt_tokens(server)
+        on = prompt_tokens(server, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+        assert off > on
+        assert prompt_tokens(server, extra_body={"chat_template_kwargs": {"enable_thinking": False}}) == off
+        with pytest.raises(Exception, match="cannot be overridden"):
+            prompt_tokens(server, extra_body={"chat_template_kwargs": {"messages": []}})
+    finally:
+        assert server.stop() == 0
