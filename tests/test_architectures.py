@@ -266,6 +266,29 @@ def test_mlx_reads_only_the_routed_experts(tiny_model, monkeypatch, sort_above):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+@pytest.mark.parametrize("name", ["qwen2moe-shared", "qwen3moe-q64"])
+def test_batched_engine_gives_each_request_its_tokens_alone(tiny_model, backend, name):
+    """The server's continuous batching (left-padded rows decoded together) on MoE models: every row's
+    greedy tokens equal the ones it gets alone."""
+    import export  # noqa: F401  (registers the torch backend)
+    from qwen_mlx.backends import load
+    from qwen_mlx.batching import batch_backend
+    from qwen_mlx.engine import Engine, Request, Token, run_requests
+    from qwen_mlx.sampling import SamplingParams
+
+    loaded = load(backend, str(tiny_model(name)), "float32")
+    loaded.tokenizer.eos_token_ids = frozenset()
+    prompts = [PROMPT[: 5 + 9 * i] for i in range(4)]
+    alone = [greedy_tokens(Session(loaded.backend), p, 8) for p in prompts]
+    engine = Engine(batch_backend(loaded.backend, 4), loaded.tokenizer, prefill_chunk=16).start()
+    try:
+        events = run_requests(engine, [Request(p, SamplingParams(temperature=0), 8 - i) for i, p in enumerate(prompts)])
+    finally:
+        engine.shutdown(0)
+    assert [[e.id for e in ev if isinstance(e, Token)] for ev in events] == [a[:8 - i] for i, a in enumerate(alone)]
+
+
 # ---- the PyTorch twin --------------------------------------------------------------------------------
 
 def torch_backend(folder: Path):
