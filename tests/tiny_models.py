@@ -31,10 +31,13 @@ EXTRA_CONFIGS: dict[str, dict[str, Any]] = {
 # expert on (qwen2_moe), off (qwen3_moe, and qwen2_moe with size 0), norm_topk_prob both ways, tied and
 # untied, dense layers by mlp_only_layers and by decoder_sparse_step. Qwen3: explicit head_dim unlike
 # hidden / heads, attention_bias both ways. "qwen3moe-q64" has every matrix width a multiple of 64, so 4-
-# and 8-bit quantization covers all of it, experts included.
+# and 8-bit quantization covers all of it, experts included. "qwen2moe-shared" (multi-head) and
+# "qwen3moe-norm" (head_dim = hidden / heads) are shapes optimum-onnx's ORTModelForCausalLM can size its
+# past for (tests/test_edge_runtimes.py).
 ARCH_CONFIGS: dict[str, dict[str, Any]] = {
-    "qwen2moe-shared": dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                            shared_expert_intermediate_size=64, norm_topk_prob=False, tie_word_embeddings=False),
+    "qwen2moe-shared": dict(model_type="qwen2_moe", num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=32, shared_expert_intermediate_size=64, norm_topk_prob=False,
+                            tie_word_embeddings=False),
     "qwen2moe-norm-mlponly": dict(model_type="qwen2_moe", num_experts=8, num_experts_per_tok=3,
                                   moe_intermediate_size=24, shared_expert_intermediate_size=48,
                                   norm_topk_prob=True, mlp_only_layers=[1], tie_word_embeddings=True),
@@ -44,7 +47,7 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen3-untied": dict(model_type="qwen3", head_dim=32, tie_word_embeddings=False),
     "qwen3-bias-tied": dict(model_type="qwen3", num_key_value_heads=4, head_dim=16, attention_bias=True,
                             tie_word_embeddings=True),
-    "qwen3moe-norm": dict(model_type="qwen3_moe", head_dim=32, num_experts=8, num_experts_per_tok=2,
+    "qwen3moe-norm": dict(model_type="qwen3_moe", head_dim=12, num_experts=8, num_experts_per_tok=2,
                           moe_intermediate_size=32, norm_topk_prob=True, tie_word_embeddings=False),
     "qwen3moe-q64": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=128, num_attention_heads=8,
                          num_key_value_heads=2, head_dim=32, num_experts=16, num_experts_per_tok=4,
