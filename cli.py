@@ -71,6 +71,21 @@ def run_options(f):
     return f
 
 
+NO_THINK = click.option("--no-think", is_flag=True,
+                        help="Qwen3: answer without reasoning first (the chat template's enable_thinking=False)")
+
+
+def _thinking_switch(loaded, no_think: bool) -> None:
+    """--no-think: every chat the tokenizer renders gets enable_thinking=False, as HF's
+    apply_chat_template(..., enable_thinking=False) would."""
+    if not no_think:
+        return
+    if not loaded.tokenizer.has_thinking_switch:
+        print("note: this model's chat template has no thinking switch (enable_thinking); --no-think changes "
+              "nothing", file=sys.stderr)
+    loaded.tokenizer.template_kwargs["enable_thinking"] = False
+
+
 def _prepare(backend, model, dtype, quantize, max_tokens, stop=(), **sampling):
     """Check the flags before loading anything, then load the backend and the sampling defaults."""
     from qwen_mlx.backends import load
@@ -94,11 +109,13 @@ def cli():
 @cli.command()
 @run_options
 @click.option("--system", default=None, help="system message")
-def chat(backend, model, dtype, quantize, max_tokens, stop, system, **sampling):
+@NO_THINK
+def chat(backend, model, dtype, quantize, max_tokens, stop, system, no_think, **sampling):
     """Multi-turn chat in the terminal, replies streamed."""
     from qwen_mlx.chat import run_chat
 
     loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, **sampling)
+    _thinking_switch(loaded, no_think)
     run_chat(loaded, params, max_tokens, system=system, stop=tuple(stop))
 
 
@@ -107,13 +124,15 @@ def chat(backend, model, dtype, quantize, max_tokens, stop, system, **sampling):
 @click.option("--prompt", required=True, help="the prompt; '-' reads standard input")
 @click.option("--raw", is_flag=True, help="send the prompt as plain text, not through the chat template")
 @click.option("--system", default=None, help="system message (chat template only)")
-def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, system, **sampling):
+@NO_THINK
+def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, system, no_think, **sampling):
     """One reply to one prompt: the text on stdout, a JSON stats line last on stderr."""
     from qwen_mlx.generate import GenerationStats, Session, stream_generate
 
     if prompt == "-":
         prompt = sys.stdin.read()
     loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, **sampling)
+    _thinking_switch(loaded, no_think and not raw)
     tok = loaded.tokenizer
     if raw:
         ids = tok.encode(prompt)
@@ -139,7 +158,8 @@ def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, sys
 @click.option("--api-key", default=None, envvar="QWEN_MLX_API_KEY", help="require 'Authorization: Bearer KEY'")
 @click.option("--grace", type=float, default=10.0, show_default=True,
               help="seconds in-flight requests get to finish after Ctrl-C / SIGTERM")
-def serve(backend, model, dtype, quantize, host, port, max_batch, max_queue, max_tokens, api_key, grace):
+@NO_THINK
+def serve(backend, model, dtype, quantize, host, port, max_batch, max_queue, max_tokens, api_key, grace, no_think):
     """An OpenAI-compatible HTTP server (chat, completions, streaming) with continuous batching."""
     from qwen_mlx.serve import require_extra, serve as run_server
 
@@ -149,6 +169,7 @@ def serve(backend, model, dtype, quantize, host, port, max_batch, max_queue, max
     from qwen_mlx.backends import load
 
     loaded = load(backend, model, dtype, quantize)
+    _thinking_switch(loaded, no_think)  # the default; a request's chat_template_kwargs can still say otherwise
     run_server(loaded, host, port, max_batch=max_batch, api_key=api_key, max_queue=max_queue,
                max_tokens=max_tokens, grace=grace)
 
@@ -156,16 +177,27 @@ def serve(backend, model, dtype, quantize, host, port, max_batch, max_queue, max
 @cli.command()
 @model_option
 def info(model):
-    """Architecture, parameter count by component and memory per dtype."""
+    """Architecture, experts, total and active parameters by component, and memory per dtype."""
     from qwen_mlx.checkpoint import prepare_model
 
     ckpt = prepare_model(model)
     a = ckpt.args
     counts = a.parameter_counts()
-    total = sum(counts.values())
+    total, active = sum(counts.values()), a.active_parameters()
+    moe = bool(a.num_experts)
     print(f"model          {ckpt.folder}")
-    print(f"architecture   qwen2: {a.num_hidden_layers} layers, hidden {a.hidden_size}, MLP {a.intermediate_size}, "
-          f"{a.num_attention_heads} heads / {a.num_key_value_heads} KV heads x {a.head_dim}")
+    print(f"architecture   {a.model_type}: {a.num_hidden_layers} layers, hidden {a.hidden_size}, "
+          f"MLP {a.intermediate_size}, {a.num_attention_heads} heads / {a.num_key_value_heads} KV heads x "
+          f"{a.head_dim}" + (", q/k RMSNorm" if a.qk_norm else ""))
+    if moe:
+        per_expert = 3 * a.hidden_size * a.moe_intermediate_size
+        dense = [i for i in range(a.num_hidden_layers) if i not in a.moe_layers]
+        print(f"experts        {a.num_experts} per MoE layer, {a.num_experts_per_tok} per token "
+              f"({'renormalized' if a.norm_topk_prob else 'softmax'} weights), each {a.moe_intermediate_size} wide "
+              f"({per_expert:,} parameters); MoE in {len(a.moe_layers)} of {a.num_hidden_layers} layers"
+              + (f", dense MLP in {dense}" if dense else ""))
+        if a.shared_expert:
+            print(f"               shared expert {a.shared_expert_intermediate_size} wide, sigmoid-gated, on every token")
     print(f"vocabulary     {a.vocab_size}, embeddings {'tied' if a.tie_word_embeddings else 'untied'}")
     print(f"rope           {a.rope_type}, theta {a.rope_theta:g}; context {a.context_length}")
     for cap, reason in a.context_caps():
@@ -173,28 +205,38 @@ def info(model):
               f"{a.max_position_embeddings}")
     print("parameters")
     for name, n in counts.items():
-        print(f"  {name:<12} {n:>14,}  {100 * n / total:5.1f}%")
-    print(f"  {'total':<12} {total:>14,}")
-    # Quantized: Linear and embedding weights at `bits`, plus a 16-bit scale and bias per group of 64.
-    matrices = sum(n for k, n in counts.items() if k != "norms")
-    print("weights memory")
+        if n or name in ("embedding", "attention", "mlp", "norms", "lm_head"):
+            print(f"  {name:<14} {n:>14,}  {100 * n / total:5.1f}%")
+    print(f"  {'total':<14} {total:>14,}")
+    if moe:
+        print(f"  {'active/token':<14} {active:>14,}  {100 * active / total:5.1f}%  "
+              f"({a.num_experts_per_tok} of {a.num_experts} experts)")
+    # Quantized (--quantize): matrices at `bits` plus a 16-bit scale and bias per group of 64; norms and the
+    # MoE router stay in 16 bits.
+    matrices = sum(n for k, n in counts.items() if k not in ("norms", "router"))
+    active_matrices = matrices - (total - active)
+    print("weights memory" + ("           all    read per token" if moe else ""))
+
+    def row(label: str, everything: float, per_token: float) -> None:
+        print(f"  {label:<12} {everything / 1e9:8.2f} GB" + (f"   {per_token / 1e9:8.2f} GB" if moe else ""))
+
     for label, size in BYTES.items():
-        print(f"  {label:<12} {total * size / 1e9:8.2f} GB")
+        row(label, total * size, active * size)
     for bits in (8, 4):
-        size = (matrices * (bits + 0.5) + (total - matrices) * 16) / 8 / 1e9
-        print(f"  {f'{bits}-bit':<12} {size:8.2f} GB")
+        row(f"{bits}-bit", (matrices * (bits + 0.5) + (total - matrices) * 16) / 8,
+            (active_matrices * (bits + 0.5) + (active - active_matrices) * 16) / 8)
     kv = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim
     print(f"KV cache       {kv * 2 / 1024:.1f} KiB per token in 16-bit ({kv * 2 * a.context_length / 1e9:.2f} GB "
           f"for the full context)")
 
 
 @cli.command()
-@click.option("--gguf", "gguf_file", required=True, help="a GGUF file of architecture qwen2")
+@click.option("--gguf", "gguf_file", required=True, help="a GGUF file of architecture qwen2, qwen2moe, qwen3 or qwen3moe")
 @click.option("--out", required=True, help="the HF folder to write")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
 @click.option("--force", is_flag=True, help="replace a non-empty --out")
 def convert(gguf_file, out, dtype, force):
-    """Convert a qwen2 GGUF (llama.cpp) into a Hugging Face folder."""
+    """Convert a Qwen GGUF (llama.cpp) into a Hugging Face folder."""
     from qwen_mlx.gguf_convert import convert_gguf
 
     path = convert_gguf(Path(gguf_file), Path(out), dtype=dtype, force=force)

@@ -27,7 +27,7 @@ import numpy as np
 from qwen_mlx.checkpoint import Checkpoint, read_generation_config
 from qwen_mlx.errors import QwenError
 
-from .optimize import optimize
+from .optimize import ROUTER_WEIGHTS, optimize
 
 DTYPES = ("float32", "float16")
 QUANTIZATIONS = ("int4",)
@@ -213,15 +213,25 @@ def _tidy_names(proto) -> None:
 
 def quantize_int4(proto):
     """MatMul weights -> MatMulNBits, 4 bits, block 32, by onnxruntime's own quantizer (symmetric, with
-    int8 activations on CPU: accuracy_level 4, as onnxruntime-genai's builder does for int4)."""
+    int8 activations on CPU: accuracy_level 4, as onnxruntime-genai's builder does for int4). MoE experts,
+    gathered from [X, out, in] stacks, become GatherBlockQuantized (int4 along `in`, block 32), so a token
+    reads its k experts in 4 bits. The embedding table's Gather and the MoE routers stay float."""
     import logging
 
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    with _step("quantizing MatMul weights to int4 (MatMulNBits, block 32)"):
+    ranks = {t.name: len(t.dims) for t in proto.graph.initializer}
+    experts = any(n.op_type == "Gather" and ranks.get(n.input[0]) == 3 for n in proto.graph.node)
+    keep_float = [n.name for n in proto.graph.node
+                  if (n.op_type == "MatMul" and len(n.input) == 2 and ROUTER_WEIGHTS.fullmatch(n.input[1]))
+                  or (n.op_type == "Gather" and ranks.get(n.input[0]) != 3)]
+    # Quantizing a Gather raises the opset to 21 (the first with an int4 tensor type): only MoE graphs need it.
+    op_types = ("MatMul", "Gather") if experts else ("MatMul",)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)  # its opset-21 notice is expected
+    with _step("quantizing MatMul weights to int4 (MatMulNBits, block 32)" + (", experts too" if experts else "")):
         quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
-                                         accuracy_level=4)
+                                         accuracy_level=4, nodes_to_exclude=keep_float, op_types_to_quantize=op_types,
+                                         quant_axes=(("MatMul", 0), ("Gather", -1)))
         quantizer.process()
     return quantizer.model.model
 
@@ -330,7 +340,9 @@ def genai_config(ckpt: Checkpoint, config: dict, generation: dict, model_file: s
             },
             "eos_token_id": eos if len(eos) != 1 else eos[0],
             "pad_token_id": pad,
-            "type": "qwen2",
+            # genai knows "qwen2" and "qwen3"; the type picks its decoder-only pipeline and nothing inside
+            # the graph, so the MoE variants (the experts live in the graph) take their dense sibling's.
+            "type": "qwen3" if a.qk_norm else "qwen2",
             "vocab_size": a.vocab_size,
         },
         "search": {

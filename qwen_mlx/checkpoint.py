@@ -8,7 +8,7 @@ call `prepare_model`, then read the tensors with their own framework's lazy safe
 from __future__ import annotations
 
 import json
-
+import re
 import struct
 import sys
 from dataclasses import dataclass
@@ -138,10 +138,12 @@ def prepare_model(spec: str | None) -> Checkpoint:
     found: dict[str, TensorInfo] = {}
     for file in safetensors_files(folder):
         found.update(read_safetensors_header(file))
+    _check_expert_count(args, found, folder)
     expected = args.weight_shapes()
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected and not k.endswith(IGNORED_SUFFIXES)
-                  and not (k == "lm_head.weight" and args.tie_word_embeddings)]
+                  and not (k == "lm_head.weight" and args.tie_word_embeddings)
+                  and not _unused_shared_expert(args, k, found[k])]
     wrong = [f"{k} {list(found[k].shape)} (config says {list(s)})"
              for k, s in expected.items() if k in found and found[k].shape != s]
     problems = []
@@ -154,6 +156,25 @@ def prepare_model(spec: str | None) -> Checkpoint:
     if problems:
         raise QwenError(f"{folder}: " + "; ".join(problems))
     return Checkpoint(folder, args, {k: found[k] for k in expected})
+
+
+def _unused_shared_expert(args: ModelArgs, key: str, info: TensorInfo) -> bool:
+    """A Qwen2-MoE saved with shared_expert_intermediate_size 0 still holds its (empty) shared expert and
+    gate; their product is zero, so the models leave them out."""
+    return (args.model_type == "qwen2_moe" and not args.shared_expert and ".mlp.shared_expert" in key
+            and (0 in info.shape or key.endswith("shared_expert_gate.weight")))
+
+
+def _check_expert_count(args: ModelArgs, found: dict[str, TensorInfo], folder: Path) -> None:
+    """Name the commonest MoE mismatch plainly rather than as a list of missing/unexpected expert tensors."""
+    experts: dict[int, set[int]] = {}
+    for key in found:
+        if m := re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.", key):
+            experts.setdefault(int(m[1]), set()).add(int(m[2]))
+    for layer, ids in sorted(experts.items()):
+        if args.is_moe_layer(layer) and max(ids) + 1 != args.num_experts:
+            raise QwenError(f"{folder}: layer {layer} holds {max(ids) + 1} experts, but config.json says "
+                            f"num_experts is {args.num_experts}")
 
 
 def _some(items: list[str], n: int = 4) -> str:

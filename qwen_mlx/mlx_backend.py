@@ -11,7 +11,7 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .dtypes import check_dtype
 from .errors import QwenError
-from .model import Qwen2ForCausalLM
+from .model import Qwen2ForCausalLM, stack_experts
 from .progress import progress_bar
 
 QUANT_GROUP_SIZE = 64
@@ -35,7 +35,7 @@ def load_model(ckpt: Checkpoint, dtype: str = "float32", quantize: int | None = 
     except (RuntimeError, ValueError) as e:
         raise QwenError(f"cannot read {ckpt.folder}: {e}") from None
     target = getattr(mx, dtype)
-    weights = {k: v.astype(target) for k, v in weights.items() if k in ckpt.tensors}
+    weights = stack_experts({k: v.astype(target) for k, v in weights.items() if k in ckpt.tensors}, ckpt.args)
     model.load_weights(list(weights.items()), strict=True)
     # Read the weights layer by layer so the progress bar moves and peak memory stays one layer above
     # the model's size (the source dtype copy of a layer is freed once cast).
@@ -46,12 +46,15 @@ def load_model(ckpt: Checkpoint, dtype: str = "float32", quantize: int | None = 
         mx.eval(part.parameters())
     del weights
     if quantize:
-        # Affine quantization of every Linear and the embedding; a tied lm_head reuses the quantized
-        # embedding through `as_linear`. A matrix whose rows do not split into groups stays unquantized.
+        # Affine quantization of every Linear, the stacked experts (gather_qmm) and the embedding; a tied
+        # lm_head reuses the quantized embedding through `as_linear`. A matrix whose rows do not split into
+        # groups stays unquantized, and so do the MoE router and shared-expert gate: they decide which
+        # experts run (rounding them would change routing, not just values) and are ~0.1% of the weights.
         # The scales take the model's dtype: float32 scales keep MLX's CPU kernel ~10x faster than bfloat16.
         nn.quantize(model, group_size=QUANT_GROUP_SIZE, bits=quantize,
-                    class_predicate=lambda _, m: hasattr(m, "to_quantized")
-                    and m.weight.shape[-1] % QUANT_GROUP_SIZE == 0)
+                    class_predicate=lambda path, m: hasattr(m, "to_quantized")
+                    and m.weight.shape[-1] % QUANT_GROUP_SIZE == 0
+                    and not path.endswith(("mlp.gate", "mlp.shared_expert_gate")))
         mx.eval(model.parameters())
     return model
 
