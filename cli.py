@@ -231,12 +231,30 @@ def info(model):
 
 
 @cli.command()
-@click.option("--gguf", "gguf_file", required=True, help="a GGUF file of architecture qwen2, qwen2moe, qwen3 or qwen3moe")
-@click.option("--out", required=True, help="the HF folder to write")
+@click.option("--gguf", "gguf_file", default=None, help="a GGUF file of architecture qwen2, qwen2moe, qwen3 or qwen3moe")
+@click.option("--model", default=None, help="with --quantize: the model to quantize (as everywhere: an HF folder, "
+              "a .gguf, a Hub id)")
+@click.option("--quantize", type=click.Choice(["4", "8"]), default=None,
+              help="write an MLX affine-quantized folder (mlx-lm's layout) instead of a float one")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              help="with --quantize: weights per scale and bias")
+@click.option("--out", required=True, help="the folder to write")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
 @click.option("--force", is_flag=True, help="replace a non-empty --out")
-def convert(gguf_file, out, dtype, force):
-    """Convert a Qwen GGUF (llama.cpp) into a Hugging Face folder."""
+def convert(gguf_file, model, quantize, group_size, out, dtype, force):
+    """Convert a Qwen GGUF (llama.cpp) into a Hugging Face folder, or (--quantize) any model into an MLX
+    quantized folder that mlx-lm loads."""
+    if quantize:
+        from qwen_mlx.checkpoint import prepare_model
+        from qwen_mlx.mlx_convert import quantize_folder
+
+        if (model is None) == (gguf_file is None):
+            raise QwenError("convert --quantize needs exactly one of --model and --gguf")
+        print(quantize_folder(prepare_model(model or gguf_file), Path(out), int(quantize), int(group_size),
+                              dtype, force))
+        return
+    if gguf_file is None or model is not None:
+        raise QwenError("convert needs --gguf FILE (or --quantize 4|8 with --model M)")
     from qwen_mlx.gguf_convert import convert_gguf
 
     path = convert_gguf(Path(gguf_file), Path(out), dtype=dtype, force=force)

@@ -24,7 +24,8 @@ def default_dtype() -> str:
     return "float32" if mx.default_device() == mx.cpu else "bfloat16"
 
 
-def load_model(ckpt: Checkpoint, dtype: str = "float32", quantize: int | None = None) -> Qwen2ForCausalLM:
+def load_model(ckpt: Checkpoint, dtype: str = "float32", quantize: int | None = None,
+               group_size: int = QUANT_GROUP_SIZE) -> Qwen2ForCausalLM:
     check_dtype(dtype)
     if quantize not in (None, 4, 8):
         raise QwenError(f"--quantize must be 4 or 8, got {quantize}")
@@ -59,9 +60,9 @@ def load_model(ckpt: Checkpoint, dtype: str = "float32", quantize: int | None = 
         # groups stays unquantized, and so do the MoE router and shared-expert gate: they decide which
         # experts run (rounding them would change routing, not just values) and are ~0.1% of the weights.
         # The scales take the model's dtype: float32 scales keep MLX's CPU kernel ~10x faster than bfloat16.
-        nn.quantize(model, group_size=QUANT_GROUP_SIZE, bits=quantize,
+        nn.quantize(model, group_size=group_size, bits=quantize,
                     class_predicate=lambda path, m: hasattr(m, "to_quantized")
-                    and m.weight.shape[-1] % QUANT_GROUP_SIZE == 0
+                    and m.weight.shape[-1] % group_size == 0
                     and not path.endswith(("mlp.gate", "mlp.shared_expert_gate")))
         mx.eval(model.parameters())
     return model

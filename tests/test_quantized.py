@@ -129,3 +129,46 @@ def test_bad_quantization_configs_are_one_error(mlx_lm_quantized, tmp_path, chan
 def test_quantizing_a_quantized_folder_is_refused(mlx_lm_quantized):
     with pytest.raises(QwenError, match="already quantized"):
         MLXBackend(prepare_model(str(mlx_lm_quantized("gqa4-tied", 4, 32))), "float32", quantize=8)
+
+
+# convert --quantize out: folders from the unmodified tiny HF folders (transformers 5 configs), which
+# mlx_lm.load must run as written. qwen3-untied and qwen2moe-shared quantize only their widths that split
+# into groups. (Not mqa-headdim: mlx-lm's qwen2 ignores an explicit head_dim, float or quantized.)
+OUT_CASES = [("gqa4-tied", "4", "32"), ("qwen3-untied", "8", "32"), ("qwen3moe-q64", "4", "64"),
+             ("qwen2moe-shared", "8", "32")]
+
+
+@pytest.mark.parametrize("name,bits,group", OUT_CASES)
+def test_convert_quantize_runs_in_mlx_lm(tiny_model, tmp_path, name, bits, group):
+    from tests.test_cli import run
+
+    out = tmp_path / "q"
+    r = run("convert", "--model", str(tiny_model(name)), "--quantize", bits, "--group-size", group, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"] == config["quantization_config"] == {
+        "group_size": int(group), "bits": int(bits), "mode": "affine"}
+    ckpt = prepare_model(str(out))
+    assert any(k.endswith(".scales") for k in ckpt.tensors)
+    ref_logits, ref_tokens = _mlx_lm_greedy(out, PROMPT, 12)
+    logits, tokens = _greedy(MLXBackend(ckpt, "float32"), PROMPT, 12)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
+    assert tokens == ref_tokens
+    # The folder holds what loading with --quantize makes: same logits as quantizing at load time.
+    if group == "64":
+        at_load = MLXBackend(prepare_model(str(tiny_model(name))), "float32", quantize=int(bits))
+        np.testing.assert_allclose(at_load.forward(PROMPT), logits, atol=1e-5, rtol=0)
+
+
+def test_convert_quantize_bad_inputs(tiny_model, mlx_lm_quantized, tmp_path):
+    from tests.test_cli import run
+
+    r = run("convert", "--quantize", "4", "--out", str(tmp_path / "a"))
+    assert r.returncode != 0 and r.stderr.strip().startswith("error: ") and "--model" in r.stderr
+    r = run("convert", "--model", str(mlx_lm_quantized("gqa4-tied", 4, 32)), "--quantize", "8",
+            "--out", str(tmp_path / "b"))
+    assert r.returncode != 0 and "already quantized" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "keep").write_text("x")
+    r = run("convert", "--model", str(tiny_model("gqa4-tied")), "--quantize", "4", "--out", str(tmp_path / "c"))
+    assert r.returncode != 0 and (tmp_path / "c" / "keep").exists()
