@@ -220,6 +220,8 @@ def info(model):
     def row(label: str, everything: float, per_token: float) -> None:
         print(f"  {label:<12} {everything / 1e9:8.2f} GB" + (f"   {per_token / 1e9:8.2f} GB" if moe else ""))
 
+    if ckpt.quantization is not None:
+        _stored_quantization_rows(ckpt)
     for label, size in BYTES.items():
         row(label, total * size, active * size)
     for bits in (8, 4):
@@ -228,6 +230,24 @@ def info(model):
     kv = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim
     print(f"KV cache       {kv * 2 / 1024:.1f} KiB per token in 16-bit ({kv * 2 * a.context_length / 1e9:.2f} GB "
           f"for the full context)")
+
+
+def _stored_quantization_rows(ckpt) -> None:
+    """`info` on a quantized folder: the stored quantization, then its weights as stored and as MLX loads
+    them (packed codes kept; scales, biases and float tensors in the load dtype)."""
+    import math
+
+    from qwen_mlx.quant import describe
+
+    print(f"  {'quantized':<12} {describe(ckpt.quantization)}")
+    itemsize = {"U32": 4, "F32": 4, "F16": 2, "BF16": 2}
+    stored = sum(math.prod(t.shape) * itemsize.get(t.dtype, 4) for t in ckpt.tensors.values())
+    packed = sum(math.prod(t.shape) * 4 for t in ckpt.tensors.values() if t.dtype == "U32")
+    floats = sum(math.prod(t.shape) for t in ckpt.tensors.values() if t.dtype != "U32")
+    print(f"  {'as stored':<12} {stored / 1e9:8.2f} GB")
+    for label, size in BYTES.items():
+        print(f"  {label:<12} {(packed + floats * size) / 1e9:8.2f} GB   MLX, quantized as stored")
+    print("  dequantized (the torch twin and the ONNX export):")
 
 
 @cli.command()

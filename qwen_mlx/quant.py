@@ -92,3 +92,20 @@ def dequantize(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, p: Qu
     groups = codes.reshape(*lead, n // p.group_size, p.group_size).astype(np.float32)
     w = groups * scales.astype(np.float32)[..., None] + biases.astype(np.float32)[..., None]
     return w.reshape(*lead, n)
+
+
+def describe(quantization: dict[str, Any]) -> str:
+    """One line for `info`: the default, then the per-module overrides grouped by what they say."""
+    text = f"{quantization['bits']}-bit affine, group size {quantization['group_size']}"
+    overrides: dict[str, int] = {}
+    for path, o in quantization.items():
+        if isinstance(o, dict):
+            key = f"{o['bits']}-bit/{o['group_size']}"
+        elif o is False:
+            key = "float"
+        else:
+            continue
+        overrides[key] = overrides.get(key, 0) + 1
+    if overrides:
+        text += "; overrides: " + ", ".join(f"{n} module{'s' * (n > 1)} {k}" for k, n in overrides.items())
+    return text

@@ -172,3 +172,13 @@ def test_convert_quantize_bad_inputs(tiny_model, mlx_lm_quantized, tmp_path):
     (tmp_path / "c" / "keep").write_text("x")
     r = run("convert", "--model", str(tiny_model("gqa4-tied")), "--quantize", "4", "--out", str(tmp_path / "c"))
     assert r.returncode != 0 and (tmp_path / "c" / "keep").exists()
+
+
+def test_info_shows_the_stored_quantization(mlx_lm_quantized):
+    from tests.test_cli import run
+
+    r = run("info", "--model", str(mlx_lm_quantized("qwen3moe-q64", 4, 32)))
+    assert r.returncode == 0, r.stderr
+    # mlx-lm keeps the MoE router at 8 bits, group 64, as a per-module override.
+    assert "quantized    4-bit affine, group size 32; overrides: 1 module 8-bit/64" in r.stdout
+    assert "as stored" in r.stdout and "MLX, quantized as stored" in r.stdout
