@@ -144,7 +144,7 @@ def prepare_model(spec: str | None) -> Checkpoint:
     quantization = read_quantization(_read_json(folder / "config.json"))
     expected = args.weight_shapes()
     if quantization is not None:
-        expected = _quantized_expected(expected, quantization, found, folder)
+        expected = _quantized_expected(args, expected, quantization, found, folder)
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected and not k.endswith(IGNORED_SUFFIXES)
                   and not (k == "lm_head.weight" and args.tie_word_embeddings)
@@ -163,18 +163,19 @@ def prepare_model(spec: str | None) -> Checkpoint:
     return Checkpoint(folder, args, {k: found[k] for k in expected}, quantization)
 
 
-def _quantized_expected(expected: dict[str, tuple[int, ...]], quantization: dict, found: dict[str, TensorInfo],
-                        folder: Path) -> dict[str, tuple[int, ...]]:
+def _quantized_expected(args: ModelArgs, expected: dict[str, tuple[int, ...]], quantization: dict,
+                        found: dict[str, TensorInfo], folder: Path) -> dict[str, tuple[int, ...]]:
     """The tensors an mlx-lm quantized folder must hold: experts stacked as mlx-lm saves them
     (`mlp.switch_mlp.<proj>.weight` [X, out, in]) where the folder has them so, and every module whose
     `scales` are stored as packed weight, scales and biases at its own (or the default) bits and group size."""
     out: dict[str, tuple[int, ...]] = {}
     for key, shape in expected.items():
-        m = re.fullmatch(r"(.*\.mlp)\.experts\.(\d+)\.(\w+)\.weight", key)
-        stacked = m and f"{m[1]}.switch_mlp.{m[3]}.weight" in found
-        if stacked:
-            key, shape = f"{m[1]}.switch_mlp.{m[3]}.weight", (int(m[2]) + 1, *shape)
-            out.pop(key, None)
+        m = re.fullmatch(r"(.*\.mlp)\.experts\.\d+\.(\w+)\.weight", key)
+        if m and key.removesuffix(".weight") + ".scales" in found:
+            raise QwenError(f"{folder}: experts quantized one by one ({key.removesuffix('.weight')}.scales) are "
+                            "not mlx-lm's layout (stacked mlp.switch_mlp.<proj>); they are not supported")
+        if m and f"{m[1]}.switch_mlp.{m[2]}.weight" in found:
+            key, shape = f"{m[1]}.switch_mlp.{m[2]}.weight", (args.num_experts, *shape)
         out[key] = shape
     for key, shape in list(out.items()):
         module = key.removesuffix(".weight")
