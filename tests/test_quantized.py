@@ -182,3 +182,21 @@ def test_info_shows_the_stored_quantization(mlx_lm_quantized):
     # mlx-lm keeps the MoE router at 8 bits, group 64, as a per-module override.
     assert "quantized    4-bit affine, group size 32; overrides: 1 module 8-bit/64" in r.stdout
     assert "as stored" in r.stdout and "MLX, quantized as stored" in r.stdout
+
+
+@pytest.mark.real
+def test_real_checkpoint_quantized_both_ways(real_model_dir, tmp_path):
+    """The real 0.5B checkpoint: our 4-bit folder in mlx-lm, mlx-lm's 4-bit folder here, 16 greedy tokens."""
+    from mlx_lm import convert
+
+    from tests.test_cli import run
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    r = run("convert", "--model", str(real_model_dir), "--quantize", "4", "--out", str(ours))
+    assert r.returncode == 0, r.stderr
+    convert(str(real_model_dir), str(theirs), quantize=True, q_bits=4, q_group_size=64)
+    prompt = [750, 75698, 1445, 1648]  # "def fibonacci(n):" in the Qwen2.5 vocabulary
+    for folder in (ours, theirs):
+        _, ref_tokens = _mlx_lm_greedy(folder, prompt, 16)
+        _, tokens = _greedy(MLXBackend(prepare_model(str(folder)), "float32"), prompt, 16)
+        assert tokens == ref_tokens
