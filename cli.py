@@ -6,6 +6,7 @@
     python cli.py convert --gguf FILE.gguf --out DIR
     python cli.py export-onnx --model M --out DIR
     python cli.py serve --backend mlx [--model M] [--port 8000]
+    python cli.py attention --model M --prompt TEXT --out FILE.png|FILE.npz
 
 Every user error ends as one `error: ...` line on stderr and exit status 2; Ctrl-C exits with 130.
 """
@@ -259,6 +260,42 @@ def export_onnx_cmd(model, out, dtype, quantize, opset, force):
 
     ckpt = prepare_model(model)
     print(export_onnx(ckpt, Path(out), dtype, quantize, opset, force))
+
+
+@cli.command()
+@model_option
+@click.option("--prompt", required=True, help="the prompt; '-' reads standard input")
+@click.option("--raw", is_flag=True, help="the prompt as plain text, not through the chat template")
+@click.option("--system", default=None, help="system message (chat template only)")
+@click.option("--layers", default=None, help="comma-separated layer indices [default: all]")
+@click.option("--heads", default=None, help="comma-separated head indices [default: all]")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
+@click.option("--out", required=True, help="FILE.png (a grid of heatmaps) or FILE.npz (the numbers)")
+def attention(model, prompt, raw, system, layers, heads, dtype, out):
+    """Attention maps (MLX): the softmax weights of chosen layers and heads over the prompt's tokens."""
+    out = Path(out)
+    if out.suffix not in (".png", ".npz"):
+        raise QwenError(f"--out must end in .png or .npz, got {out.name}")
+    from qwen_mlx.attention_maps import attention_maps, parse_indices, save_npz, save_png, token_labels
+    from qwen_mlx.checkpoint import prepare_model
+    from qwen_mlx.mlx_backend import load_model
+    from qwen_mlx.tokenizer import Tokenizer
+
+    ckpt = prepare_model(model)
+    layer_ids = parse_indices(layers, ckpt.args.num_hidden_layers, "layer")
+    head_ids = parse_indices(heads, ckpt.args.num_attention_heads, "head")
+    tok = Tokenizer.from_folder(ckpt.folder)
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    ids = tok.encode(prompt) if raw else tok.encode_chat(messages)
+    weights = attention_maps(load_model(ckpt, dtype), ids, layer_ids, head_ids)
+    tokens, special = token_labels(tok, ids)
+    if out.suffix == ".npz":
+        save_npz(out, weights, tokens, layer_ids, head_ids)
+    else:
+        save_png(out, weights, tokens, special, layer_ids, head_ids, title=f"{ckpt.folder.name}, {dtype}")
+    print(out)
 
 
 def main(argv: list[str] | None = None) -> int:
