@@ -3,7 +3,8 @@
 The PyTorch twin (export/model.py) is traced with torch.onnx's dynamo exporter: it names the inputs and
 outputs as given, keeps head counts and head_dim static and batch / sequence / past dynamic, and folds
 each Linear's weight transpose into one initializer. Then: readable initializer and axis names, optional
-int4 weight quantization by onnxruntime's own MatMulNBits quantizer, weights to external data above the
+int4 weight quantization by onnxruntime's own MatMulNBits quantizer (a tied embedding stays one table, int4
+at both ends: export/quantize.py), weights to external data above the
 protobuf limit, the side files (config, generation config, tokenizer with its chat template, genai config),
 and a check of the result on onnxruntime against the twin. Everything is written into a temporary sibling
 folder that is renamed into place only when complete.
@@ -28,12 +29,12 @@ from qwen_mlx.checkpoint import Checkpoint, read_generation_config
 from qwen_mlx.errors import QwenError
 
 from .optimize import optimize
+from .quantize import INT4_BLOCK_SIZE, quantize_int4
 
 DTYPES = ("float32", "float16")
 QUANTIZATIONS = ("int4",)
 DEFAULT_OPSET = 18  # the dynamo exporter's lowest; MatMulNBits lives in com.microsoft, outside it
 MIN_OPSET = 18
-INT4_BLOCK_SIZE = 32
 # Weights above this go to `<model>.onnx_data`. The protobuf limit (2 GiB) forces it for float32, and it pays
 # below that too: onnxruntime parses an inline 850 MB int4 protobuf into a second copy in memory (peak RSS
 # 1.40 GB against 0.61 GB with external data, measured with onnxruntime-genai on the real 0.5B model).
@@ -211,21 +212,6 @@ def _tidy_names(proto) -> None:
                     other.input[i] = new
 
 
-def quantize_int4(proto):
-    """MatMul weights -> MatMulNBits, 4 bits, block 32, by onnxruntime's own quantizer (symmetric, with
-    int8 activations on CPU: accuracy_level 4, as onnxruntime-genai's builder does for int4)."""
-    import logging
-
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    with _step("quantizing MatMul weights to int4 (MatMulNBits, block 32)"):
-        quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
-                                         accuracy_level=4)
-        quantizer.process()
-    return quantizer.model.model
-
-
 def _weight_bytes(proto) -> int:
     return sum(len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) + 8 * len(t.int64_data)
                for t in proto.graph.initializer)
@@ -239,7 +225,8 @@ def _build_model(ckpt: Checkpoint, path: Path, dtype: str, quantize: str | None,
     with _step("fusing sibling MatMuls, canonicalizing RMSNorm (export/optimize.py)"):
         optimize(proto)  # before quantizing: a fused q/k/v or gate/up MatMul is quantized as one
     if quantize == "int4":
-        proto = quantize_int4(proto)
+        with _step(f"quantizing MatMul weights to int4 (MatMulNBits, block {INT4_BLOCK_SIZE})"):
+            proto = quantize_int4(proto)
     external = _weight_bytes(proto) > EXTERNAL_DATA_BYTES
     with _step(f"writing {path.name}" + (f" + {path.name}_data" if external else "")):
         onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
@@ -386,9 +373,9 @@ def compare(reference: list[np.ndarray], other: list[np.ndarray]) -> dict:
     return {"max_abs_diff": diff, "relative_diff": diff / scale, "greedy_agreement": agree}
 
 
-def validate_export(ckpt: Checkpoint, folder: Path, dtype: str, quantize: str | None, steps: int = 8) -> dict:
+def measure_export(ckpt: Checkpoint, folder: Path, dtype: str, quantize: str | None, steps: int = 8) -> dict:
     """Run the export on onnxruntime beside the float32 twin (and MLX when importable) on a prompt plus
-    `steps` cached decode steps; print the figures on stderr; QwenError when outside tolerance."""
+    `steps` cached decode steps; print the figures on stderr and return them (see compare)."""
     from .onnx_backend import OnnxBackend
     from .torch_backend import TorchBackend
 
@@ -412,6 +399,12 @@ def validate_export(ckpt: Checkpoint, folder: Path, dtype: str, quantize: str | 
         result["mlx"] = mlx
         print(f"validate: mlx float32 vs torch float32: max |logit diff| {mlx['max_abs_diff']:.3g}, "
               f"greedy agreement {mlx['greedy_agreement']:.0%}", file=sys.stderr)
+    return result
+
+
+def validate_export(ckpt: Checkpoint, folder: Path, dtype: str, quantize: str | None, steps: int = 8) -> dict:
+    """measure_export, then QwenError when outside TOLERANCE."""
+    result = measure_export(ckpt, folder, dtype, quantize, steps)
     max_rel, min_agree = TOLERANCE["int4" if quantize else dtype]
     if result["relative_diff"] > max_rel or result["greedy_agreement"] < min_agree:
         raise QwenError(f"the exported model does not match the PyTorch twin: relative logit diff "
