@@ -19,7 +19,7 @@ from qwen_mlx.config import ModelArgs
 from qwen_mlx.errors import QwenError
 from qwen_mlx.generate import process_peak_rss_gb
 
-from .onnx_export import DTYPES, io_names, model_filename, normalize_options
+from .onnx_format import DTYPES, io_names, model_filename, normalize_options
 
 # The variant picked when the caller names none: the most accurate first.
 PREFERENCE = ("model.onnx", "model_fp16.onnx", "model_q4.onnx", "model_q4f16.onnx")

@@ -14,8 +14,10 @@ import onnxruntime as ort
 import pytest
 
 import export.onnx_export as onnx_export
+import export.onnx_validate as onnx_validate
 from export.onnx_backend import OnnxBackend, cuda_usable
-from export.onnx_export import export_onnx, io_names
+from export.onnx_export import export_onnx
+from export.onnx_format import io_names
 from export.torch_backend import TorchBackend
 from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.errors import QwenError
@@ -172,7 +174,7 @@ def test_left_padded_batch_equals_single_prompts(exports: dict, checkpoints: dic
 
 
 def _measure(folder: Path, ckpt, dtype: str, quantize: str | None) -> dict:
-    result = onnx_export.measure_export(ckpt, folder, dtype, quantize)
+    result = onnx_validate.measure_export(ckpt, folder, dtype, quantize)
     print(f"\n{dtype} {quantize or ''}: {result}")
     return result
 
@@ -262,6 +264,41 @@ def test_interrupted_export_leaves_nothing(checkpoints: dict, tmp_path: Path, mo
     with pytest.raises(KeyboardInterrupt):
         export_onnx(checkpoints["yarn"], tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_failed_export_leaves_no_staging_and_removes_a_dead_runs(checkpoints: dict, tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """A run killed earlier left its staging folder; this run fails validation (a tolerance nothing meets):
+    afterwards neither is there, nor the output, and an existing output is kept as it was."""
+    stale = tmp_path / f".out.tmp-{_dead_pid()}-x1y2"
+    (stale / "onnx").mkdir(parents=True)
+    (stale / "onnx" / "model.onnx").write_bytes(b"half-written")
+    monkeypatch.setitem(onnx_validate.TOLERANCE, "float32", (0.0, 1.0))  # no export matches to 0.0
+    with pytest.raises(QwenError, match="does not match the PyTorch twin"):
+        export_onnx(checkpoints["yarn"], tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+    # --force over an existing folder, failing in a real step (the quantizer): the old folder stays whole.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+
+    def broken(proto):
+        raise RuntimeError("quantizer failed")
+
+    monkeypatch.setattr(onnx_export, "quantize_int4", broken)
+    with pytest.raises(RuntimeError, match="quantizer failed"):
+        export_onnx(checkpoints["yarn"], tmp_path / "out", quantize="int4", force=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
 
 
 def test_onnx_backend_without_model(tmp_path: Path, exports: dict) -> None:
