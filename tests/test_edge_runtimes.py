@@ -65,6 +65,16 @@ def test_missing_peer_has_a_reason(monkeypatch, tmp_path):
         assert not result.ok and result.error.startswith("skipped:")
 
 
+def test_missing_peer_fails_in_ci(monkeypatch, tmp_path):
+    monkeypatch.setenv("QWEN_MLX_PEERS", str(tmp_path))
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="missing in CI"):
+        skip_or_fail_without("genai")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="setup_peers.sh"):
+        skip_or_fail_without("genai")
+
+
 # ---- the export, through every peer ----------------------------------------------------------------------
 
 def _snapshot(folder: Path) -> dict[str, str]:
