@@ -324,3 +324,5 @@ def test_cuda_backend_matches_cpu(exports: dict) -> None:
     gpu.trim(len(PROMPT))
     cpu.trim(len(PROMPT))
     np.testing.assert_allclose(gpu.forward(STEPS[:2]), cpu.forward(STEPS[:2]), atol=1e-3)
+    assert gpu.cache_length == cpu.cache_length == len(PROMPT) + 2
+    assert gpu.peak_memory_gb() > 0  # the device's memory in use, not the process's RSS
