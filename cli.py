@@ -5,6 +5,7 @@
     python cli.py info --model M
     python cli.py convert --gguf FILE.gguf --out DIR
     python cli.py export-onnx --model M --out DIR
+    python cli.py serve --backend mlx [--model M] [--port 8000]
 
 Every user error ends as one `error: ...` line on stderr and exit status 2; Ctrl-C exits with 130.
 """
@@ -17,9 +18,16 @@ from pathlib import Path
 
 import click
 
+import export  # registers the torch and onnx backends (no torch import until one is used)
+from qwen_mlx.dtypes import BYTES, DTYPES
 from qwen_mlx.errors import QwenError
 
-DTYPES = ["float32", "bfloat16", "float16"]
+# `cli` and `export` are generic top-level names. Run as `python cli.py`, this folder is sys.path[0] and wins;
+# through the installed `qwen-mlx` script another distribution's `export` could shadow ours: refuse clearly.
+if Path(export.__file__).resolve().parent.parent != Path(__file__).resolve().parent:
+    sys.exit(f"error: `import export` found {export.__file__}, not qwen-mlx's export package; "
+             "run `python cli.py` from the qwen-mlx checkout")
+
 
 
 def model_option(f):
@@ -28,15 +36,27 @@ def model_option(f):
                              "or the offline real checkpoint when the Hub is unreachable]")(f)
 
 
+MODEL_OPTIONS = [
+    click.option("--backend", default="mlx", show_default=True, help="mlx, torch or onnx"),
+    model_option,
+    click.option("--dtype", type=click.Choice(DTYPES), default=None,
+                 help="weights and activations [default: float32 on a CPU, bfloat16 on a GPU]"),
+    click.option("--quantize", type=click.Choice(["4", "8", "int4"]), default=None,
+                 help="mlx: 4- or 8-bit affine weights (group 64); onnx: run the int4 export"),
+]
+
+
+def model_options(f):
+    """Flags shared by `chat`, `generate` and `serve`: which model, on which backend, at which precision."""
+    for opt in reversed(MODEL_OPTIONS):
+        f = opt(f)
+    return f
+
+
 def run_options(f):
     """Flags shared by `chat` and `generate`: backend, precision and sampling."""
     opts = [
-        click.option("--backend", default="mlx", show_default=True, help="mlx, torch or onnx"),
-        model_option,
-        click.option("--dtype", type=click.Choice(DTYPES), default=None,
-                     help="weights and activations [default: float32 on a CPU, bfloat16 on a GPU]"),
-        click.option("--quantize", type=click.Choice(["4", "8", "int4"]), default=None,
-                     help="mlx: 4- or 8-bit affine weights (group 64); onnx: run the int4 export"),
+        *MODEL_OPTIONS,
         click.option("--max-tokens", type=int, default=512, show_default=True),
         click.option("--temperature", type=float, default=None, help="0 is greedy [default: checkpoint's]"),
         click.option("--top-p", type=float, default=None),
@@ -51,16 +71,16 @@ def run_options(f):
     return f
 
 
-def _prepare(backend, model, dtype, quantize, max_tokens, **sampling):
+def _prepare(backend, model, dtype, quantize, max_tokens, stop=(), **sampling):
     """Check the flags before loading anything, then load the backend and the sampling defaults."""
     from qwen_mlx.backends import load
+    from qwen_mlx.generate import check_stop_strings
     from qwen_mlx.sampling import SamplingParams
 
     if max_tokens < 0:
         raise QwenError(f"--max-tokens must be >= 0, got {max_tokens}")
+    check_stop_strings(stop)
     SamplingParams(**{k: v for k, v in sampling.items() if v is not None})  # validate the flags early
-    if backend == "onnx" and quantize == "4":
-        quantize = "int4"
     loaded = load(backend, model, dtype, quantize)
     params = SamplingParams.from_generation_config(loaded.generation_config, **sampling)
     return loaded, params
@@ -78,7 +98,7 @@ def chat(backend, model, dtype, quantize, max_tokens, stop, system, **sampling):
     """Multi-turn chat in the terminal, replies streamed."""
     from qwen_mlx.chat import run_chat
 
-    loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, **sampling)
+    loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, **sampling)
     run_chat(loaded, params, max_tokens, system=system, stop=tuple(stop))
 
 
@@ -93,7 +113,7 @@ def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, sys
 
     if prompt == "-":
         prompt = sys.stdin.read()
-    loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, **sampling)
+    loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, **sampling)
     tok = loaded.tokenizer
     if raw:
         ids = tok.encode(prompt)
@@ -106,6 +126,31 @@ def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, sys
         sys.stdout.flush()
     sys.stdout.write("\n")
     print(json.dumps(stats.as_dict()), file=sys.stderr)
+
+
+@cli.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=int, default=8000, show_default=True, help="0 picks a free port")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="sequences decoded together")
+@click.option("--max-queue", type=int, default=64, show_default=True,
+              help="requests waiting for a slot; beyond it: 429 with Retry-After")
+@click.option("--max-tokens", type=int, default=4096, show_default=True, help="the largest max_tokens a request may ask")
+@click.option("--api-key", default=None, envvar="QWEN_MLX_API_KEY", help="require 'Authorization: Bearer KEY'")
+@click.option("--grace", type=float, default=10.0, show_default=True,
+              help="seconds in-flight requests get to finish after Ctrl-C / SIGTERM")
+def serve(backend, model, dtype, quantize, host, port, max_batch, max_queue, max_tokens, api_key, grace):
+    """An OpenAI-compatible HTTP server (chat, completions, streaming) with continuous batching."""
+    from qwen_mlx.serve import require_extra, serve as run_server
+
+    require_extra()  # before loading a model
+    if max_batch < 1 or max_queue < 0 or max_tokens < 1:
+        raise QwenError("--max-batch and --max-tokens must be >= 1, --max-queue >= 0")
+    from qwen_mlx.backends import load
+
+    loaded = load(backend, model, dtype, quantize)
+    run_server(loaded, host, port, max_batch=max_batch, api_key=api_key, max_queue=max_queue,
+               max_tokens=max_tokens, grace=grace)
 
 
 @cli.command()
@@ -123,6 +168,9 @@ def info(model):
           f"{a.num_attention_heads} heads / {a.num_key_value_heads} KV heads x {a.head_dim}")
     print(f"vocabulary     {a.vocab_size}, embeddings {'tied' if a.tie_word_embeddings else 'untied'}")
     print(f"rope           {a.rope_type}, theta {a.rope_theta:g}; context {a.context_length}")
+    for cap, reason in a.context_caps():
+        print(f"               context capped at {cap} by {reason}; config.json says "
+              f"{a.max_position_embeddings}")
     print("parameters")
     for name, n in counts.items():
         print(f"  {name:<12} {n:>14,}  {100 * n / total:5.1f}%")
@@ -130,8 +178,8 @@ def info(model):
     # Quantized: Linear and embedding weights at `bits`, plus a 16-bit scale and bias per group of 64.
     matrices = sum(n for k, n in counts.items() if k != "norms")
     print("weights memory")
-    for label, bits in (("float32", 32), ("bfloat16", 16), ("float16", 16)):
-        print(f"  {label:<12} {total * bits / 8 / 1e9:8.2f} GB")
+    for label, size in BYTES.items():
+        print(f"  {label:<12} {total * size / 1e9:8.2f} GB")
     for bits in (8, 4):
         size = (matrices * (bits + 0.5) + (total - matrices) * 16) / 8 / 1e9
         print(f"  {f'{bits}-bit':<12} {size:8.2f} GB")
@@ -162,8 +210,10 @@ def convert(gguf_file, out, dtype, force):
 @click.option("--force", is_flag=True, help="replace a non-empty --out")
 def export_onnx_cmd(model, out, dtype, quantize, opset, force):
     """Export to an ONNX folder that onnxruntime-genai, transformers.js and optimum load as is."""
-    from export.onnx_export import export_onnx
     from qwen_mlx.checkpoint import prepare_model
+
+    export.require("export-onnx")
+    from export.onnx_export import export_onnx
 
     ckpt = prepare_model(model)
     print(export_onnx(ckpt, Path(out), dtype, quantize, opset, force))

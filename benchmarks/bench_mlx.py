@@ -69,7 +69,7 @@ def run_mlx_lm(model: str, dtype: str, quantize: int | None, n_prompt: int, n_de
     from mlx_lm.sample_utils import make_sampler
 
     model_, tok = load(model)
-    model_.set_dtype({"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[dtype])
+    model_.set_dtype(getattr(mx, dtype))
     if quantize:
         nn.quantize(model_, group_size=64, bits=quantize)  # what `mlx_lm.convert -q` does to the weights
     mx.eval(model_.parameters())
@@ -91,6 +91,7 @@ def worker(a: argparse.Namespace) -> None:
     else:
         r = run_mlx_lm(a.model, a.dtype, q, a.prompt_tokens, a.decode_tokens, blas=a.worker == "mlx-lm+openblas")
     r.update(prefill_tps=a.prompt_tokens / r["prefill_s"], decode_tps=(a.decode_tokens - 1) / r["decode_s"],
+             # not qwen_mlx's helper: importing qwen_mlx preloads OpenBLAS, which would change the mlx-lm rows
              rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
     print(json.dumps(r))
 

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         out += [quality_table(model_dir, onnx_dirs, args.text_tokens), ""]
         if not args.skip_parity:
             out += [parity_table(model_dir, onnx_dirs["onnx float32"]), ""]
-    out.append(f"total {time.perf_counter() - start:.0f}s, peak RSS {parity.peak_rss_gb():.1f} GB, "
+    out.append(f"total {time.perf_counter() - start:.0f}s, peak RSS {parity.process_peak_rss_gb():.1f} GB, "
                f"{platform.machine()}, Python {platform.python_version()}")
     print("\n".join(out))
     return 0

@@ -51,3 +51,11 @@ class TorchBackend:
         if self.torch_device.type == "cuda":
             return torch.cuda.max_memory_allocated() / 1e9
         return process_peak_rss_gb()
+
+    def batched(self, max_batch: int):
+        """This model as a continuous-batching backend (export.torch_batch), or None where batching would
+        change the math: dynamic NTK RoPE rescales by the longest position in the batch."""
+        if self.args.rope_type == "dynamic":
+            return None
+        from .torch_batch import TorchBatch
+        return TorchBatch(self, max_batch)

@@ -1,16 +1,34 @@
-"""Choosing and loading a backend by name; the CLI and the benchmarks go through here."""
+"""Choosing and loading a backend by name: the CLI, the server and the benchmarks go through here.
+
+Backends register themselves, so imports only run downhill: `mlx` is registered below, and the `export`
+package registers `torch` and `onnx` when it is imported (the app layer, cli.py, does that). qwen_mlx
+itself never imports `export`, and nothing here imports torch or onnxruntime.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from .checkpoint import prepare_model, read_generation_config, resolve_model
+from .checkpoint import prepare_model, read_generation_config
 from .errors import QwenError
 from .generate import Backend
 from .tokenizer import Tokenizer
 
-BACKENDS = ("mlx", "torch", "onnx")
+# name -> factory(model, dtype, quantize) -> (backend, the folder holding its tokenizer and configs)
+Factory = Callable[[str | None, str | None, str | None], tuple[Backend, Path]]
+_REGISTRY: dict[str, Factory] = {}
+# Backends this project ships outside qwen_mlx, and what provides them, for a useful error.
+_PROVIDED_BY = {"torch": "export", "onnx": "export"}
+
+
+def register(name: str, factory: Factory) -> None:
+    _REGISTRY[name] = factory
+
+
+def names() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_PROVIDED_BY))
 
 
 @dataclass
@@ -23,24 +41,26 @@ class LoadedModel:
 
 def load(backend: str, model: str | None, dtype: str | None = None, quantize: str | None = None) -> LoadedModel:
     """`mlx` and `torch` read a safetensors checkpoint; `onnx` reads a folder written by `export-onnx`."""
-    if backend not in BACKENDS:
-        raise QwenError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    if backend == "onnx":
-        folder = resolve_model(model)
-        from export.onnx_backend import OnnxBackend
-        impl: Backend = OnnxBackend(folder, dtype, quantize)
-    else:
-        ckpt = prepare_model(model)
-        folder = ckpt.folder
-        if backend == "mlx":
-            if quantize not in (None, "4", "8"):
-                raise QwenError(f"--quantize for the mlx backend must be 4 or 8, got {quantize}")
-            from .mlx_backend import MLXBackend
-            impl = MLXBackend(ckpt, dtype, int(quantize) if quantize else None)
-        else:
-            if quantize:
-                raise QwenError("the torch backend runs unquantized weights; drop --quantize")
-            from export.torch_backend import TorchBackend
-            impl = TorchBackend(ckpt, dtype or "float32")
+    factory = _REGISTRY.get(backend)
+    if factory is None:
+        if backend in _PROVIDED_BY:
+            raise QwenError(f"the {backend} backend lives in the `{_PROVIDED_BY[backend]}` package: "
+                            f"`import {_PROVIDED_BY[backend]}` registers it (cli.py does)")
+        raise QwenError(f"unknown backend {backend!r} (choose from {', '.join(names())})")
+    impl, folder = factory(model, dtype, quantize)
     tokenizer = Tokenizer.from_folder(folder)
     return LoadedModel(impl, tokenizer, read_generation_config(folder), folder)
+
+
+def _mlx(model: str | None, dtype: str | None, quantize: str | None) -> tuple[Backend, Path]:
+    if quantize not in (None, "4", "8"):
+        raise QwenError(f"--quantize for the mlx backend must be 4 or 8, got {quantize}")
+    ckpt = prepare_model(model)
+    try:
+        from .mlx_backend import MLXBackend
+    except ImportError as e:
+        raise QwenError(f"the mlx backend needs MLX ({e}); install it with `pip install -e .`") from None
+    return MLXBackend(ckpt, dtype, int(quantize) if quantize else None), ckpt.folder
+
+
+register("mlx", _mlx)

@@ -68,11 +68,20 @@ def run_chat(loaded: LoadedModel, params: SamplingParams, max_tokens: int, syste
                 out.flush()
         except KeyboardInterrupt:
             print("\n(stopped)", file=err)
-        except QwenError as e:
-            print(f"error: {e}", file=err)
+        except Exception as e:  # a failed turn must not end the conversation (the cache was rolled back)
+            out.write("\n")
+            print(f"error: {_describe(e)}", file=err)
+            messages.pop()  # forget the turn that failed: the next one renders as if it never happened
+            continue
         out.write("\n")
         messages.append({"role": "assistant", "content": reply})
         if stats.generation_tokens:
             print(f"[{stats.prompt_tokens} prompt tokens, {stats.prompt_tps:.1f} tok/s | "
                   f"{stats.generation_tokens} tokens, {stats.generation_tps:.1f} tok/s | "
                   f"peak {stats.peak_memory_gb:.2f} GB]", file=err)
+
+
+def _describe(e: Exception) -> str:
+    """One line: a QwenError's message as is; anything else (a bug, a backend failure) with its type."""
+    text = " ".join(str(e).split()) or "(no message)"
+    return text if isinstance(e, QwenError) else f"{type(e).__name__}: {text} (the conversation is kept)"

@@ -65,6 +65,7 @@ class ModelArgs:
                             f"(supported: {', '.join(ROPE_TYPES)})")
         if self.rope_type != "default" and not float(self.rope_scaling.get("factor") or 0) > 0:
             raise QwenError(f"config.json: rope scaling {self.rope_type!r} needs a positive 'factor'")
+        self.context_caps()  # a malformed dual_chunk_attention_config is refused at load, not at token 1
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -122,11 +123,9 @@ class ModelArgs:
 
     @property
     def context_length(self) -> int:
-        """The longest sequence this checkpoint is run on.
-
-        A sliding window changes results only past `sliding_window` tokens; rather than implement a
-        second mask in every backend, the context is capped there, so the window is honoured exactly.
-        """
+        """The longest sequence this checkpoint is run on: the trained or scaled length, capped where a
+        config field asks for attention this project does not implement (see `context_caps`), so that such
+        a field is honoured exactly up to the cap instead of silently ignored past it."""
         n = self.max_position_embeddings
         scaling = self.rope_scaling or {}
         if self.rope_type == "yarn":
@@ -134,9 +133,33 @@ class ModelArgs:
             n = max(n, int(float(scaling["factor"]) * original))
         elif self.rope_type == "dynamic":
             n = int(float(scaling["factor"]) * n)
+        return min([n, *(cap for cap, _ in self.context_caps())])
+
+    def context_caps(self) -> list[tuple[int, str]]:
+        """(cap, reason) for each config field whose math only plain causal attention would get wrong
+        past `cap` tokens.
+
+        - A sliding window changes results only past `sliding_window` tokens.
+        - Dual Chunk Attention (the -1M models' `dual_chunk_attention_config`) equals plain attention while
+          the whole sequence fits in one chunk and the trained positions (`chunk_size`,
+          `original_max_position_embeddings`); past that it remaps positions, which plain RoPE does not.
+        """
+        caps = []
         if self.sliding_layers:
-            n = min(n, int(self.sliding_window))
-        return n
+            caps.append((int(self.sliding_window), f"sliding window of {self.sliding_window} tokens "
+                                                   "(not implemented: the context stops where it would slide)"))
+        dca = self.extra.get("dual_chunk_attention_config")
+        if dca:
+            if not isinstance(dca, dict):
+                raise QwenError("config.json: dual_chunk_attention_config must be an object")
+            limits = [int(dca[k]) for k in ("chunk_size", "original_max_position_embeddings")
+                      if isinstance(dca.get(k), int) and not isinstance(dca.get(k), bool) and dca[k] > 0]
+            if not limits:
+                raise QwenError("config.json: dual_chunk_attention_config needs a positive chunk_size or "
+                                "original_max_position_embeddings")
+            caps.append((min(limits), "Dual Chunk Attention (not implemented yet: plain attention is exact "
+                                      f"only up to {min(limits)} tokens)"))
+        return caps
 
     def rope_frequencies(self, seq_len: int | None = None) -> tuple[np.ndarray, float]:
         """(inv_freq [head_dim/2] float32, attention_factor) exactly as HF transformers computes them.

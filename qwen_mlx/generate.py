@@ -115,16 +115,17 @@ def stream_generate(session: Session, tokenizer: Tokenizer, prompt: Sequence[int
     not yielded), `max_tokens`, or the end of the context. Fills `stats` when given."""
     if max_tokens < 0:
         raise QwenError(f"--max-tokens must be >= 0, got {max_tokens}")
+    check_stop_strings(stop)
     context = session.backend.args.context_length
     if len(prompt) >= context:
-        raise QwenError(f"the prompt has {len(prompt)} tokens; this model's context holds {context}")
+        caps = [reason for cap, reason in session.backend.args.context_caps() if cap == context]
+        raise QwenError(f"the prompt has {len(prompt)} tokens; this model's context holds {context}"
+                        + (f" (capped by {caps[0]})" if caps else ""))
     max_tokens = min(max_tokens, context - len(prompt))
     stats = stats if stats is not None else GenerationStats()
     sampler = Sampler(params)
     history = set(prompt)
-    detok = tokenizer.detokenizer()
-    holdback = max((len(s) for s in stop), default=1) - 1  # never print the start of a stop string
-    text, printed = "", 0
+    out = TextStream(tokenizer, stop)
 
     t0 = time.perf_counter()
     logits = session.prefill(prompt) if max_tokens else None
@@ -132,34 +133,68 @@ def stream_generate(session: Session, tokenizer: Tokenizer, prompt: Sequence[int
     stats.prompt_tokens = len(prompt)
     stats.prompt_tps = session.prefilled / max(t1 - t0, 1e-9) if max_tokens else 0.0
     n = 0
-    stopped = False
     while n < max_tokens:
         token = sampler(logits, history)
         if token in tokenizer.eos_token_ids:
             break
         n += 1
         history.add(token)
-        text += detok.add_token(token)
-        hit = _find_stop(text, stop)
-        if hit is not None:
-            text, stopped = text[:hit], True
-            break
-        if len(text) - holdback > printed:
-            yield text[printed:len(text) - holdback]
-            printed = len(text) - holdback
-        if n == max_tokens:
+        piece = out.add(token)
+        if piece:
+            yield piece
+        if out.stopped or n == max_tokens:
             break
         logits = session.step(token)
-    if not stopped:
-        text += detok.finalize()
-        hit = _find_stop(text, stop)
-        text = text if hit is None else text[:hit]
-    if len(text) > printed:
-        yield text[printed:]
+    piece = out.finish()
+    if piece:
+        yield piece
     t2 = time.perf_counter()
     stats.generation_tokens = n
     stats.generation_tps = n / max(t2 - t1, 1e-9) if n else 0.0
     stats.peak_memory_gb = session.backend.peak_memory_gb()
+
+
+class TextStream:
+    """Generated token ids -> printable text pieces, cut at the first stop string.
+
+    Text that could be the start of a stop string is held back until it is known not to be one, so a
+    stop string is never printed; `stopped` says one was hit. Joined pieces plus `finish()` are the
+    reply. The server's engine shares it, so the CLI and the API stop identically."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        self.stop = [s for s in stop if s]
+        self.detok = tokenizer.detokenizer()
+        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+        self.text, self.printed, self.stopped = "", 0, False
+
+    def add(self, token: int) -> str:
+        self.text += self.detok.add_token(token)
+        hit = _find_stop(self.text, self.stop)
+        if hit is not None:
+            self.text, self.stopped = self.text[:hit], True
+            return ""  # finish() prints the rest up to the stop string
+        if len(self.text) - self.holdback > self.printed:
+            piece = self.text[self.printed:len(self.text) - self.holdback]
+            self.printed += len(piece)
+            return piece
+        return ""
+
+    def finish(self) -> str:
+        """The held-back rest of the reply (the detokenizer flushed, stop strings cut)."""
+        if not self.stopped:
+            self.text += self.detok.finalize()
+            hit = _find_stop(self.text, self.stop)
+            self.text = self.text if hit is None else self.text[:hit]
+        piece = self.text[self.printed:]
+        self.printed = len(self.text)
+        return piece
+
+
+def check_stop_strings(stop: Sequence[str]) -> None:
+    """An empty stop string matches before the first token (and would make the print hold-back negative):
+    it is a mistake in the caller's input, so it is refused rather than guessed at."""
+    if any(not isinstance(s, str) or s == "" for s in stop):
+        raise QwenError("--stop: a stop string must be non-empty text")
 
 
 def _find_stop(text: str, stop: Sequence[str]) -> int | None:

@@ -20,14 +20,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .dtypes import BYTES, DTYPES, SAFETENSORS, check_dtype
 from .errors import QwenError
 from .files import check_output_folder, staged_folder
 from .paths import cache_dir
 from .progress import progress_bar
 
-DTYPES = ("float32", "bfloat16", "float16")
-_SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # The split regex of Qwen2's tokenizer.json (single digits, unlike GPT-4's \p{N}{1,3}).
 QWEN2_SPLIT_REGEX = (
@@ -340,8 +338,8 @@ def _write_safetensors(plan: list[tuple[Any, str, tuple[int, ...]]], path: Path,
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for _, name, shape in plan:
-        size = int(np.prod(shape)) * _BYTES[dtype]
-        header[name] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        size = int(np.prod(shape)) * BYTES[dtype]
+        header[name] = {"dtype": SAFETENSORS[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # keep the data 8-byte aligned
@@ -365,11 +363,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _check_dtype(dtype: str) -> None:
-    if dtype not in DTYPES:
-        raise QwenError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-
-
 def convert_gguf(
     gguf_path: str | Path,
     out_dir: str | Path,
@@ -378,7 +371,7 @@ def convert_gguf(
     progress: bool = True,
 ) -> Path:
     """Convert a qwen2 GGUF into an HF folder at `out_dir` (returned); nothing half-written on failure."""
-    _check_dtype(dtype)
+    check_dtype(dtype)
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     check_output_folder(out_dir, force)  # before the long work, not after it
 
@@ -440,7 +433,7 @@ def _sha256(path: Path) -> str:
 
 def cached_conversion(gguf_path: str | Path, dtype: str = "float32", progress: bool = True) -> Path:
     """convert_gguf into cache_dir()/gguf/<sha256[:16]>-<dtype>/ once; later calls return that folder."""
-    _check_dtype(dtype)
+    check_dtype(dtype)
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise QwenError(f"GGUF file not found: {gguf_path}")

@@ -9,11 +9,11 @@ import mlx.nn as nn
 import numpy as np
 
 from .checkpoint import Checkpoint
+from .dtypes import check_dtype
 from .errors import QwenError
 from .model import Qwen2ForCausalLM
 from .progress import progress_bar
 
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 QUANT_GROUP_SIZE = 64
 
 
@@ -24,8 +24,7 @@ def default_dtype() -> str:
 
 
 def load_model(ckpt: Checkpoint, dtype: str = "float32", quantize: int | None = None) -> Qwen2ForCausalLM:
-    if dtype not in DTYPES:
-        raise QwenError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    check_dtype(dtype)
     if quantize not in (None, 4, 8):
         raise QwenError(f"--quantize must be 4 or 8, got {quantize}")
     model = Qwen2ForCausalLM(ckpt.args)
@@ -35,7 +34,7 @@ def load_model(ckpt: Checkpoint, dtype: str = "float32", quantize: int | None = 
             weights.update(mx.load(str(file)))  # lazy: nothing is read until evaluated
     except (RuntimeError, ValueError) as e:
         raise QwenError(f"cannot read {ckpt.folder}: {e}") from None
-    target = DTYPES[dtype]
+    target = getattr(mx, dtype)
     weights = {k: v.astype(target) for k, v in weights.items() if k in ckpt.tensors}
     model.load_weights(list(weights.items()), strict=True)
     # Read the weights layer by layer so the progress bar moves and peak memory stays one layer above
@@ -82,3 +81,11 @@ class MLXBackend:
 
     def peak_memory_gb(self) -> float:
         return mx.get_peak_memory() / 1e9
+
+    def batched(self, max_batch: int):
+        """This model as a continuous-batching backend (qwen_mlx.mlx_batch), or None where batching
+        would change the math: dynamic NTK RoPE rescales by each sequence's own length."""
+        if self.args.rope_type == "dynamic":
+            return None
+        from .mlx_batch import MLXBatch
+        return MLXBatch(self, max_batch)

@@ -27,14 +27,15 @@ class KVCache:
         B, K, L, D = k.shape
         end = self.offset + L
         if self.keys is None or end > self.keys.shape[2]:
-            grow = ((end + self.step - 1) // self.step) * self.step - (0 if self.keys is None else self.keys.shape[2])
-            new_k = mx.zeros((B, K, grow, D), k.dtype)
-            new_v = mx.zeros((B, K, grow, v.shape[3]), v.dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys[..., : self.offset, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., : self.offset, :], new_v], axis=2)
+            # The new buffer is sized from `end` (the valid prefix plus the new tokens), rounded up to a
+            # step; only the valid prefix is copied (positions past `offset` were trimmed away).
+            capacity = ((end + self.step - 1) // self.step) * self.step
+            new_k = mx.zeros((B, K, capacity, D), k.dtype)
+            new_v = mx.zeros((B, K, capacity, v.shape[3]), v.dtype)
+            if self.keys is not None and self.offset:
+                new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
+                new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
+            self.keys, self.values = new_k, new_v
         self.keys[..., self.offset:end, :] = k
         self.values[..., self.offset:end, :] = v
         self.offset = end

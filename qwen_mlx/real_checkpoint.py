@@ -21,7 +21,8 @@ import zipfile
 from pathlib import Path
 
 from .errors import QwenError
-from .gguf_convert import DTYPES, _sha256, cached_conversion, file_lock
+from .dtypes import DTYPES
+from .gguf_convert import _sha256, cached_conversion, file_lock
 from .paths import cache_dir
 from .progress import progress_enabled
 

@@ -241,6 +241,10 @@ class Tokenizer:
         """Text of `ids` (invalid UTF-8 becomes U+FFFD, as in HF)."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def to_json(self) -> str:
+        """tokenizer.json as the `tokenizers` library serializes it (for grammar engines)."""
+        return self._tok.to_str()
+
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary string of one id (byte-level form), or None."""
         return self._tok.id_to_token(token_id)

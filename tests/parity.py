@@ -21,9 +21,10 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+import export  # noqa: F401  (registers the torch and onnx backends)
 import qwen_mlx  # noqa: F401  (loads OpenBLAS before anything imports mlx)
 from qwen_mlx.backends import LoadedModel, load
-from qwen_mlx.generate import Session, greedy_tokens
+from qwen_mlx.generate import Session, greedy_tokens, process_peak_rss_gb
 from tests.reference import backend_logits, load_reference, reference_greedy, reference_logits
 
 # ---- float32 parity ------------------------------------------------------------------------------------
@@ -300,9 +301,3 @@ def free_memory() -> None:
         mx.clear_cache()
     except (ImportError, AttributeError):
         pass
-
-
-def peak_rss_gb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux

@@ -170,3 +170,52 @@ def test_hub_unreachable_is_one_line():
     r = run("info", "--model", "nobody/no-such-model")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "Hugging Face Hub" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_empty_stop_string_is_refused(tiny_model):
+    """Regression (issue 7): `--stop ""` made the print hold-back negative and truncated the reply."""
+    r = run("generate", "--model", str(tiny_model("gqa2-untied")), "--prompt", "hi", "--stop", "")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: --stop") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_failed_chat_turn_keeps_the_conversation(tiny_model):
+    """Regression (issue 7): any exception in a turn ended chat with a traceback and lost the conversation."""
+    import io
+
+    from qwen_mlx.backends import load
+    from qwen_mlx.chat import run_chat
+    from qwen_mlx.sampling import SamplingParams
+
+    loaded = load("mlx", str(tiny_model("gqa2-untied")), "float32")
+    real_forward, calls = loaded.backend.forward, []
+
+    def flaky(tokens):
+        calls.append(len(tokens))
+        if len(calls) == 3:  # the second turn (its prefill)
+            raise RuntimeError("device lost\nsecond line")
+        return real_forward(tokens)
+
+    loaded.backend.forward = flaky
+    lines = iter(["My name is Ada.", "What is my name?", "Still there?", "/exit"])
+    err = io.StringIO()
+    messages, session = run_chat(loaded, SamplingParams(temperature=0), 2, read=lambda _: next(lines),
+                                 out=io.StringIO(), err=err)
+    errors = [line for line in err.getvalue().splitlines() if line.startswith("error:")]
+    assert errors == ["error: RuntimeError: device lost second line (the conversation is kept)"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["My name is Ada.", "Still there?"]
+    assert len(session.tokens) == loaded.backend.cache_length
+    assert session.tokens[:len(loaded.tokenizer.encode_chat(messages[:-1]))] == \
+        loaded.tokenizer.encode_chat(messages[:-1])
+
+
+def test_info_and_generate_name_the_dual_chunk_cap(tiny_model, tmp_path):
+    folder = _copy(tiny_model("gqa2-untied"), tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["dual_chunk_attention_config"] = {"chunk_size": 16, "local_size": 4,
+                                             "original_max_position_embeddings": 256}
+    (folder / "config.json").write_text(json.dumps(config))
+    r = run("info", "--model", str(folder))
+    assert r.returncode == 0 and "context 16" in r.stdout and "Dual Chunk Attention" in r.stdout, r.stdout
+    r = run("generate", "--model", str(folder), "--raw", "--prompt", "word " * 40, "--max-tokens", "2")
+    assert r.returncode == 2 and "capped by Dual Chunk Attention" in r.stderr, r.stderr

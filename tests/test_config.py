@@ -57,6 +57,24 @@ def test_sliding_window_caps_the_context():
     assert ModelArgs.from_dict(dict(BASE, use_sliding_window=False, sliding_window=32)).context_length == 64
 
 
+# Qwen2.5-7B-Instruct-1M's config, less the sizes.
+DCA_1M = dict(max_position_embeddings=1010000, rope_theta=1e7,
+              dual_chunk_attention_config={"chunk_size": 262144, "local_size": 8192,
+                                           "original_max_position_embeddings": 262144})
+
+
+def test_dual_chunk_attention_caps_the_context_and_says_so():
+    """Regression (issue 7): the field was ignored and `info` promised 1,010,000 tokens of plain RoPE."""
+    args = ModelArgs.from_dict(dict(BASE, **DCA_1M))
+    assert args.context_length == 262144
+    [(cap, reason)] = args.context_caps()
+    assert cap == 262144 and "Dual Chunk Attention" in reason
+    smaller = dict(DCA_1M, dual_chunk_attention_config={"chunk_size": 1000, "original_max_position_embeddings": 4096})
+    assert ModelArgs.from_dict(dict(BASE, **smaller)).context_length == 1000
+    with pytest.raises(QwenError, match="dual_chunk_attention_config"):
+        ModelArgs.from_dict(dict(BASE, dual_chunk_attention_config={"local_size": 8}))
+
+
 def test_weight_shapes_and_parameter_counts():
     tied = ModelArgs.from_dict(dict(BASE, tie_word_embeddings=True))
     untied = ModelArgs.from_dict(BASE)

@@ -97,3 +97,8 @@ def test_interrupted_forward_leaves_a_consistent_cache(loaded, prompt):
     logits = session.step(7)
     fresh = load("mlx", str(loaded.folder), "float32")
     np.testing.assert_allclose(logits, Session(fresh.backend).prefill(prompt + [7]), atol=1e-4)
+
+
+def test_empty_stop_string_is_refused_not_a_truncated_reply(loaded, prompt):
+    with pytest.raises(QwenError, match="--stop"):
+        generate(Session(loaded.backend), loaded.tokenizer, prompt, GREEDY, 8, ("",))

@@ -111,3 +111,25 @@ def test_quantized_weights(tiny_model, name, bits):
     got = backend_logits(Session(quant), PROMPT, STEPS)
     want = backend_logits(Session(dequant), PROMPT, STEPS)
     assert np.abs(got - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("first", [3, 9])
+def test_cache_grows_by_what_a_turn_needs_after_reset(tiny_model, monkeypatch, first):
+    """Regression (issue 7): a turn longer than the cache's free room after /reset (offset 0, capacity 8)
+    or after a short turn used to allocate from the old capacity and crash on broadcast_shapes."""
+    from qwen_mlx.model import KVCache
+
+    monkeypatch.setattr(KVCache, "step", 8)
+    folder = tiny_model("gqa2-untied")
+    session = Session(MLXBackend(prepare_model(str(folder)), "float32"))
+    session.prefill(PROMPT[:first])
+    session.reset()
+    want = reference_logits(load_reference(folder), PROMPT + PROMPT, STEPS)
+    got = backend_logits(session, PROMPT + PROMPT, STEPS)  # 42 tokens into an 8- or 16-slot buffer
+    assert np.abs(got - want).max() < 1e-4
+    # Without reset: a later turn adds more tokens than the buffer grows by.
+    session = Session(MLXBackend(prepare_model(str(folder)), "float32"))
+    session.prefill(PROMPT[:first])
+    got = backend_logits(session, PROMPT[:first] + PROMPT * 2, STEPS)
+    want = reference_logits(load_reference(folder), PROMPT[:first] + PROMPT * 2, STEPS)
+    assert np.abs(got - want).max() < 1e-4

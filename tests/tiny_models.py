@@ -22,6 +22,10 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "dynamic": dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
                     rope_scaling={"type": "dynamic", "factor": 2.0}),
 }
+# Not in the parity sweeps above: a shape they already cover, with room for a chat with tools (server tests).
+EXTRA_CONFIGS: dict[str, dict[str, Any]] = {
+    "long-context": dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+}
 
 
 def tiny_config_dict(name: str, vocab_size: int = 512) -> dict[str, Any]:
@@ -29,7 +33,7 @@ def tiny_config_dict(name: str, vocab_size: int = 512) -> dict[str, Any]:
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
                 rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False,
                 bos_token_id=None, eos_token_id=2)
-    base.update(TINY_CONFIGS[name])
+    base.update(TINY_CONFIGS[name] if name in TINY_CONFIGS else EXTRA_CONFIGS[name])
     return base
 
 
