@@ -114,7 +114,7 @@ class OnnxBackend:
             raise QwenError(f"{self.path}: not a qwen-mlx style decoder graph (inputs missing: {missing[:3]})")
         self.kv_dtype = NP_TYPES[types["past_key_values.0.key"]]
         self.logits_dtype = NP_TYPES[{o.name: o.type for o in self.session.get_outputs()}["logits"]]
-        variant = {np.float32: "float32", np.float16: "float16"}[self.kv_dtype]
+        variant = np.dtype(self.kv_dtype).name
         quant = ", int4" if "q4" in self.path.name else ""
         self.device = f"onnxruntime {self.provider}, {variant}{quant}"
         self.past: list = []

@@ -5,9 +5,10 @@ both import it from here.
 
 from __future__ import annotations
 
+from qwen_mlx.dtypes import check_dtype
 from qwen_mlx.errors import QwenError
 
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16")  # of qwen_mlx.dtypes.DTYPES, those onnxruntime runs on every provider
 QUANTIZATIONS = ("int4",)
 DEFAULT_OPSET = 18  # the dynamo exporter's lowest; MatMulNBits lives in com.microsoft, outside it
 MIN_OPSET = 18
@@ -32,9 +33,7 @@ def model_filename(dtype: str, quantize: str | None) -> str:
 
 def normalize_options(dtype: str | None, quantize: str | int | None, opset: int | None) -> tuple[str, str | None, int]:
     """Check the user's choices before any work; accepts `--quantize 4` and `int4` alike."""
-    dtype = dtype or "float32"
-    if dtype not in DTYPES:
-        raise QwenError(f"unknown dtype {dtype!r} for the ONNX export (choose from {', '.join(DTYPES)})")
+    dtype = check_dtype(dtype or "float32", DTYPES, "the ONNX export")
     if quantize is not None:
         q = str(quantize).lower()
         quantize = {"4": "int4", "int4": "int4", "q4": "int4"}.get(q)
