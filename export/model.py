@@ -20,9 +20,12 @@ import torch.nn.functional as F
 
 from qwen_mlx.checkpoint import Checkpoint
 from qwen_mlx.config import ModelArgs
+from qwen_mlx.dtypes import check_dtype
 from qwen_mlx.errors import QwenError
 from qwen_mlx.progress import progress_bar
 from qwen_mlx.quant import dequantize, module_params
+
+from .onnx_format import DTYPES  # the dtypes the twin is traced in
 
 KV = tuple[torch.Tensor, torch.Tensor]
 MASKED = -1e30  # additive mask value: finite, so a fully padded query row softmaxes to uniform, not NaN
@@ -281,16 +284,12 @@ class Qwen2ForCausalLM(nn.Module):
         return [(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(a.num_hidden_layers)]
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
 def load_model(ckpt: Checkpoint, dtype: str = "float32", device: str | torch.device = "cpu") -> Qwen2ForCausalLM:
     """Build the twin from a checked Checkpoint: every tensor read with safetensors, cast, loaded strictly
     (shapes were validated by prepare_model, so a mismatch here is a bug, not bad input)."""
     from safetensors import safe_open
 
-    if dtype not in DTYPES:
-        raise QwenError(f"unknown dtype {dtype!r} for the torch/ONNX export (choose from {', '.join(DTYPES)})")
+    torch_dtype = getattr(torch, check_dtype(dtype, DTYPES, "the torch/ONNX export"))
     with torch.device("meta"):  # no random init of weights that are about to be overwritten
         model = Qwen2ForCausalLM(ckpt.args)
     state: dict[str, torch.Tensor] = {}
@@ -306,7 +305,7 @@ def load_model(ckpt: Checkpoint, dtype: str = "float32", device: str | torch.dev
             raise QwenError(f"cannot read {file}: {e}") from None
     if ckpt.quantization is not None:
         state = _dequantized(state, ckpt)
-    state = {k: v.to(device=device, dtype=DTYPES[dtype]) for k, v in state.items()}
+    state = {k: v.to(device=device, dtype=torch_dtype) for k, v in state.items()}
     model.load_state_dict(stack_experts(state, ckpt.args), strict=True, assign=True)
     for module in model.modules():  # numpy-built rope tables live on the CPU: move them with the weights
         if isinstance(module, RoPE):

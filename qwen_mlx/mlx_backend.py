@@ -86,6 +86,7 @@ class MLXBackend:
     def __init__(self, ckpt: Checkpoint, dtype: str | None = None, quantize: int | None = None):
         self.args = ckpt.args
         self.dtype = dtype or default_dtype()
+        self.quantize = quantize
         self.model = load_model(ckpt, self.dtype, quantize)
         self.cache = self.model.make_cache()
         device = "gpu" if mx.default_device() == mx.gpu else "cpu"
