@@ -18,7 +18,7 @@ also encodes the prompt text with its own tokenizer, and the table says whether 
 
 This file is also the worker: `python edge_runtimes.py --worker KIND` reads a request (JSON) on stdin and
 prints the result as the last line of stdout. It imports nothing but the standard library at module level,
-so it runs in any peer venv, and our own modules are imported lazily (they may not exist yet).
+so it runs in any peer venv; our own modules are imported only by the `ours` worker, in our environment.
 """
 
 from __future__ import annotations

@@ -20,8 +20,12 @@ import torch.nn.functional as F
 
 from qwen_mlx.checkpoint import Checkpoint
 from qwen_mlx.config import ModelArgs
+from qwen_mlx.dtypes import check_dtype
 from qwen_mlx.errors import QwenError
 from qwen_mlx.progress import progress_bar
+from qwen_mlx.quant import dequantize, module_params
+
+from .onnx_format import DTYPES  # the dtypes the twin is traced in
 
 KV = tuple[torch.Tensor, torch.Tensor]
 MASKED = -1e30  # additive mask value: finite, so a fully padded query row softmaxes to uniform, not NaN
@@ -280,16 +284,12 @@ class Qwen2ForCausalLM(nn.Module):
         return [(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(a.num_hidden_layers)]
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
 def load_model(ckpt: Checkpoint, dtype: str = "float32", device: str | torch.device = "cpu") -> Qwen2ForCausalLM:
     """Build the twin from a checked Checkpoint: every tensor read with safetensors, cast, loaded strictly
     (shapes were validated by prepare_model, so a mismatch here is a bug, not bad input)."""
     from safetensors import safe_open
 
-    if dtype not in DTYPES:
-        raise QwenError(f"unknown dtype {dtype!r} for the torch/ONNX export (choose from {', '.join(DTYPES)})")
+    torch_dtype = getattr(torch, check_dtype(dtype, DTYPES, "the torch/ONNX export"))
     with torch.device("meta"):  # no random init of weights that are about to be overwritten
         model = Qwen2ForCausalLM(ckpt.args)
     state: dict[str, torch.Tensor] = {}
@@ -300,11 +300,29 @@ def load_model(ckpt: Checkpoint, dtype: str = "float32", device: str | torch.dev
         try:
             with safe_open(str(file), framework="pt") as f:
                 for key in progress_bar(keys, f"loading {file.name}", total=len(keys)):
-                    state[key] = f.get_tensor(key).to(device=device, dtype=DTYPES[dtype])
+                    state[key] = f.get_tensor(key)
         except (OSError, RuntimeError, ValueError) as e:
             raise QwenError(f"cannot read {file}: {e}") from None
+    if ckpt.quantization is not None:
+        state = _dequantized(state, ckpt)
+    state = {k: v.to(device=device, dtype=torch_dtype) for k, v in state.items()}
     model.load_state_dict(stack_experts(state, ckpt.args), strict=True, assign=True)
     for module in model.modules():  # numpy-built rope tables live on the CPU: move them with the weights
         if isinstance(module, RoPE):
             module._inv_freq = module._inv_freq.to(device)
     return model.eval()
+
+
+def _dequantized(state: dict[str, torch.Tensor], ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """An mlx-lm quantized folder's tensors as float32 HF keys: each packed weight dequantized exactly
+    (scales * q + biases, qwen_mlx.quant), mlx-lm's stacked `switch_mlp` experts split back per expert."""
+    for scales_key in [k for k in state if k.endswith(".scales")]:
+        module = scales_key.removesuffix(".scales")
+        w = dequantize(state[module + ".weight"].numpy(), state.pop(scales_key).float().numpy(),
+                       state.pop(module + ".biases").float().numpy(), module_params(ckpt.quantization, module))
+        state[module + ".weight"] = torch.from_numpy(w)
+    for key in [k for k in state if ".mlp.switch_mlp." in k]:
+        prefix, proj = key.split(".switch_mlp.")
+        for j, w in enumerate(state.pop(key).unbind(0)):
+            state[f"{prefix}.experts.{j}.{proj}"] = w
+    return state

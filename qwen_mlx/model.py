@@ -11,6 +11,7 @@ X experts, k experts per token, I an MLP's intermediate size.
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -88,6 +89,9 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
             self.k_norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
         self.rope = RoPE(args)
+        # Attention maps (qwen_mlx/attention_maps.py): when set, called with the probabilities B H L T that
+        # the fused kernel computes but does not return. A callable, not a list: nn.Module would adopt a list.
+        self.on_weights: Callable[[mx.array], None] | None = None
 
     def __call__(self, x: mx.array, mask: mx.array | str | None, cache: KVCache) -> mx.array:
         B, L, _ = x.shape
@@ -100,9 +104,25 @@ class Attention(nn.Module):
         q = self.rope(q, cache.offset)
         k = self.rope(k, cache.offset)
         k, v = cache.update(k, v)                                                     # B K T D
+        if self.on_weights is not None:
+            self.on_weights(attention_weights(q, k, self.scale, mask))
         # GQA without tiling: the fused kernel maps each group of H/K query heads to its kv head.
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # B H L D
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def attention_weights(q: mx.array, k: mx.array, scale: float, mask: mx.array | str | None) -> mx.array:
+    """softmax(q k^T * scale + mask) in float32, written out: q B H L D, k B K T D -> B H L T, each group of
+    H/K query heads against its kv head (what the fused kernel computes without returning it)."""
+    B, H, L, D = q.shape
+    K, T = k.shape[1], k.shape[2]
+    q = q.astype(mx.float32).reshape(B, K, H // K, L, D)                             # B K G L D
+    s = (q @ k.astype(mx.float32)[:, :, None].swapaxes(-1, -2) * scale).reshape(B, H, L, T)
+    if isinstance(mask, str):  # "causal", lower-right aligned: query i sits at position T - L + i
+        mask = mx.arange(T - L, T)[:, None] >= mx.arange(T)[None]                    # L T
+    if mask is not None:
+        s = mx.where(mask, s, -mx.inf) if mask.dtype == mx.bool_ else s + mask.astype(mx.float32)
+    return mx.softmax(s, axis=-1)
 
 
 class MLP(nn.Module):

@@ -263,6 +263,11 @@ class Tokenizer:
         """The vocabulary string of one id (byte-level form), or None."""
         return self._tok.id_to_token(token_id)
 
+    def is_special(self, token_id: int) -> bool:
+        """Whether `token_id` is a special added token (<|im_start|>, <|endoftext|>, ...)."""
+        added = self._tok.get_added_tokens_decoder().get(token_id)
+        return added is not None and added.special
+
     def token_to_id(self, token: str) -> int | None:
         """The id of one vocabulary string, or None."""
         return self._tok.token_to_id(token)
