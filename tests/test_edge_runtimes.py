@@ -172,7 +172,7 @@ def arch_exports(tmp_path_factory):
             if not hf.exists():
                 write_tiny_model(hf, name)
             texts, ids = er.reference_prompts(hf, ["hello world", "def f(x): return x"], chat=True)
-            quantize, onnx_file = VARIANTS[variant]
+            _, quantize, onnx_file = VARIANTS[variant]
             folder = base / f"{name}-{variant}"
             export_onnx(prepare_model(str(hf)), folder, quantize=quantize, validate=False)
             ours = er.run_runtime("ours", folder, ids, N_TOKENS, texts=texts, onnx_file=onnx_file, quantize=quantize)
@@ -190,7 +190,7 @@ def test_runtime_runs_every_architecture(runtime, name, variant, arch_exports):
     if reason:
         pytest.skip(reason)
     folder, texts, ids, ours = arch_exports(name, variant)
-    quantize, onnx_file = VARIANTS[variant]
+    _, quantize, onnx_file = VARIANTS[variant]
     result = er.run_runtime(runtime, folder, ids, N_TOKENS, texts=texts, onnx_file=onnx_file, quantize=quantize,
                             timeout=600)
     assert result.ok, f"{runtime} could not run {folder}:\n{result.error}"
