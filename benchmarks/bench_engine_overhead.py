@@ -42,7 +42,7 @@ def build_model(out: Path) -> Path:
 
 def run_ours(folder: Path, n_tokens: int, clients: int) -> float:
     from qwen_mlx.backends import load
-    from qwen_mlx.batching import batch_backend
+    from qwen_mlx.engine import batch_backend
     from qwen_mlx.engine import Engine, Request, Token, run_requests
     from qwen_mlx.sampling import SamplingParams
 

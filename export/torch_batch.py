@@ -1,4 +1,4 @@
-"""Continuous batching on the PyTorch twin: the BatchBackend (qwen_mlx.batching) of a TorchBackend.
+"""Continuous batching on the PyTorch twin: the BatchBackend (qwen_mlx.engine.batching) of a TorchBackend.
 
 The twin already takes what batching needs: `attention_mask` (0 marks padding) and `position_ids` per
 row. Rows are right-aligned on a shared cache length, shorter ones padded on the left; a sequence
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from qwen_mlx.batching import PrefixCache
+from qwen_mlx.engine.batching import PrefixCache
 
 from .model import KV
 

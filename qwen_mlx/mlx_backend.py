@@ -109,9 +109,9 @@ class MLXBackend:
         return mx.get_peak_memory() / 1e9
 
     def batched(self, max_batch: int):
-        """This model as a continuous-batching backend (qwen_mlx.mlx_batch), or None where batching
+        """This model as a continuous-batching backend (qwen_mlx.engine.mlx_batch), or None where batching
         would change the math: dynamic NTK RoPE rescales by each sequence's own length."""
         if self.args.rope_type == "dynamic":
             return None
-        from .mlx_batch import MLXBatch
+        from .engine.mlx_batch import MLXBatch
         return MLXBatch(self, max_batch)

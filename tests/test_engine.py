@@ -8,11 +8,11 @@ import time
 import pytest
 
 from qwen_mlx.backends import load
-from qwen_mlx.batching import SerialBatch, batch_backend
+from qwen_mlx.engine import SerialBatch, batch_backend
 from qwen_mlx.engine import Done, Engine, Failed, Overloaded, Request, ShuttingDown, Token, run_requests
 from qwen_mlx.errors import QwenError
 from qwen_mlx.generate import Session, greedy_tokens
-from qwen_mlx.mlx_batch import MLXBatch
+from qwen_mlx.engine.mlx_batch import MLXBatch
 from qwen_mlx.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)

@@ -183,16 +183,23 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             raise ApiError(400, str(e)) from None
         return handle, queue
 
-    async def events(handle: Any, queue: asyncio.Queue) -> AsyncIterator[Any]:
-        """The engine's events for one request; leaving early (the client went away) cancels it."""
+    async def events(handle: Any, queue: asyncio.Queue, http: HTTPRequest | None = None) -> AsyncIterator[Any]:
+        """The engine's events for one request; leaving early (the client went away) cancels it. With
+        `http` (a non-streaming answer, where nothing is written until the end), the client's disconnect
+        is watched too: the request stops at the next step instead of running to max_tokens."""
+        watcher = asyncio.ensure_future(_watch_disconnect(http, queue)) if http is not None else None
         try:
             while True:
                 event = await queue.get()
+                if event is _GONE:  # nobody to answer: the status is for the log only (nginx's 499)
+                    raise ApiError(499, "the client closed the connection before the answer was ready")
                 yield event
                 if isinstance(event, (Done, Failed)):
                     return
         finally:
             engine.cancel(handle)
+            if watcher is not None:
+                watcher.cancel()
 
     def usage(done: Done) -> dict:
         return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
@@ -212,7 +219,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     # --- /v1/chat/completions ----------------------------------------------------------------------
 
     @app.post("/v1/chat/completions", dependencies=guarded)
-    async def chat(body: ChatRequest) -> Any:
+    async def chat(body: ChatRequest, http: HTTPRequest) -> Any:
         params = sampling(body)
         tools = None
         if body.tools and body.tool_choice != "none":
@@ -256,7 +263,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
         if not body.stream:
             text, logprobs = "", []
-            async for event in events(handle, queue):
+            async for event in events(handle, queue, http):
                 if isinstance(event, Token):
                     text += event.text
                     if req.logprobs is not None:
@@ -315,7 +322,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     # --- /v1/completions and the seed's /api/v1/generate ---------------------------------------------
 
-    async def complete(body: CompletionRequest) -> Any:
+    async def complete(body: CompletionRequest, http: HTTPRequest) -> Any:
         params = sampling(body)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
@@ -349,7 +356,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
         if not body.stream:
             text, tokens = "", []
-            async for event in events(handle, queue):
+            async for event in events(handle, queue, http):
                 if isinstance(event, Token):
                     text += event.text
                     tokens.append(event)
@@ -386,14 +393,26 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         return stream(completion_stream())
 
     @app.post("/v1/completions", dependencies=guarded)
-    async def completions(body: CompletionRequest) -> Any:
-        return await complete(body)
+    async def completions(body: CompletionRequest, http: HTTPRequest) -> Any:
+        return await complete(body, http)
 
     @app.post("/api/v1/generate", dependencies=guarded)
-    async def generate(body: CompletionRequest) -> Any:
-        return await complete(body)
+    async def generate(body: CompletionRequest, http: HTTPRequest) -> Any:
+        return await complete(body, http)
 
     return app
+
+
+_GONE = object()  # put in a request's event queue when its client disconnects
+
+
+async def _watch_disconnect(http: HTTPRequest, queue: asyncio.Queue) -> None:
+    """Wait for the ASGI `http.disconnect` message (the body is already read, so nothing else comes)."""
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            queue.put_nowait(_GONE)
+            return
 
 
 def _error_body(event: Failed) -> dict:

@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from .errors import QwenError
-from .generate import PREFILL_CHUNK, TextStream
-from .sampling import Sampler, SamplingParams
+from ..errors import QwenError
+from ..generate import PREFILL_CHUNK, TextStream
+from ..sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
+    from ..tokenizer import Tokenizer
     from .batching import BatchBackend
-    from .tokenizer import Tokenizer
 
 
 class Constraint(Protocol):

@@ -12,8 +12,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from .config import ModelArgs
-from .generate import Backend, Session
+from ..config import ModelArgs
+from ..generate import Backend, Session
 
 
 class BatchBackend(Protocol):

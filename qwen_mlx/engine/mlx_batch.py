@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Sequence
 import mlx.core as mx
 import numpy as np
 
+from ..model import KVCache
 from .batching import PrefixCache
-from .model import KVCache
 
 if TYPE_CHECKING:
-    from .mlx_backend import MLXBackend
+    from ..mlx_backend import MLXBackend
 
 
 class BatchKVCache:
