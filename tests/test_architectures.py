@@ -273,7 +273,7 @@ def test_batched_engine_gives_each_request_its_tokens_alone(tiny_model, backend,
     greedy tokens equal the ones it gets alone."""
     import export  # noqa: F401  (registers the torch backend)
     from qwen_mlx.backends import load
-    from qwen_mlx.batching import batch_backend
+    from qwen_mlx.engine import batch_backend
     from qwen_mlx.engine import Engine, Request, Token, run_requests
     from qwen_mlx.sampling import SamplingParams
 

@@ -3,7 +3,7 @@
 A `BatchBackend` owns the KV caches of many sequences. The engine starts a sequence (the backend reuses
 the longest prefix it has cached), prefills it in chunks on its own, then hands it to `decode`, which runs
 one forward for every running sequence: the backend notices who joined and who left since the last call
-and reshapes its batch at that token boundary. Pure Python: MLX's implementation is qwen_mlx/mlx_batch.py.
+and reshapes its batch at that token boundary. Pure Python: MLX's implementation is qwen_mlx/engine/mlx_batch.py.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ def _single_cache(layers: list[tuple[mx.array, mx.array]], length: int) -> list[
 
 
 class MLXBatch:
-    """The BatchBackend (qwen_mlx.batching) of an MLXBackend: shares its model, keeps its own caches."""
+    """The BatchBackend (qwen_mlx.engine.batching) of an MLXBackend: shares its model, keeps its own caches."""
 
     def __init__(self, backend: MLXBackend, max_batch: int, prefix_tokens: int = 16384):
         self.model = backend.model
