@@ -321,14 +321,15 @@ def _worker_genai(req: dict) -> dict:
 
 
 def _eos_ids(folder: Path) -> set[int]:
-    ids: set[int] = set()
+    """generation_config.json's eos ids, else config.json's: what transformers, genai (its genai_config is
+    written from generation_config) and transformers.js stop on; the union would stop where they go on."""
     for name in ("generation_config.json", "config.json"):
         path = folder / name
         if path.exists():
             value = json.loads(path.read_text()).get("eos_token_id")
             if value is not None:
-                ids.update(value if isinstance(value, list) else [value])
-    return ids
+                return set(value if isinstance(value, list) else [value])
+    return set()
 
 
 def _worker_ours(req: dict) -> dict:

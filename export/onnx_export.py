@@ -255,7 +255,9 @@ def genai_config(ckpt: Checkpoint, config: dict, generation: dict, model_file: s
             },
             "eos_token_id": eos if len(eos) != 1 else eos[0],
             "pad_token_id": pad,
-            "type": "qwen2",
+            # genai knows "qwen2" and "qwen3"; the type picks its decoder-only pipeline and nothing inside
+            # the graph, so the MoE variants (the experts live in the graph) take their dense sibling's.
+            "type": "qwen3" if a.qk_norm else "qwen2",
             "vocab_size": a.vocab_size,
         },
         "search": {

@@ -38,13 +38,26 @@ class TiedHead:
 
 def quantize_int4(proto):
     """MatMul weights -> MatMulNBits (4 bits, block 32, symmetric, int8 activations on CPU: accuracy_level
-    4, as onnxruntime-genai's builder does for int4), the tied lm_head and embedding included."""
+    4, as onnxruntime-genai's builder does for int4), the tied lm_head and embedding included. MoE experts,
+    gathered from [X, out, in] stacks, become GatherBlockQuantized (int4 along `in`, block 32), so a token
+    reads its k experts in 4 bits. An untied embedding's Gather and the MoE routers stay float (a router
+    picks the experts and is ~0.1% of the weights)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    from .optimize import ROUTER_WEIGHTS
+
     tied = untie_lm_head(proto.graph)
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    ranks = {t.name: len(t.dims) for t in proto.graph.initializer}
+    experts = any(_is_plain(n, "Gather") and ranks.get(n.input[0]) == 3 for n in proto.graph.node)
+    keep_float = [n.name for n in proto.graph.node
+                  if (_is_plain(n, "MatMul") and len(n.input) == 2 and ROUTER_WEIGHTS.fullmatch(n.input[1]))
+                  or (_is_plain(n, "Gather") and ranks.get(n.input[0]) != 3)]
+    # Quantizing a Gather raises the opset to 21 (the first with an int4 tensor type): only MoE graphs need it.
+    op_types = ("MatMul", "Gather") if experts else ("MatMul",)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)  # its opset-21 notice is expected
     quantizer = MatMulNBitsQuantizer(proto, bits=BITS, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
-                                     accuracy_level=4)
+                                     accuracy_level=4, nodes_to_exclude=keep_float, op_types_to_quantize=op_types,
+                                     quant_axes=(("MatMul", 0), ("Gather", -1)))
     quantizer.process()
     proto = quantizer.model.model
     if tied is not None:

@@ -20,9 +20,10 @@ HELP = "/reset forgets the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops 
 
 def run_chat(loaded: LoadedModel, params: SamplingParams, max_tokens: int, system: str | None = None,
              stop: tuple[str, ...] = (), read: Callable[[str], str] = input, out: TextIO = sys.stdout,
-             err: TextIO = sys.stderr) -> tuple[list[dict], Session]:
-    """Run until /exit or end of input; returns the conversation and the session (for tests)."""
-    session = Session(loaded.backend)
+             err: TextIO = sys.stderr, session: Session | None = None) -> tuple[list[dict], Session]:
+    """Run until /exit or end of input; returns the conversation and the session (for tests). `session`:
+    one whose cache already holds a prefix (a saved prompt cache), else a fresh one."""
+    session = session or Session(loaded.backend)
     tokenizer = loaded.tokenizer
     context = loaded.backend.args.context_length
     start = [{"role": "system", "content": system}] if system else []
