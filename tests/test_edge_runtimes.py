@@ -158,7 +158,6 @@ OPTIMUM_CANNOT = {"qwen3-untied": "optimum-onnx 0.1 ignores Qwen3's explicit hea
 @pytest.fixture(scope="module")
 def arch_exports(tmp_path_factory):
     """(name, variant) -> (export folder, prompt texts, ids, our ONNX backend's greedy tokens), on first use."""
-    pytest.importorskip("transformers")
     from export.onnx_export import export_onnx
     from qwen_mlx.checkpoint import prepare_model
     from tests.tiny_models import write_tiny_model
@@ -172,7 +171,7 @@ def arch_exports(tmp_path_factory):
             if not hf.exists():
                 write_tiny_model(hf, name)
             texts, ids = er.reference_prompts(hf, ["hello world", "def f(x): return x"], chat=True)
-            _, quantize, onnx_file = VARIANTS[variant]
+            _, quantize, onnx_file = VARIANTS[variant]  # the variant's precision, on this architecture
             folder = base / f"{name}-{variant}"
             export_onnx(prepare_model(str(hf)), folder, quantize=quantize, validate=False)
             ours = er.run_runtime("ours", folder, ids, N_TOKENS, texts=texts, onnx_file=onnx_file, quantize=quantize)
@@ -186,9 +185,9 @@ def arch_exports(tmp_path_factory):
 @pytest.mark.parametrize("name,variant", ARCH_CASES)
 @pytest.mark.parametrize("runtime", er.PEER_RUNTIMES)
 def test_runtime_runs_every_architecture(runtime, name, variant, arch_exports):
-    reason = er.missing_reason(runtime) or (runtime == "optimum" and OPTIMUM_CANNOT.get(name))
-    if reason:
-        pytest.skip(reason)
+    skip_or_fail_without(runtime)
+    if runtime == "optimum" and name in OPTIMUM_CANNOT:
+        pytest.skip(OPTIMUM_CANNOT[name])
     folder, texts, ids, ours = arch_exports(name, variant)
     _, quantize, onnx_file = VARIANTS[variant]
     result = er.run_runtime(runtime, folder, ids, N_TOKENS, texts=texts, onnx_file=onnx_file, quantize=quantize,
