@@ -6,6 +6,7 @@
     python cli.py convert --gguf FILE.gguf --out DIR
     python cli.py export-onnx --model M --out DIR
     python cli.py serve --backend mlx [--model M] [--port 8000]
+    python cli.py attention --model M --prompt TEXT --out FILE.png|FILE.npz
 
 Every user error ends as one `error: ...` line on stderr and exit status 2; Ctrl-C exits with 130.
 """
@@ -71,6 +72,21 @@ def run_options(f):
     return f
 
 
+NO_THINK = click.option("--no-think", is_flag=True,
+                        help="Qwen3: answer without reasoning first (the chat template's enable_thinking=False)")
+
+
+def _thinking_switch(loaded, no_think: bool) -> None:
+    """--no-think: every chat the tokenizer renders gets enable_thinking=False, as HF's
+    apply_chat_template(..., enable_thinking=False) would."""
+    if not no_think:
+        return
+    if not loaded.tokenizer.has_thinking_switch:
+        print("note: this model's chat template has no thinking switch (enable_thinking); --no-think changes "
+              "nothing", file=sys.stderr)
+    loaded.tokenizer.template_kwargs["enable_thinking"] = False
+
+
 def _prepare(backend, model, dtype, quantize, max_tokens, stop=(), **sampling):
     """Check the flags before loading anything, then load the backend and the sampling defaults."""
     from qwen_mlx.backends import load
@@ -86,6 +102,24 @@ def _prepare(backend, model, dtype, quantize, max_tokens, stop=(), **sampling):
     return loaded, params
 
 
+PROMPT_CACHE = click.option("--prompt-cache", default=None, metavar="FILE",
+                            help="a KV cache written by `cache-prompt` (mlx): prefill only what follows it")
+
+
+def _prompt_cache(loaded, path):
+    """Fill the backend's cache from a `cache-prompt` file; returns (Session holding it, CachedPrompt)."""
+    from qwen_mlx.generate import Session
+    from qwen_mlx.prompt_cache import load_prompt_cache
+
+    cached = load_prompt_cache(Path(path), loaded)
+    return Session(loaded.backend, tokens=list(cached.tokens)), cached
+
+
+def _check_prompt_cache_backend(prompt_cache, backend):
+    if prompt_cache and backend != "mlx":
+        raise QwenError(f"--prompt-cache works with the mlx backend only, not {backend}")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli():
     """Run Qwen2-family models with MLX, PyTorch or ONNX Runtime, and export them to ONNX."""
@@ -94,12 +128,24 @@ def cli():
 @cli.command()
 @run_options
 @click.option("--system", default=None, help="system message")
-def chat(backend, model, dtype, quantize, max_tokens, stop, system, **sampling):
+@NO_THINK
+@PROMPT_CACHE
+def chat(backend, model, dtype, quantize, max_tokens, stop, system, no_think, prompt_cache, **sampling):
     """Multi-turn chat in the terminal, replies streamed."""
     from qwen_mlx.chat import run_chat
 
+    _check_prompt_cache_backend(prompt_cache, backend)
     loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, **sampling)
-    run_chat(loaded, params, max_tokens, system=system, stop=tuple(stop))
+    _thinking_switch(loaded, no_think)
+    session = None
+    if prompt_cache:
+        from qwen_mlx.prompt_cache import check_prefix
+
+        session, cached = _prompt_cache(loaded, prompt_cache)
+        system = system if system is not None else cached.system
+        first = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "?"}]
+        check_prefix(cached.tokens, loaded.tokenizer.encode_chat(first))
+    run_chat(loaded, params, max_tokens, system=system, stop=tuple(stop), session=session)
 
 
 @cli.command()
@@ -107,27 +153,61 @@ def chat(backend, model, dtype, quantize, max_tokens, stop, system, **sampling):
 @click.option("--prompt", required=True, help="the prompt; '-' reads standard input")
 @click.option("--raw", is_flag=True, help="send the prompt as plain text, not through the chat template")
 @click.option("--system", default=None, help="system message (chat template only)")
-def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, system, **sampling):
+@NO_THINK
+@PROMPT_CACHE
+def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, system, no_think, prompt_cache,
+             **sampling):
     """One reply to one prompt: the text on stdout, a JSON stats line last on stderr."""
-    from qwen_mlx.engine import Engine, stream_generate
+    from qwen_mlx.engine import local_engine, stream_generate
     from qwen_mlx.generate import GenerationStats
 
     if prompt == "-":
         prompt = sys.stdin.read()
+    _check_prompt_cache_backend(prompt_cache, backend)
     loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, **sampling)
+    _thinking_switch(loaded, no_think and not raw)
+    session, cached = _prompt_cache(loaded, prompt_cache) if prompt_cache else (None, None)
+    if cached is not None and system is None and not raw:
+        system = cached.system
     tok = loaded.tokenizer
     if raw:
         ids = tok.encode(prompt)
     else:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         ids = tok.encode_chat(messages)
+    if cached is not None:
+        from qwen_mlx.prompt_cache import check_prefix
+        check_prefix(cached.tokens, ids)
     stats = GenerationStats()
-    engine = Engine.for_backend(loaded.backend, tok)  # the server's generation loop, a batch of one
+    engine = local_engine(loaded.backend, tok, session)  # the server's generation loop, a batch of one
     for piece in stream_generate(engine, ids, params, max_tokens, tuple(stop), stats):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     print(json.dumps(stats.as_dict()), file=sys.stderr)
+
+
+@cli.command("cache-prompt")
+@model_options
+@click.option("--file", "doc", required=True, help="the document (UTF-8 text); '-' reads standard input")
+@click.option("--raw", is_flag=True,
+              help="cache the text as is [default: as the chat's system message, which chat/generate reuse]")
+@click.option("--out", required=True, help="the cache file to write (safetensors)")
+def cache_prompt(backend, model, dtype, quantize, doc, raw, out):
+    """Prefill a long document once and save its KV cache for `chat` / `generate --prompt-cache` (mlx)."""
+    from qwen_mlx.backends import load
+    from qwen_mlx.prompt_cache import save_prompt_cache
+
+    _check_prompt_cache_backend(True, backend)
+    try:
+        text = sys.stdin.read() if doc == "-" else Path(doc).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise QwenError(f"cannot read --file {doc}: {e}") from None
+    loaded = load(backend, model, dtype, quantize)
+    tok = loaded.tokenizer
+    ids = tok.encode(text) if raw else tok.encode_chat([{"role": "system", "content": text}], add_generation_prompt=False)
+    save_prompt_cache(Path(out), loaded, ids, system=None if raw else text)
+    print(f"{out}: {len(ids)} tokens cached", file=sys.stderr)
 
 
 @cli.command()
@@ -141,7 +221,8 @@ def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, sys
 @click.option("--api-key", default=None, envvar="QWEN_MLX_API_KEY", help="require 'Authorization: Bearer KEY'")
 @click.option("--grace", type=float, default=10.0, show_default=True,
               help="seconds in-flight requests get to finish after Ctrl-C / SIGTERM")
-def serve(backend, model, dtype, quantize, host, port, max_batch, max_queue, max_tokens, api_key, grace):
+@NO_THINK
+def serve(backend, model, dtype, quantize, host, port, max_batch, max_queue, max_tokens, api_key, grace, no_think):
     """An OpenAI-compatible HTTP server (chat, completions, streaming) with continuous batching."""
     from qwen_mlx.serve import require_extra, serve as run_server
 
@@ -151,6 +232,7 @@ def serve(backend, model, dtype, quantize, host, port, max_batch, max_queue, max
     from qwen_mlx.backends import load
 
     loaded = load(backend, model, dtype, quantize)
+    _thinking_switch(loaded, no_think)  # the default; a request's chat_template_kwargs can still say otherwise
     run_server(loaded, host, port, max_batch=max_batch, api_key=api_key, max_queue=max_queue,
                max_tokens=max_tokens, grace=grace)
 
@@ -158,16 +240,27 @@ def serve(backend, model, dtype, quantize, host, port, max_batch, max_queue, max
 @cli.command()
 @model_option
 def info(model):
-    """Architecture, parameter count by component and memory per dtype."""
+    """Architecture, experts, total and active parameters by component, and memory per dtype."""
     from qwen_mlx.checkpoint import prepare_model
 
     ckpt = prepare_model(model)
     a = ckpt.args
     counts = a.parameter_counts()
-    total = sum(counts.values())
+    total, active = sum(counts.values()), a.active_parameters()
+    moe = bool(a.num_experts)
     print(f"model          {ckpt.folder}")
-    print(f"architecture   qwen2: {a.num_hidden_layers} layers, hidden {a.hidden_size}, MLP {a.intermediate_size}, "
-          f"{a.num_attention_heads} heads / {a.num_key_value_heads} KV heads x {a.head_dim}")
+    print(f"architecture   {a.model_type}: {a.num_hidden_layers} layers, hidden {a.hidden_size}, "
+          f"MLP {a.intermediate_size}, {a.num_attention_heads} heads / {a.num_key_value_heads} KV heads x "
+          f"{a.head_dim}" + (", q/k RMSNorm" if a.qk_norm else ""))
+    if moe:
+        per_expert = 3 * a.hidden_size * a.moe_intermediate_size
+        dense = [i for i in range(a.num_hidden_layers) if i not in a.moe_layers]
+        print(f"experts        {a.num_experts} per MoE layer, {a.num_experts_per_tok} per token "
+              f"({'renormalized' if a.norm_topk_prob else 'softmax'} weights), each {a.moe_intermediate_size} wide "
+              f"({per_expert:,} parameters); MoE in {len(a.moe_layers)} of {a.num_hidden_layers} layers"
+              + (f", dense MLP in {dense}" if dense else ""))
+        if a.shared_expert:
+            print(f"               shared expert {a.shared_expert_intermediate_size} wide, sigmoid-gated, on every token")
     print(f"vocabulary     {a.vocab_size}, embeddings {'tied' if a.tie_word_embeddings else 'untied'}")
     print(f"rope           {a.rope_type}, theta {a.rope_theta:g}; context {a.context_length}")
     for cap, reason in a.context_caps():
@@ -175,28 +268,76 @@ def info(model):
               f"{a.max_position_embeddings}")
     print("parameters")
     for name, n in counts.items():
-        print(f"  {name:<12} {n:>14,}  {100 * n / total:5.1f}%")
-    print(f"  {'total':<12} {total:>14,}")
-    # Quantized: Linear and embedding weights at `bits`, plus a 16-bit scale and bias per group of 64.
-    matrices = sum(n for k, n in counts.items() if k != "norms")
-    print("weights memory")
+        if n or name in ("embedding", "attention", "mlp", "norms", "lm_head"):
+            print(f"  {name:<14} {n:>14,}  {100 * n / total:5.1f}%")
+    print(f"  {'total':<14} {total:>14,}")
+    if moe:
+        print(f"  {'active/token':<14} {active:>14,}  {100 * active / total:5.1f}%  "
+              f"({a.num_experts_per_tok} of {a.num_experts} experts)")
+    # Quantized (--quantize): matrices at `bits` plus a 16-bit scale and bias per group of 64; norms and the
+    # MoE router stay in 16 bits.
+    matrices = sum(n for k, n in counts.items() if k not in ("norms", "router"))
+    active_matrices = matrices - (total - active)
+    print("weights memory" + ("           all    read per token" if moe else ""))
+
+    def row(label: str, everything: float, per_token: float) -> None:
+        print(f"  {label:<12} {everything / 1e9:8.2f} GB" + (f"   {per_token / 1e9:8.2f} GB" if moe else ""))
+
+    if ckpt.quantization is not None:
+        _stored_quantization_rows(ckpt)
     for label, size in BYTES.items():
-        print(f"  {label:<12} {total * size / 1e9:8.2f} GB")
+        row(label, total * size, active * size)
     for bits in (8, 4):
-        size = (matrices * (bits + 0.5) + (total - matrices) * 16) / 8 / 1e9
-        print(f"  {f'{bits}-bit':<12} {size:8.2f} GB")
+        row(f"{bits}-bit", (matrices * (bits + 0.5) + (total - matrices) * 16) / 8,
+            (active_matrices * (bits + 0.5) + (active - active_matrices) * 16) / 8)
     kv = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim
     print(f"KV cache       {kv * 2 / 1024:.1f} KiB per token in 16-bit ({kv * 2 * a.context_length / 1e9:.2f} GB "
           f"for the full context)")
 
 
+def _stored_quantization_rows(ckpt) -> None:
+    """`info` on a quantized folder: the stored quantization, then its weights as stored and as MLX loads
+    them (packed codes kept; scales, biases and float tensors in the load dtype)."""
+    import math
+
+    from qwen_mlx.quant import describe
+
+    print(f"  {'quantized':<12} {describe(ckpt.quantization)}")
+    itemsize = {"U32": 4, "F32": 4, "F16": 2, "BF16": 2}
+    stored = sum(math.prod(t.shape) * itemsize.get(t.dtype, 4) for t in ckpt.tensors.values())
+    packed = sum(math.prod(t.shape) * 4 for t in ckpt.tensors.values() if t.dtype == "U32")
+    floats = sum(math.prod(t.shape) for t in ckpt.tensors.values() if t.dtype != "U32")
+    print(f"  {'as stored':<12} {stored / 1e9:8.2f} GB")
+    for label, size in BYTES.items():
+        print(f"  {label:<12} {(packed + floats * size) / 1e9:8.2f} GB   MLX, quantized as stored")
+    print("  dequantized (the torch twin and the ONNX export):")
+
+
 @cli.command()
-@click.option("--gguf", "gguf_file", required=True, help="a GGUF file of architecture qwen2")
-@click.option("--out", required=True, help="the HF folder to write")
+@click.option("--gguf", "gguf_file", default=None, help="a GGUF file of architecture qwen2, qwen2moe, qwen3 or qwen3moe")
+@click.option("--model", default=None, help="with --quantize: the model to quantize (as everywhere: an HF folder, "
+              "a .gguf, a Hub id)")
+@click.option("--quantize", type=click.Choice(["4", "8"]), default=None,
+              help="write an MLX affine-quantized folder (mlx-lm's layout) instead of a float one")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              help="with --quantize: weights per scale and bias")
+@click.option("--out", required=True, help="the folder to write")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
 @click.option("--force", is_flag=True, help="replace a non-empty --out")
-def convert(gguf_file, out, dtype, force):
-    """Convert a qwen2 GGUF (llama.cpp) into a Hugging Face folder."""
+def convert(gguf_file, model, quantize, group_size, out, dtype, force):
+    """Convert a Qwen GGUF (llama.cpp) into a Hugging Face folder, or (--quantize) any model into an MLX
+    quantized folder that mlx-lm loads."""
+    if quantize:
+        from qwen_mlx.checkpoint import prepare_model
+        from qwen_mlx.mlx_convert import quantize_folder
+
+        if (model is None) == (gguf_file is None):
+            raise QwenError("convert --quantize needs exactly one of --model and --gguf")
+        print(quantize_folder(prepare_model(model or gguf_file), Path(out), int(quantize), int(group_size),
+                              dtype, force))
+        return
+    if gguf_file is None or model is not None:
+        raise QwenError("convert needs --gguf FILE (or --quantize 4|8 with --model M)")
     from qwen_mlx.gguf_convert import convert_gguf
 
     path = convert_gguf(Path(gguf_file), Path(out), dtype=dtype, force=force)
@@ -219,6 +360,42 @@ def export_onnx_cmd(model, out, dtype, quantize, opset, force):
 
     ckpt = prepare_model(model)
     print(export_onnx(ckpt, Path(out), dtype, quantize, opset, force))
+
+
+@cli.command()
+@model_option
+@click.option("--prompt", required=True, help="the prompt; '-' reads standard input")
+@click.option("--raw", is_flag=True, help="the prompt as plain text, not through the chat template")
+@click.option("--system", default=None, help="system message (chat template only)")
+@click.option("--layers", default=None, help="comma-separated layer indices [default: all]")
+@click.option("--heads", default=None, help="comma-separated head indices [default: all]")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
+@click.option("--out", required=True, help="FILE.png (a grid of heatmaps) or FILE.npz (the numbers)")
+def attention(model, prompt, raw, system, layers, heads, dtype, out):
+    """Attention maps (MLX): the softmax weights of chosen layers and heads over the prompt's tokens."""
+    out = Path(out)
+    if out.suffix not in (".png", ".npz"):
+        raise QwenError(f"--out must end in .png or .npz, got {out.name}")
+    from qwen_mlx.attention_maps import attention_maps, parse_indices, save_npz, save_png, token_labels
+    from qwen_mlx.checkpoint import prepare_model
+    from qwen_mlx.mlx_backend import load_model
+    from qwen_mlx.tokenizer import Tokenizer
+
+    ckpt = prepare_model(model)
+    layer_ids = parse_indices(layers, ckpt.args.num_hidden_layers, "layer")
+    head_ids = parse_indices(heads, ckpt.args.num_attention_heads, "head")
+    tok = Tokenizer.from_folder(ckpt.folder)
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    ids = tok.encode(prompt) if raw else tok.encode_chat(messages)
+    weights = attention_maps(load_model(ckpt, dtype), ids, layer_ids, head_ids)
+    tokens, special = token_labels(tok, ids)
+    if out.suffix == ".npz":
+        save_npz(out, weights, tokens, layer_ids, head_ids)
+    else:
+        save_png(out, weights, tokens, special, layer_ids, head_ids, title=f"{ckpt.folder.name}, {dtype}")
+    print(out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """CPU prefill / decode speed and peak memory of ONNX runtimes on the real checkpoint, in one run.
 
-    python benchmarks/bench_onnx.py [--hf HF_FOLDER] [--ours-fp32 DIR] [--ours-q4 DIR] [-n 64]
-        [--prepare-only] [--only LABEL,...] [--transformersjs]
+    python benchmarks/bench_onnx.py [--hf HF_FOLDER] [--ours-fp32 DIR] [--ours-q4 DIR [--ours-q4 DIR2]] [-n 64]
+        [--rounds 1] [--prepare-only] [--only LABEL,...] [--transformersjs]
 
 Rows (each its own subprocess, so peak RSS is that runtime's alone; see benchmarks/edge_runtimes.py):
   - optimum-onnx's own export (`optimum-cli export onnx --task text-generation-with-past`, fp32) run by
@@ -14,6 +14,10 @@ Rows (each its own subprocess, so peak RSS is that runtime's alone; see benchmar
 Every row gets the same prompt ids (chat template applied, ~150 tokens) and decodes exactly -n tokens greedily
 (EOS suppressed until then: min_new_tokens, the same rule in each runtime), after an untimed 8-token warm-up.
 prefill tok/s = prompt tokens / (start -> first token); decode tok/s = (n - 1) / (first -> last token).
+--ours-q4 given twice (say, an export made before a change and one after) adds rows for each, named by folder.
+--rounds R runs the whole list of rows R times in turn (row 1, row 2, ..., row 1, row 2, ...), so that a busy
+spell of a shared machine falls on every row alike; each row shows its best over all rounds.
+"model MB" is the size of the model file and its external data, as a runtime loads them.
 Peer exports are cached under --peer-models (default /work/peer_models); our exports are made with
 `python cli.py export-onnx` into the same place when --ours-* is not given and /tmp/real_onnx_* is absent.
 """
@@ -107,6 +111,27 @@ def prepare_ours(hf: Path, root: Path, quantize: str | None, given: str | None) 
     return out
 
 
+def model_bytes(folder: Path, onnx_file: str) -> int:
+    """The model file and its external data (`model.onnx_data`, `model.onnx.data`), wherever in the folder."""
+    return sum(p.stat().st_size for p in Path(folder).rglob(f"{onnx_file}*") if p.is_file())
+
+
+def merge(old: er.RunResult | None, new: er.RunResult) -> er.RunResult:
+    """One row over several rounds: every round's timings (the table shows the best), the highest peak RSS,
+    the fastest load; a failed round is the row's result."""
+    if old is None or not old.ok:
+        return new if old is None else old
+    if not new.ok:
+        return new
+    old.timings += new.timings
+    old.peak_rss_mb = max(old.peak_rss_mb, new.peak_rss_mb)
+    old.load_s = min(old.load_s, new.load_s)
+    old.info.setdefault("rounds", [old.info.get("loadavg_1m_after")]).append(new.info.get("loadavg_1m_after"))
+    if old.tokens != new.tokens:
+        old.info["tokens_differ_between_rounds"] = True
+    return old
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -143,11 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hf", help="HF folder of the real checkpoint (default: python -m qwen_mlx.real_checkpoint)")
     ap.add_argument("--ours-fp32", help="our fp32 export folder")
-    ap.add_argument("--ours-q4", help="our int4 export folder")
+    ap.add_argument("--ours-q4", action="append",
+                    help="our int4 export folder; give it twice to compare two (rows named by folder)")
     ap.add_argument("--peer-models", default="/work/peer_models")
     ap.add_argument("-n", type=int, default=64, help="decode tokens")
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=2, help="timed generations per row (same process); best is shown")
+    ap.add_argument("--rounds", type=int, default=1, help="passes over all rows, in turn; best is shown")
     ap.add_argument("--prepare-only", action="store_true", help="build the peer exports, run nothing")
     ap.add_argument("--only", help="comma-separated row labels (substrings) to run")
     ap.add_argument("--transformersjs", action="store_true", help="also run transformers.js on our exports")
@@ -175,14 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     add("genai builder int4 + onnxruntime-genai", "genai", lambda: prepare_genai_builder(hf, root, "int4"))
     add("genai builder fp32 + onnxruntime-genai", "genai", lambda: prepare_genai_builder(hf, root, "fp32"))
     ours_fp32 = lambda: prepare_ours(hf, root, None, args.ours_fp32)  # noqa: E731
-    ours_q4 = lambda: prepare_ours(hf, root, "int4", args.ours_q4)  # noqa: E731
-    add("our export fp32 + onnxruntime-genai", "genai", ours_fp32)
-    add("our export int4 + onnxruntime-genai", "genai", ours_q4, "model_q4.onnx", "int4")
-    add("our export fp32 + our OnnxBackend", "ours", ours_fp32)
-    add("our export int4 + our OnnxBackend", "ours", ours_q4, "model_q4.onnx", "int4")
+    q4_dirs = args.ours_q4 or [None]
+    ours_q4 = {(f"int4 ({Path(d).name})" if len(q4_dirs) > 1 else "int4"): (lambda d=d: prepare_ours(hf, root, "int4", d))
+               for d in q4_dirs}
+    runtimes = [("onnxruntime-genai", "genai"), ("our OnnxBackend", "ours")]
     if args.transformersjs:
-        add("our export fp32 + transformers.js (node)", "transformersjs", ours_fp32)
-        add("our export int4 + transformers.js (node)", "transformersjs", ours_q4, "model_q4.onnx", "int4")
+        runtimes.append(("transformers.js (node)", "transformersjs"))
+    for name, runtime in runtimes:
+        add(f"our export fp32 + {name}", runtime, ours_fp32)
+        for tag, make in ours_q4.items():
+            add(f"our export {tag} + {name}", runtime, make, "model_q4.onnx", "int4")
     if args.prepare_only:
         for label, _, folder, _, _ in rows:
             print(f"{label}: {folder or errors.get(label)}")
@@ -191,47 +220,53 @@ def main(argv: list[str] | None = None) -> int:
     texts, prompt_ids = er.reference_prompts(hf, [PROMPT], chat=True)
     n_prompt = len(prompt_ids[0])
     log(f"prompt: {n_prompt} tokens, decode {args.n} tokens")
-    results: list[tuple[str, str, Path | None, er.RunResult]] = []
+    results: dict[str, tuple[str, Path | None, er.RunResult]] = {}
     reference = None
-    for label, runtime, folder, onnx_file, quantize in rows:
-        if folder is None:
-            result = er.RunResult(runtime, False, error=errors[label])
-        else:
-            log(f"running {label} on {folder} ...")
-            result = er.run_runtime(runtime, folder, prompt_ids * args.repeat, args.n, texts=texts, onnx_file=onnx_file,
-                                    quantize=quantize, min_new_tokens=args.n, warmup=args.warmup, timeout=1800)
+    for round_ in range(args.rounds):
+        for label, runtime, folder, onnx_file, quantize in rows:
+            if folder is None:
+                results[label] = (runtime, folder, er.RunResult(runtime, False, error=errors[label]))
+                continue
+            log(f"round {round_ + 1}/{args.rounds}: running {label} on {folder} ...")
+            result = er.run_runtime(runtime, folder, prompt_ids * args.repeat, args.n, texts=texts,
+                                    onnx_file=onnx_file, quantize=quantize, min_new_tokens=args.n,
+                                    warmup=args.warmup, timeout=1800)
             result.info["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
+            result.info["model_bytes"] = model_bytes(folder, onnx_file)
             if not result.ok:
                 log(f"  failed: {result.error[-2000:]}")
-        if runtime == "hf" and result.ok:
-            reference = result
-        results.append((label, runtime, folder, result))
+            results[label] = (runtime, folder, merge(results.get(label, (None, None, None))[2], result))
+            if runtime == "hf" and results[label][2].ok:
+                reference = results[label][2]
 
     print(f"\n**Machine:** {machine()}  ")
     print(f"**Versions:** {versions()}  ")
     print(f"**Workload:** prompt {n_prompt} tokens (chat template), greedy decode of {args.n} tokens "
           f"(EOS suppressed), untimed {args.warmup}-token warm-up, best of {args.repeat} generations in one process "
-          f"per row, CPU execution provider. The machine is shared: compare rows of one run, not across runs "
+          f"per row{f' and of {args.rounds} rounds over all rows in turn' if args.rounds > 1 else ''}, CPU execution provider. The machine is shared: compare rows of one run, not across runs "
           f"(raw timings and load averages: --json).\n")
-    print("| model / runtime | prefill tok/s | decode tok/s | peak RSS (GB) | model load s | greedy tokens = HF fp32 |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for label, runtime, folder, r in results:
+    print("| model / runtime | model MB | prefill tok/s | decode tok/s | peak RSS (GB) | model load s | "
+          "greedy tokens = HF fp32 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for label, (runtime, folder, r) in results.items():
+        size = r.info.get("model_bytes", 0)
+        size = f"{size / 1e6:.0f}" if size else "-"
         if not r.ok:
             msg = r.error.strip().splitlines()[-1][:160] if r.error.strip() else "error"
-            print(f"| {label} | - | - | - | - | failed: {msg} |")
+            print(f"| {label} | {size} | - | - | - | - | failed: {msg} |")
             continue
         same = "(reference)" if r is reference else (er.compare(reference, r) if reference else "?")
         got = min(t["decode_tokens"] for t in r.timings) + 1
         note = "" if got == args.n else f" (only {got} tokens)"
         prefill = max(n_prompt / t["prefill_s"] for t in r.timings if t["prefill_s"] > 0)
         decode = max(t["decode_tokens"] / t["decode_s"] for t in r.timings if t["decode_s"] > 0)
-        print(f"| {label} | {prefill:.1f} | {decode:.1f}{note} | {r.peak_rss_mb / 1024:.2f} | "
+        print(f"| {label} | {size} | {prefill:.1f} | {decode:.1f}{note} | {r.peak_rss_mb / 1024:.2f} | "
               f"{r.load_s:.1f} | {same} |")
     if args.json:
         Path(args.json).write_text(json.dumps([dict(label=label, runtime=runtime, folder=str(folder), ok=r.ok,
                                                     error=r.error, tokens=r.tokens, timings=r.timings,
                                                     load_s=r.load_s, peak_rss_mb=r.peak_rss_mb, info=r.info)
-                                               for label, runtime, folder, r in results], indent=1))
+                                               for label, (runtime, folder, r) in results.items()], indent=1))
     return 0
 
 

@@ -18,7 +18,7 @@ also encodes the prompt text with its own tokenizer, and the table says whether 
 
 This file is also the worker: `python edge_runtimes.py --worker KIND` reads a request (JSON) on stdin and
 prints the result as the last line of stdout. It imports nothing but the standard library at module level,
-so it runs in any peer venv, and our own modules are imported lazily (they may not exist yet).
+so it runs in any peer venv; our own modules are imported only by the `ours` worker, in our environment.
 """
 
 from __future__ import annotations
@@ -321,14 +321,15 @@ def _worker_genai(req: dict) -> dict:
 
 
 def _eos_ids(folder: Path) -> set[int]:
-    ids: set[int] = set()
+    """generation_config.json's eos ids, else config.json's: what transformers, genai (its genai_config is
+    written from generation_config) and transformers.js stop on; the union would stop where they go on."""
     for name in ("generation_config.json", "config.json"):
         path = folder / name
         if path.exists():
             value = json.loads(path.read_text()).get("eos_token_id")
             if value is not None:
-                ids.update(value if isinstance(value, list) else [value])
-    return ids
+                return set(value if isinstance(value, list) else [value])
+    return set()
 
 
 def _worker_ours(req: dict) -> dict:

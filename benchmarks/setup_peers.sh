@@ -9,7 +9,9 @@
 #                     torch/transformers for its model builder (python -m onnxruntime_genai.models.builder)
 #   $PREFIX/optimum   optimum-onnx (pins transformers 4.57) + onnxruntime, for `optimum-cli export onnx`
 #                     and ORTModelForCausalLM
-#   $PREFIX/node      a node project with @huggingface/transformers (onnxruntime-node, CUDA skipped)
+#   $PREFIX/node      a node project with @huggingface/transformers (onnxruntime-node, CUDA skipped); its
+#                     node_modules also serve examples/browser/ (the web bundle and onnxruntime-web's wasm)
+# tests/test_browser.py also needs Debian's chromium (.ci/run installs it: apt-get install -y chromium).
 # Tests and benchmarks find them through QWEN_MLX_PEERS (default /work/venvs).
 set -euo pipefail
 

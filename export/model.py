@@ -1,13 +1,18 @@
-"""Qwen2 in PyTorch: the twin of qwen_mlx/model.py, traced to ONNX and run as the torch backend.
+"""Qwen2, Qwen2-MoE, Qwen3 and Qwen3-MoE in PyTorch: the twin of qwen_mlx/model.py, traced to ONNX and run
+as the torch backend.
 
 Class for class and name for name the same as the MLX model: diff the two files. What differs is the
 cache: ONNX graphs cannot hold state, so the KV cache is explicit tensors in (`past_key_values`) and out
 (`presents`), and the attention mask and position ids are inputs, which is how left-padded batches work.
+The routed experts gather the selected experts' stacked matrices (`weight[indices]`, an ONNX Gather) and
+multiply by them: standard ONNX ops that read k experts per token, never all of them.
 Shapes: B batch, L new tokens, P cached tokens, T = P + L, H heads, K kv heads, G = H / K, D head_dim,
-E hidden size, V vocabulary.
+E hidden size, V vocabulary, X experts, k experts per token, I an MLP's intermediate size.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.nn as nn
@@ -15,8 +20,12 @@ import torch.nn.functional as F
 
 from qwen_mlx.checkpoint import Checkpoint
 from qwen_mlx.config import ModelArgs
+from qwen_mlx.dtypes import check_dtype
 from qwen_mlx.errors import QwenError
 from qwen_mlx.progress import progress_bar
+from qwen_mlx.quant import dequantize, module_params
+
+from .onnx_format import DTYPES  # the dtypes the twin is traced in
 
 KV = tuple[torch.Tensor, torch.Tensor]
 MASKED = -1e30  # additive mask value: finite, so a fully padded query row softmaxes to uniform, not NaN
@@ -81,18 +90,25 @@ class Attention(nn.Module):
         E, H, K, D = args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = H, K, D
         self.scale = D ** -0.5
-        self.q_proj = nn.Linear(E, H * D, bias=True)
-        self.k_proj = nn.Linear(E, K * D, bias=True)
-        self.v_proj = nn.Linear(E, K * D, bias=True)
-        self.o_proj = nn.Linear(H * D, E, bias=False)
+        self.q_proj = nn.Linear(E, H * D, bias=args.qkv_has_bias)
+        self.k_proj = nn.Linear(E, K * D, bias=args.qkv_has_bias)
+        self.v_proj = nn.Linear(E, K * D, bias=args.qkv_has_bias)
+        self.o_proj = nn.Linear(H * D, E, bias=args.o_has_bias)
+        self.qk_norm = args.qk_norm
+        if self.qk_norm:  # Qwen3: RMSNorm over each head's D features of q and k, before RoPE
+            self.q_norm = RMSNorm(D, eps=args.rms_norm_eps)
+            self.k_norm = RMSNorm(D, eps=args.rms_norm_eps)
         self.rope = RoPE(args)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 past: KV) -> tuple[torch.Tensor, KV]:
         B, L, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.q_proj(x).reshape(B, L, H, D).transpose(1, 2)                       # B H L D
-        k = self.k_proj(x).reshape(B, L, K, D).transpose(1, 2)                       # B K L D
+        q = self.q_proj(x).reshape(B, L, H, D)                                       # B L H D
+        k = self.k_proj(x).reshape(B, L, K, D)                                       # B L K D
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                                  # B H L D, B K L D
         v = self.v_proj(x).reshape(B, L, K, D).transpose(1, 2)                       # B K L D
         q = self.rope(q, *cos_sin)
         k = self.rope(k, *cos_sin)
@@ -109,21 +125,95 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        I = intermediate_size or args.intermediate_size
+        self.gate_proj = nn.Linear(args.hidden_size, I, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, I, bias=False)
+        self.down_proj = nn.Linear(I, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
-class DecoderLayer(nn.Module):
+class SwitchLinear(nn.Module):
+    """One projection of every expert, stacked X out in (the checkpoint's `experts.{j}.<proj>.weight`
+    [out, in] stacked along j). Each row is multiplied by the matrices of the experts `indices` names,
+    gathered from the stack (ONNX Gather + MatMul): no other expert's matrix is read."""
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, output_dims, input_dims))
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x ... 1|k in, indices ... k -> ... k out"""
+        # index_select traces to an ONNX Gather on axis 0 (int4: onnxruntime's GatherBlockQuantized).
+        w = torch.index_select(self.weight, 0, indices.reshape(-1)).reshape(*indices.shape, *self.weight.shape[1:])
+        return torch.matmul(w, x[..., None]).squeeze(-1)                              # ... k out
+
+
+class Experts(nn.Module):
+    """The routed experts' SwiGLUs; only the k chosen per token are computed."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
+        E, I, X = args.hidden_size, args.moe_intermediate_size, args.num_experts
+        self.gate_proj = SwitchLinear(E, I, X)
+        self.up_proj = SwitchLinear(E, I, X)
+        self.down_proj = SwitchLinear(I, E, X)
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x B L E, indices B L k -> B L k E (each token through each of its k experts)."""
+        x = x[:, :, None, :]                                                          # B L 1 E
+        h = F.silu(self.gate_proj(x, indices)) * self.up_proj(x, indices)            # B L k I
+        return self.down_proj(h, indices)                                            # B L k E
+
+
+class SparseMoeBlock(nn.Module):
+    """Router softmax over the X experts, the top k of them per token (renormalized with `norm_topk_prob`),
+    and Qwen2-MoE's shared expert scaled by sigmoid(shared_expert_gate(x))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = args.num_experts_per_tok, args.norm_topk_prob
+        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)        # the router
+        self.experts = Experts(args)
+        self.has_shared_expert = args.shared_expert
+        if self.has_shared_expert:
+            self.shared_expert = MLP(args, args.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(args.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(self.gate(x).float(), dim=-1)                          # B L X, float32 as in HF
+        weights, indices = torch.topk(probs, self.top_k, dim=-1)                     # B L k
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        y = self.experts(x, indices)                                                 # B L k E
+        y = (y * weights[..., None].to(y.dtype)).sum(dim=-2)                         # B L E
+        if self.has_shared_expert:
+            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y
+
+
+def stack_experts(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """`...mlp.experts.{j}.<proj>.weight` [out, in] for j < X -> `...mlp.experts.<proj>.weight` [X, out, in]."""
+    out, groups = {}, {}
+    for key, value in weights.items():
+        m = re.fullmatch(r"(.*\.mlp\.experts)\.(\d+)\.(\w+\.weight)", key)
+        if m:
+            groups.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = value
+        else:
+            out[key] = value
+    for key, parts in groups.items():
+        out[key] = torch.stack([parts[j] for j in range(args.num_experts)])
+    return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, index: int):
+        super().__init__()
         self.self_attn = Attention(args)
-        self.mlp = MLP(args)
+        self.mlp = SparseMoeBlock(args) if args.is_moe_layer(index) else MLP(args)
         self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
@@ -151,7 +241,7 @@ class Qwen2Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(args) for _ in range(args.num_hidden_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(args, i) for i in range(args.num_hidden_layers)])
         self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
@@ -194,16 +284,12 @@ class Qwen2ForCausalLM(nn.Module):
         return [(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(a.num_hidden_layers)]
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
 def load_model(ckpt: Checkpoint, dtype: str = "float32", device: str | torch.device = "cpu") -> Qwen2ForCausalLM:
     """Build the twin from a checked Checkpoint: every tensor read with safetensors, cast, loaded strictly
     (shapes were validated by prepare_model, so a mismatch here is a bug, not bad input)."""
     from safetensors import safe_open
 
-    if dtype not in DTYPES:
-        raise QwenError(f"unknown dtype {dtype!r} for the torch/ONNX export (choose from {', '.join(DTYPES)})")
+    torch_dtype = getattr(torch, check_dtype(dtype, DTYPES, "the torch/ONNX export"))
     with torch.device("meta"):  # no random init of weights that are about to be overwritten
         model = Qwen2ForCausalLM(ckpt.args)
     state: dict[str, torch.Tensor] = {}
@@ -214,11 +300,29 @@ def load_model(ckpt: Checkpoint, dtype: str = "float32", device: str | torch.dev
         try:
             with safe_open(str(file), framework="pt") as f:
                 for key in progress_bar(keys, f"loading {file.name}", total=len(keys)):
-                    state[key] = f.get_tensor(key).to(device=device, dtype=DTYPES[dtype])
+                    state[key] = f.get_tensor(key)
         except (OSError, RuntimeError, ValueError) as e:
             raise QwenError(f"cannot read {file}: {e}") from None
-    model.load_state_dict(state, strict=True, assign=True)
+    if ckpt.quantization is not None:
+        state = _dequantized(state, ckpt)
+    state = {k: v.to(device=device, dtype=torch_dtype) for k, v in state.items()}
+    model.load_state_dict(stack_experts(state, ckpt.args), strict=True, assign=True)
     for module in model.modules():  # numpy-built rope tables live on the CPU: move them with the weights
         if isinstance(module, RoPE):
             module._inv_freq = module._inv_freq.to(device)
     return model.eval()
+
+
+def _dequantized(state: dict[str, torch.Tensor], ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """An mlx-lm quantized folder's tensors as float32 HF keys: each packed weight dequantized exactly
+    (scales * q + biases, qwen_mlx.quant), mlx-lm's stacked `switch_mlp` experts split back per expert."""
+    for scales_key in [k for k in state if k.endswith(".scales")]:
+        module = scales_key.removesuffix(".scales")
+        w = dequantize(state[module + ".weight"].numpy(), state.pop(scales_key).float().numpy(),
+                       state.pop(module + ".biases").float().numpy(), module_params(ckpt.quantization, module))
+        state[module + ".weight"] = torch.from_numpy(w)
+    for key in [k for k in state if ".mlp.switch_mlp." in k]:
+        prefix, proj = key.split(".switch_mlp.")
+        for j, w in enumerate(state.pop(key).unbind(0)):
+            state[f"{prefix}.experts.{j}.{proj}"] = w
+    return state

@@ -1,15 +1,15 @@
 """An exported ONNX folder as a backend of the shared generation loop, on onnxruntime.
 
-The graph takes the cache as inputs and returns it grown by the new tokens. On CUDA the presents stay on
-the GPU as OrtValues bound back as the next step's past (IO binding): only token ids go up and one row of
-logits comes down. On the CPU they are numpy arrays fed back as they are.
+The graph takes the cache as inputs and returns it grown by the new tokens. On the CPU the presents are
+numpy arrays fed back as they are. On CUDA everything stays on the GPU (one IO binding, reused every step):
+the presents are bound back as the next step's past, the mask and positions are windows of two buffers
+made once on the device, and the logits are left there too, so only the token ids go up and only the last
+row of logits comes down (export/cuda.py copies it; a prefill's full [L, vocab] never crosses the bus).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +19,7 @@ from qwen_mlx.config import ModelArgs
 from qwen_mlx.errors import QwenError
 from qwen_mlx.generate import process_peak_rss_gb
 
-from .onnx_export import DTYPES, io_names, model_filename, normalize_options
+from .onnx_format import DTYPES, io_names, model_filename, normalize_options
 
 # The variant picked when the caller names none: the most accurate first.
 PREFERENCE = ("model.onnx", "model_fp16.onnx", "model_q4.onnx", "model_q4f16.onnx")
@@ -50,14 +50,9 @@ def cuda_usable() -> bool:
     """onnxruntime-gpu lists CUDAExecutionProvider even on machines without a GPU: also ask the driver."""
     import onnxruntime as ort
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1" if sys.platform != "win32" else "nvcuda.dll")
-        count = ctypes.c_int(0)
-        return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
-    except OSError:
-        return False
+    from .cuda import device_count
+
+    return "CUDAExecutionProvider" in ort.get_available_providers() and device_count() > 0
 
 
 def physical_cores() -> int:
@@ -118,10 +113,13 @@ class OnnxBackend:
         if missing:
             raise QwenError(f"{self.path}: not a qwen-mlx style decoder graph (inputs missing: {missing[:3]})")
         self.kv_dtype = NP_TYPES[types["past_key_values.0.key"]]
-        variant = {np.float32: "float32", np.float16: "float16"}[self.kv_dtype]
+        self.logits_dtype = NP_TYPES[{o.name: o.type for o in self.session.get_outputs()}["logits"]]
+        variant = np.dtype(self.kv_dtype).name
         quant = ", int4" if "q4" in self.path.name else ""
         self.device = f"onnxruntime {self.provider}, {variant}{quant}"
         self.past: list = []
+        if self.on_cuda:
+            self._init_cuda()
         self.trim(0)
 
     def _empty(self) -> np.ndarray:
@@ -129,12 +127,12 @@ class OnnxBackend:
         return np.zeros((1, a.num_key_value_heads, 0, a.head_dim), self.kv_dtype)
 
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        if self.on_cuda:
+            return self._forward_cuda(tokens)
         P, L = self.cache_length, len(tokens)
         feed = {"input_ids": np.array([list(tokens)], np.int64),
                 "attention_mask": np.ones((1, P + L), np.int64),
                 "position_ids": np.arange(P, P + L, dtype=np.int64)[None]}
-        if self.on_cuda:
-            return self._forward_cuda(feed)
         # Plain run on the CPU: the numpy presents are fed back as they are (no copy). IO binding with
         # OrtValues measured slower here (int4 decode 52.7 vs 57.5 tok/s, interleaved): the per-step
         # binding calls cost more than the conversions they save.
@@ -143,22 +141,71 @@ class OnnxBackend:
         self._length = P + L
         return logits[0, -1].astype(np.float32)
 
-    def _forward_cuda(self, feed: dict) -> np.ndarray:
-        binding = self.session.io_binding()
-        for name, value in feed.items():
-            binding.bind_cpu_input(name, value)
+    # ---- CUDA: one IO binding, buffers on the device ------------------------------------------------------
+
+    def _init_cuda(self) -> None:
+        import onnxruntime as ort
+
+        from .cuda import CudaDevice
+
+        self.cuda = CudaDevice(0)  # onnxruntime's CUDA provider runs on device 0 unless told otherwise
+        self.binding = self.session.io_binding()
+        # Every step's mask is ones[:P + L] and its positions arange[P:P + L]: bound as views of these two.
+        window = self.args.context_length
+        self._ones = ort.OrtValue.ortvalue_from_numpy(np.ones(window, np.int64), "cuda", 0)
+        self._positions = ort.OrtValue.ortvalue_from_numpy(np.arange(window, dtype=np.int64), "cuda", 0)
+        self._window = window
+        self._row = np.empty(self.args.vocab_size, self.logits_dtype)  # the one row of logits that comes down
+        self._peak_bytes = self.cuda.used_bytes()
+
+    def _forward_cuda(self, tokens: Sequence[int]) -> np.ndarray:
+        P, L = self._length, len(tokens)
+        b = self.binding
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()  # every output is allocated afresh: the last ones are this step's past
+        ids = np.array([list(tokens)], np.int64)  # alive until the run: onnxruntime copies it up from here
+        b.bind_cpu_input("input_ids", ids)
+        if P + L <= self._window:
+            b.bind_input("attention_mask", "cuda", 0, np.int64, [1, P + L], self._ones.data_ptr())
+            b.bind_input("position_ids", "cuda", 0, np.int64, [1, L], self._positions.data_ptr() + 8 * P)
+        else:  # past the context the buffers were sized for (the loop refuses that before it gets here)
+            mask, positions = np.ones((1, P + L), np.int64), np.arange(P, P + L, dtype=np.int64)[None]
+            b.bind_cpu_input("attention_mask", mask)
+            b.bind_cpu_input("position_ids", positions)
         for name, value in zip(self.inputs[3:], self.past):
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, value)
+            if isinstance(value, np.ndarray):  # the empty cache of a first step
+                b.bind_cpu_input(name, value)
             else:
-                binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")  # small after the last-position slice below; a copy anyway
-        for name in self.outputs[1:]:
-            binding.bind_output(name, "cuda")
-        self.session.run_with_iobinding(binding)
-        logits, *self.past = binding.get_outputs()
-        self._length = feed["attention_mask"].shape[1]
-        return logits.numpy()[0, -1].astype(np.float32)
+                b.bind_ortvalue_input(name, value)
+        for name in self.outputs:
+            b.bind_output(name, "cuda")
+        self.session.run_with_iobinding(b)  # returns when the device is done (providers synchronized)
+        logits, *self.past = b.get_outputs()
+        self._length = P + L
+        vocab = logits.shape()[-1]
+        self.cuda.current()
+        self.cuda.to_host(self._row, logits.data_ptr() + (L - 1) * vocab * self._row.itemsize)
+        self._peak_bytes = max(self._peak_bytes, self.cuda.used_bytes())
+        return self._row.astype(np.float32)  # a new array: the caller may keep it
+
+    def _trim_cuda(self, length: int) -> None:
+        """Keep the first `length` positions of every [1, heads, T, head_dim] present, copied on the device:
+        per head, one contiguous prefix of T * head_dim."""
+        import onnxruntime as ort
+
+        self.cuda.current()
+        trimmed = []
+        for value in self.past:
+            _, heads, T, D = value.shape()
+            size = np.dtype(self.kv_dtype).itemsize * D
+            out = ort.OrtValue.ortvalue_from_shape_and_type([1, heads, length, D], self.kv_dtype, "cuda", 0)
+            for h in range(heads):
+                self.cuda.copy(out.data_ptr() + h * length * size, value.data_ptr() + h * T * size, length * size)
+            trimmed.append(out)
+        self.cuda.synchronize()  # before onnxruntime's stream reads them
+        self.past = trimmed
+
+    # ---- the cache -------------------------------------------------------------------------------------
 
     @property
     def cache_length(self) -> int:
@@ -170,16 +217,17 @@ class OnnxBackend:
             return
         if length >= self._length:
             return
-        if self.on_cuda:  # no device-side slicing of an OrtValue: round-trip (trims are rare: a new prompt)
-            import onnxruntime as ort
-
-            self.past = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :length]), "cuda", 0)
-                         for v in self.past]
+        if self.on_cuda:
+            self._trim_cuda(length)
         else:
             self.past = [np.ascontiguousarray(v[:, :, :length]) for v in self.past]
         self._length = length
 
     def peak_memory_gb(self) -> float:
+        """CPU: the process's peak RSS. CUDA: the most device memory in use seen after a step (the whole
+        device, CUDA context and onnxruntime's arena included; the GPU's own count, not the process's)."""
+        if self.on_cuda:
+            return self._peak_bytes / 1e9
         return process_peak_rss_gb()
 
 

@@ -3,10 +3,12 @@
 The PyTorch twin (export/model.py) is traced with torch.onnx's dynamo exporter: it names the inputs and
 outputs as given, keeps head counts and head_dim static and batch / sequence / past dynamic, and folds
 each Linear's weight transpose into one initializer. Then: readable initializer and axis names, optional
-int4 weight quantization by onnxruntime's own MatMulNBits quantizer, weights to external data above the
-protobuf limit, the side files (config, generation config, tokenizer with its chat template, genai config),
-and a check of the result on onnxruntime against the twin. Everything is written into a temporary sibling
-folder that is renamed into place only when complete.
+int4 weight quantization by onnxruntime's own MatMulNBits quantizer (a tied embedding stays one table, int4
+at both ends: export/quantize.py), weights to external data above the protobuf limit, the side files
+(config, generation config, tokenizer with its chat template, genai config), and a check of the result on
+onnxruntime against the twin (export/onnx_validate.py). Everything is written into a staging sibling that
+replaces the folder only when complete (qwen_mlx.files.staged_folder): a failure, Ctrl-C or kill leaves
+nothing half-written, and the next run removes what a killed one left.
 """
 
 from __future__ import annotations
@@ -22,18 +24,15 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-
 from qwen_mlx.checkpoint import Checkpoint, read_generation_config
 from qwen_mlx.errors import QwenError
+from qwen_mlx.files import staged_folder
 
+from .onnx_format import io_names, model_filename, normalize_options
+from .onnx_validate import validate_export
 from .optimize import optimize
+from .quantize import INT4_BLOCK_SIZE, quantize_int4
 
-DTYPES = ("float32", "float16")
-QUANTIZATIONS = ("int4",)
-DEFAULT_OPSET = 18  # the dynamo exporter's lowest; MatMulNBits lives in com.microsoft, outside it
-MIN_OPSET = 18
-INT4_BLOCK_SIZE = 32
 # Weights above this go to `<model>.onnx_data`. The protobuf limit (2 GiB) forces it for float32, and it pays
 # below that too: onnxruntime parses an inline 850 MB int4 protobuf into a second copy in memory (peak RSS
 # 1.40 GB against 0.61 GB with external data, measured with onnxruntime-genai on the real 0.5B model).
@@ -42,34 +41,6 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "special_tokens
 # Axis names as onnxruntime-genai's builder writes them.
 AXES = {"batch": "batch_size", "sequence": "sequence_length", "past_sequence": "past_sequence_length",
         "total": "total_sequence_length"}
-# (max |logit diff| relative to the largest logit, greedy agreement required) against the float32 twin.
-# fp32 differs only by summation order (measured ~2e-6 on tiny models). fp16 and int4 bounds are measured
-# values with a wide margin (tiny random models: fp16 2e-3 / 100%, int4 0.46 / 89%, the worst case, as
-# random weights quantize badly): they catch a broken export, not a slightly lossy one.
-TOLERANCE = {"float32": (2e-4, 1.0), "float16": (2e-2, 0.75), "int4": (0.75, 0.5)}
-
-
-def model_filename(dtype: str, quantize: str | None) -> str:
-    """transformers.js' names: model.onnx, model_fp16.onnx, model_q4.onnx, model_q4f16.onnx."""
-    if quantize == "int4":
-        return "model_q4.onnx" if dtype == "float32" else "model_q4f16.onnx"
-    return "model.onnx" if dtype == "float32" else "model_fp16.onnx"
-
-
-def normalize_options(dtype: str | None, quantize: str | int | None, opset: int | None) -> tuple[str, str | None, int]:
-    """Check the user's choices before any work; accepts `--quantize 4` and `int4` alike."""
-    dtype = dtype or "float32"
-    if dtype not in DTYPES:
-        raise QwenError(f"unknown dtype {dtype!r} for the ONNX export (choose from {', '.join(DTYPES)})")
-    if quantize is not None:
-        q = str(quantize).lower()
-        quantize = {"4": "int4", "int4": "int4", "q4": "int4"}.get(q)
-        if quantize is None:
-            raise QwenError(f"unknown quantization {q!r} for the ONNX export (choose from {', '.join(QUANTIZATIONS)})")
-    opset = DEFAULT_OPSET if opset is None else opset
-    if not isinstance(opset, int) or isinstance(opset, bool) or opset < MIN_OPSET:
-        raise QwenError(f"--opset must be an integer >= {MIN_OPSET} (the dynamo exporter's lowest), got {opset!r}")
-    return dtype, quantize, opset
 
 
 @contextlib.contextmanager
@@ -92,50 +63,18 @@ def export_onnx(ckpt: Checkpoint, out_dir: Path, dtype: str = "float32", quantiz
     source = ckpt.folder.resolve()
     if out_dir.resolve() == source or source.is_relative_to(out_dir.resolve()):
         raise QwenError(f"{out_dir}: refusing to export over the checkpoint being exported")
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise QwenError(f"{out_dir} exists and is not a folder")
-        if any(out_dir.iterdir()) and not force:
-            raise QwenError(f"{out_dir} is not empty (pass --force to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        (tmp / "onnx").mkdir(parents=True)
-        name = model_filename(dtype, quantize)
-        external = _build_model(ckpt, tmp / "onnx" / name, dtype, quantize, opset)
-        write_side_files(ckpt, tmp, f"onnx/{name}", dtype, quantize, external)
+    name = model_filename(dtype, quantize)
+    with staged_folder(out_dir, force) as staging:
+        (staging / "onnx").mkdir()
+        external = _build_model(ckpt, staging / "onnx" / name, dtype, quantize, opset)
+        write_side_files(ckpt, staging, f"onnx/{name}", dtype, quantize, external)
         if validate:
             with _step("checking the ONNX model against the PyTorch twin"):
-                validate_export(ckpt, tmp, dtype, quantize)
-        _replace_folder(tmp, out_dir)
-    except BaseException:  # KeyboardInterrupt included: never leave a half-written folder behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                validate_export(ckpt, staging, dtype, quantize)
     return out_dir / "onnx" / name
 
 
-def _replace_folder(tmp: Path, out_dir: Path) -> None:
-    """Move the finished folder into place; an old one (force) is renamed aside first, then removed."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # ---- the graph -----------------------------------------------------------------------------------------
-
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "attention_mask", "position_ids"]
-    outputs = ["logits"]
-    for i in range(num_layers):
-        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        outputs += [f"present.{i}.key", f"present.{i}.value"]
-    return inputs, outputs
-
 
 def trace(ckpt: Checkpoint, dtype: str, opset: int):
     """Trace the twin with the dynamo exporter -> onnx ModelProto (weights in memory)."""
@@ -211,21 +150,6 @@ def _tidy_names(proto) -> None:
                     other.input[i] = new
 
 
-def quantize_int4(proto):
-    """MatMul weights -> MatMulNBits, 4 bits, block 32, by onnxruntime's own quantizer (symmetric, with
-    int8 activations on CPU: accuracy_level 4, as onnxruntime-genai's builder does for int4)."""
-    import logging
-
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    with _step("quantizing MatMul weights to int4 (MatMulNBits, block 32)"):
-        quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
-                                         accuracy_level=4)
-        quantizer.process()
-    return quantizer.model.model
-
-
 def _weight_bytes(proto) -> int:
     return sum(len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) + 8 * len(t.int64_data)
                for t in proto.graph.initializer)
@@ -239,7 +163,8 @@ def _build_model(ckpt: Checkpoint, path: Path, dtype: str, quantize: str | None,
     with _step("fusing sibling MatMuls, canonicalizing RMSNorm (export/optimize.py)"):
         optimize(proto)  # before quantizing: a fused q/k/v or gate/up MatMul is quantized as one
     if quantize == "int4":
-        proto = quantize_int4(proto)
+        with _step(f"quantizing MatMul weights to int4 (MatMulNBits, block {INT4_BLOCK_SIZE})"):
+            proto = quantize_int4(proto)
     external = _weight_bytes(proto) > EXTERNAL_DATA_BYTES
     with _step(f"writing {path.name}" + (f" + {path.name}_data" if external else "")):
         onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
@@ -330,7 +255,9 @@ def genai_config(ckpt: Checkpoint, config: dict, generation: dict, model_file: s
             },
             "eos_token_id": eos if len(eos) != 1 else eos[0],
             "pad_token_id": pad,
-            "type": "qwen2",
+            # genai knows "qwen2" and "qwen3"; the type picks its decoder-only pipeline and nothing inside
+            # the graph, so the MoE variants (the experts live in the graph) take their dense sibling's.
+            "type": "qwen3" if a.qk_norm else "qwen2",
             "vocab_size": a.vocab_size,
         },
         "search": {
@@ -351,79 +278,3 @@ def genai_config(ckpt: Checkpoint, config: dict, generation: dict, model_file: s
             "top_p": float(generation.get("top_p", 1.0)),
         },
     }
-
-
-# ---- validation ----------------------------------------------------------------------------------------
-
-def _validation_prompt(ckpt: Checkpoint) -> list[int]:
-    """A chat prompt through the checkpoint's own tokenizer, else fixed random ids."""
-    try:
-        from qwen_mlx.tokenizer import Tokenizer
-
-        tok = Tokenizer.from_folder(ckpt.folder)
-        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Write a haiku about rivers."}]))
-        if ids and max(ids) < ckpt.args.vocab_size:
-            return ids
-    except QwenError:
-        pass
-    return np.random.default_rng(0).integers(0, ckpt.args.vocab_size, size=12).tolist()
-
-
-def teacher_forced_logits(backend, prompt: list[int], tokens: list[int]) -> list[np.ndarray]:
-    """Logits after the prompt and after each of `tokens` fed one by one (cached decode)."""
-    backend.trim(0)
-    out = [backend.forward(prompt)]
-    for t in tokens:
-        out.append(backend.forward([t]))
-    return out
-
-
-def compare(reference: list[np.ndarray], other: list[np.ndarray]) -> dict:
-    """Max |logit diff|, that relative to the largest reference logit, and greedy agreement."""
-    diff = max(float(np.abs(r - o).max()) for r, o in zip(reference, other))
-    scale = max(1.0, max(float(np.abs(r).max()) for r in reference))
-    agree = float(np.mean([int(np.argmax(r)) == int(np.argmax(o)) for r, o in zip(reference, other)]))
-    return {"max_abs_diff": diff, "relative_diff": diff / scale, "greedy_agreement": agree}
-
-
-def validate_export(ckpt: Checkpoint, folder: Path, dtype: str, quantize: str | None, steps: int = 8) -> dict:
-    """Run the export on onnxruntime beside the float32 twin (and MLX when importable) on a prompt plus
-    `steps` cached decode steps; print the figures on stderr; QwenError when outside tolerance."""
-    from .onnx_backend import OnnxBackend
-    from .torch_backend import TorchBackend
-
-    prompt = _validation_prompt(ckpt)
-    twin = TorchBackend(ckpt, "float32")
-    reference = [twin.forward(prompt)]
-    tokens = []
-    for _ in range(steps):  # the twin's own greedy continuation, then every backend is fed the same tokens
-        tokens.append(int(np.argmax(reference[-1])))
-        reference.append(twin.forward(tokens[-1:]))
-    del twin
-    onnx_backend = OnnxBackend(folder, dtype, quantize)
-    result = compare(reference, teacher_forced_logits(onnx_backend, prompt, tokens))
-    result["device"] = onnx_backend.device
-    del onnx_backend
-    print(f"validate: onnx ({model_filename(dtype, quantize)}) vs torch float32 on {len(prompt)} prompt tokens + "
-          f"{steps} steps: max |logit diff| {result['max_abs_diff']:.3g} (relative {result['relative_diff']:.3g}), "
-          f"greedy agreement {result['greedy_agreement']:.0%}", file=sys.stderr)
-    mlx = _mlx_figures(ckpt, prompt, tokens, reference)
-    if mlx:
-        result["mlx"] = mlx
-        print(f"validate: mlx float32 vs torch float32: max |logit diff| {mlx['max_abs_diff']:.3g}, "
-              f"greedy agreement {mlx['greedy_agreement']:.0%}", file=sys.stderr)
-    max_rel, min_agree = TOLERANCE["int4" if quantize else dtype]
-    if result["relative_diff"] > max_rel or result["greedy_agreement"] < min_agree:
-        raise QwenError(f"the exported model does not match the PyTorch twin: relative logit diff "
-                        f"{result['relative_diff']:.3g} (allowed {max_rel:g}), greedy agreement "
-                        f"{result['greedy_agreement']:.0%} (required {min_agree:.0%}); nothing was written")
-    return result
-
-
-def _mlx_figures(ckpt: Checkpoint, prompt: list[int], tokens: list[int], reference: list[np.ndarray]) -> dict | None:
-    """The same comparison for the MLX model, when MLX imports here (it is informative, not a gate)."""
-    try:
-        from qwen_mlx.mlx_backend import MLXBackend
-    except ImportError:
-        return None
-    return compare(reference, teacher_forced_logits(MLXBackend(ckpt, "float32"), prompt, tokens))

@@ -24,6 +24,10 @@ from collections import defaultdict
 
 import numpy as np
 
+# The MoE router and Qwen2-MoE's shared-expert gate: they choose and scale experts. Kept as their own float
+# MatMuls (never fused, never int4): rounding them changes which experts run, and they are ~0.1% of weights.
+ROUTER_WEIGHTS = re.compile(r".*\.mlp\.(gate|shared_expert_gate)\.weight\.T")
+
 
 def optimize(proto) -> dict:
     """Run every pass on `proto` (an onnx.ModelProto, weights in memory) in place; returns counts."""
@@ -107,9 +111,10 @@ def fuse_sibling_matmuls(graph) -> dict:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
             continue
         w = inits.get(node.input[1])
-        # A weight another node also reads stays as it is (concatenating would store it twice).
+        # A weight another node also reads stays as it is (concatenating would store it twice); MoE routers
+        # stay apart so that int4 never quantizes them (ROUTER_WEIGHTS).
         if w is None or len(w.dims) != 2 or uses[w.name] != 1 or node.input[0] in inits \
-                or node.output[0] in graph_outputs:
+                or node.output[0] in graph_outputs or ROUTER_WEIGHTS.fullmatch(w.name):
             continue
         groups[(node.input[0], w.data_type, w.dims[0])].append(node)
 
@@ -209,4 +214,4 @@ def _plan_group(nodes, inits, consumers, graph_outputs, taken):
     return new_nodes, gone, dead, new_inits
 
 
-__all__ = ["optimize", "fuse_sibling_matmuls", "canonicalize_rms_norm"]
+__all__ = ["optimize", "fuse_sibling_matmuls", "canonicalize_rms_norm", "ROUTER_WEIGHTS"]

@@ -12,9 +12,9 @@ import sys
 from typing import Callable, TextIO
 
 from .backends import LoadedModel
-from .engine import Engine, stream_generate
+from .engine import Engine, local_engine, stream_generate
 from .errors import QwenError
-from .generate import GenerationStats
+from .generate import GenerationStats, Session
 from .sampling import SamplingParams
 
 HELP = "/reset forgets the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops a reply."
@@ -22,9 +22,10 @@ HELP = "/reset forgets the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops 
 
 def run_chat(loaded: LoadedModel, params: SamplingParams, max_tokens: int, system: str | None = None,
              stop: tuple[str, ...] = (), read: Callable[[str], str] = input, out: TextIO = sys.stdout,
-             err: TextIO = sys.stderr) -> tuple[list[dict], Engine]:
-    """Run until /exit or end of input; returns the conversation and the engine (for tests)."""
-    engine = Engine.for_backend(loaded.backend, loaded.tokenizer)
+             err: TextIO = sys.stderr, session: Session | None = None) -> tuple[list[dict], Engine]:
+    """Run until /exit or end of input; returns the conversation and the engine (for tests). `session`:
+    one whose cache already holds a prefix (a saved prompt cache), else the engine starts empty."""
+    engine = local_engine(loaded.backend, loaded.tokenizer, session)
     tokenizer = loaded.tokenizer
     context = loaded.backend.args.context_length
     start = [{"role": "system", "content": system}] if system else []

@@ -8,7 +8,7 @@ call `prepare_model`, then read the tensors with their own framework's lazy safe
 from __future__ import annotations
 
 import json
-
+import re
 import struct
 import sys
 from dataclasses import dataclass
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config import ModelArgs
 from .errors import QwenError
+from .quant import module_params, quantized_shapes, read_quantization
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "merges.txt", "vocab.json"]
@@ -36,6 +37,7 @@ class Checkpoint:
     folder: Path
     args: ModelArgs
     tensors: dict[str, TensorInfo]  # only the keys the model uses
+    quantization: dict | None = None  # config.json's MLX `quantization`, when the weights are stored quantized
 
     @property
     def files(self) -> list[Path]:
@@ -138,10 +140,15 @@ def prepare_model(spec: str | None) -> Checkpoint:
     found: dict[str, TensorInfo] = {}
     for file in safetensors_files(folder):
         found.update(read_safetensors_header(file))
+    _check_expert_count(args, found, folder)
+    quantization = read_quantization(_read_json(folder / "config.json"))
     expected = args.weight_shapes()
+    if quantization is not None:
+        expected = _quantized_expected(args, expected, quantization, found, folder)
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected and not k.endswith(IGNORED_SUFFIXES)
-                  and not (k == "lm_head.weight" and args.tie_word_embeddings)]
+                  and not (k == "lm_head.weight" and args.tie_word_embeddings)
+                  and not _unused_shared_expert(args, k, found[k])]
     wrong = [f"{k} {list(found[k].shape)} (config says {list(s)})"
              for k, s in expected.items() if k in found and found[k].shape != s]
     problems = []
@@ -153,7 +160,57 @@ def prepare_model(spec: str | None) -> Checkpoint:
         problems.append(f"shapes that do not match config.json: {_some(wrong)}")
     if problems:
         raise QwenError(f"{folder}: " + "; ".join(problems))
-    return Checkpoint(folder, args, {k: found[k] for k in expected})
+    return Checkpoint(folder, args, {k: found[k] for k in expected}, quantization)
+
+
+def _quantized_expected(args: ModelArgs, expected: dict[str, tuple[int, ...]], quantization: dict,
+                        found: dict[str, TensorInfo], folder: Path) -> dict[str, tuple[int, ...]]:
+    """The tensors an mlx-lm quantized folder must hold: experts stacked as mlx-lm saves them
+    (`mlp.switch_mlp.<proj>.weight` [X, out, in]) where the folder has them so, and every module whose
+    `scales` are stored as packed weight, scales and biases at its own (or the default) bits and group size."""
+    out: dict[str, tuple[int, ...]] = {}
+    for key, shape in expected.items():
+        m = re.fullmatch(r"(.*\.mlp)\.experts\.\d+\.(\w+)\.weight", key)
+        if m and key.removesuffix(".weight") + ".scales" in found:
+            raise QwenError(f"{folder}: experts quantized one by one ({key.removesuffix('.weight')}.scales) are "
+                            "not mlx-lm's layout (stacked mlp.switch_mlp.<proj>); they are not supported")
+        if m and f"{m[1]}.switch_mlp.{m[2]}.weight" in found:
+            key, shape = f"{m[1]}.switch_mlp.{m[2]}.weight", (args.num_experts, *shape)
+        out[key] = shape
+    for key, shape in list(out.items()):
+        module = key.removesuffix(".weight")
+        if not key.endswith(".weight") or module + ".scales" not in found:
+            continue
+        params = module_params(quantization, module)
+        if params is None:
+            raise QwenError(f"{folder}: {module} holds quantization scales but config.json says it is not quantized")
+        try:
+            shapes = quantized_shapes(shape, params)
+        except ValueError as e:
+            raise QwenError(f"{folder}: {module} cannot be {params.bits}-bit with group size "
+                            f"{params.group_size}: {e}") from None
+        del out[key]
+        out.update({f"{module}.{name}": s for name, s in shapes.items()})
+    return out
+
+
+def _unused_shared_expert(args: ModelArgs, key: str, info: TensorInfo) -> bool:
+    """A Qwen2-MoE saved with shared_expert_intermediate_size 0 still holds its (empty) shared expert and
+    gate; their product is zero, so the models leave them out."""
+    return (args.model_type == "qwen2_moe" and not args.shared_expert and ".mlp.shared_expert" in key
+            and (0 in info.shape or key.endswith("shared_expert_gate.weight")))
+
+
+def _check_expert_count(args: ModelArgs, found: dict[str, TensorInfo], folder: Path) -> None:
+    """Name the commonest MoE mismatch plainly rather than as a list of missing/unexpected expert tensors."""
+    experts: dict[int, set[int]] = {}
+    for key in found:
+        if m := re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.", key):
+            experts.setdefault(int(m[1]), set()).add(int(m[2]))
+    for layer, ids in sorted(experts.items()):
+        if args.is_moe_layer(layer) and max(ids) + 1 != args.num_experts:
+            raise QwenError(f"{folder}: layer {layer} holds {max(ids) + 1} experts, but config.json says "
+                            f"num_experts is {args.num_experts}")
 
 
 def _some(items: list[str], n: int = 4) -> str:

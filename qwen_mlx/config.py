@@ -1,8 +1,12 @@
-"""Model arguments of a Qwen2-family checkpoint, read from its HF `config.json`.
+"""Model arguments of a Qwen-family checkpoint, read from its HF `config.json`.
 
-Qwen1.5, Qwen2 and Qwen2.5 dense models (and their Instruct/Coder/Math variants) all share
-`model_type: qwen2`. This module is pure Python (numpy at most): the MLX model and its PyTorch twin both
-build from the same `ModelArgs`, the same RoPE frequencies and the same table of expected tensor shapes.
+Four architectures share one decoder and differ by a few flags:
+- `qwen2`: Qwen1.5, Qwen2 and Qwen2.5 dense models (QKV bias);
+- `qwen2_moe`: Qwen1.5-MoE and Qwen2-MoE (QKV bias, routed experts plus a sigmoid-gated shared expert);
+- `qwen3`: per-head RMSNorm of queries and keys before RoPE (`q_norm`/`k_norm`), `attention_bias` (off);
+- `qwen3_moe`: Qwen3 attention with routed experts and no shared expert.
+This module is pure Python (numpy at most): the MLX model and its PyTorch twin both build from the same
+`ModelArgs`, the same RoPE frequencies and the same table of expected tensor shapes.
 """
 
 from __future__ import annotations
@@ -17,7 +21,16 @@ import numpy as np
 
 from .errors import QwenError
 
-SUPPORTED_MODEL_TYPES = ("qwen2",)
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
+# What transformers' config classes assume when config.json omits a key (the keys that change the math).
+MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen2": {},
+    "qwen2_moe": dict(num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                      shared_expert_intermediate_size=5632, qkv_bias=True),
+    "qwen3": dict(head_dim=128, attention_bias=False),
+    "qwen3_moe": dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, attention_bias=False),
+}
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 
 
@@ -41,11 +54,25 @@ class ModelArgs:
     sliding_window: int | None = None
     max_window_layers: int = 0
     torch_dtype: str | None = None
+    layer_types: list[str] | None = None
+    hidden_act: str = "silu"
+    # ---- qwen2_moe / qwen3 / qwen3_moe (defaults: the dense qwen2 case) ----
+    attention_bias: bool | None = None  # qwen3*: bias on q/k/v/o
+    qkv_bias: bool | None = None  # qwen2_moe: bias on q/k/v
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int = 0  # qwen2_moe only
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:  # Qwen1.5 configs may omit it: plain multi-head attention
             self.num_key_value_heads = self.num_attention_heads
+        if self.mlp_only_layers is None:  # as transformers reads it
+            self.mlp_only_layers = []
         names = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
                  "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim")
         for name in names:
@@ -66,6 +93,32 @@ class ModelArgs:
         if self.rope_type != "default" and not float(self.rope_scaling.get("factor") or 0) > 0:
             raise QwenError(f"config.json: rope scaling {self.rope_type!r} needs a positive 'factor'")
         self.context_caps()  # a malformed dual_chunk_attention_config is refused at load, not at token 1
+        if self.hidden_act != "silu":
+            raise QwenError(f"config.json: hidden_act {self.hidden_act!r} is not supported (Qwen uses 'silu')")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        if self.model_type not in MOE_MODEL_TYPES:
+            if self.num_experts:
+                raise QwenError(f"config.json: model_type {self.model_type!r} has no experts, "
+                                f"but num_experts is {self.num_experts}")
+            return
+        for name in ("num_experts", "num_experts_per_tok", "decoder_sparse_step", "shared_expert_intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise QwenError(f"config.json: {name} must be a non-negative integer, got {value!r}")
+        if self.num_experts:
+            m = self.moe_intermediate_size
+            if not isinstance(m, int) or isinstance(m, bool) or m <= 0:
+                raise QwenError(f"config.json: moe_intermediate_size must be a positive integer, got {m!r}")
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                raise QwenError(f"config.json: num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 "
+                                f"and num_experts ({self.num_experts})")
+            if self.decoder_sparse_step < 1:
+                raise QwenError("config.json: decoder_sparse_step must be >= 1")
+        if not isinstance(self.mlp_only_layers, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in self.mlp_only_layers):
+            raise QwenError(f"config.json: mlp_only_layers must be a list of layer indices, got {self.mlp_only_layers!r}")
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -73,8 +126,12 @@ class ModelArgs:
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise QwenError(f"unsupported model_type {model_type!r}: qwen-mlx runs "
-                            f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints (Qwen1.5, Qwen2, Qwen2.5 dense)")
+                            f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints (Qwen1.5, Qwen2, Qwen2.5, "
+                            "Qwen1.5-MoE, Qwen2-MoE, Qwen3, Qwen3-MoE)")
         config = dict(config)
+        if "num_local_experts" in config:  # transformers 5 saves Qwen3-MoE's num_experts under this name
+            config.setdefault("num_experts", config.pop("num_local_experts"))
+        config = {**MODEL_TYPE_DEFAULTS[model_type], **config}
         # transformers >= 5 writes rope_theta and the scaling inside `rope_parameters`.
         rope_parameters = config.pop("rope_parameters", None)
         if isinstance(rope_parameters, dict):
@@ -116,10 +173,49 @@ class ModelArgs:
 
     @property
     def sliding_layers(self) -> list[int]:
-        """Layers HF runs with a sliding-window mask (Qwen2 slides only layers >= max_window_layers)."""
+        """Layers HF runs with a sliding-window mask: those `layer_types` names, else each model type's rule
+        (qwen2/qwen3: layers >= max_window_layers; qwen2_moe: even layers below it; qwen3_moe: all)."""
         if not (self.use_sliding_window and self.sliding_window):
             return []
-        return [i for i in range(self.num_hidden_layers) if i >= self.max_window_layers]
+        n = self.num_hidden_layers
+        if isinstance(self.layer_types, list) and len(self.layer_types) == n:
+            return [i for i, t in enumerate(self.layer_types) if t == "sliding_attention"]
+        if self.model_type == "qwen3_moe":
+            return list(range(n))
+        if self.model_type == "qwen2_moe":
+            return [i for i in range(n) if (i + 1) % 2 and i < self.max_window_layers]
+        return [i for i in range(n) if i >= self.max_window_layers]
+
+    # ---- architecture flags (what the model files switch on) -------------------------------------------
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3: RMSNorm over head_dim of each query and key head, before RoPE."""
+        return self.model_type in ("qwen3", "qwen3_moe")
+
+    @property
+    def qkv_has_bias(self) -> bool:
+        if self.model_type == "qwen2":
+            return True
+        if self.model_type == "qwen2_moe":
+            return bool(self.qkv_bias)
+        return bool(self.attention_bias)
+
+    @property
+    def o_has_bias(self) -> bool:
+        return self.qk_norm and bool(self.attention_bias)  # only Qwen3's attention_bias covers o_proj
+
+    @property
+    def shared_expert(self) -> bool:
+        """Qwen2-MoE's always-on expert, scaled by sigmoid(shared_expert_gate(x))."""
+        return self.model_type == "qwen2_moe" and self.shared_expert_intermediate_size > 0
+
+    def is_moe_layer(self, i: int) -> bool:
+        """transformers' rule: sparse unless listed in mlp_only_layers, every decoder_sparse_step-th layer."""
+        return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
     @property
     def context_length(self) -> int:
@@ -183,36 +279,55 @@ class ModelArgs:
         return inv_freq, 1.0
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor a checkpoint must hold, by its HF key, with its shape."""
+        """Every tensor a checkpoint must hold, by its HF key, with its shape. Experts are listed one by
+        one (`mlp.experts.{j}.gate_proj.weight`), as HF checkpoints store them; the models stack them."""
         h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
-        q = self.num_attention_heads * self.head_dim
+        q, d = self.num_attention_heads * self.head_dim, self.head_dim
         shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab_size, h),
                                               "model.norm.weight": (h,)}
         for i in range(self.num_hidden_layers):
             p = f"model.layers.{i}."
-            shapes.update({
-                p + "self_attn.q_proj.weight": (q, h), p + "self_attn.q_proj.bias": (q,),
-                p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
-                p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
-                p + "self_attn.o_proj.weight": (h, q),
-                p + "mlp.gate_proj.weight": (self.intermediate_size, h),
-                p + "mlp.up_proj.weight": (self.intermediate_size, h),
-                p + "mlp.down_proj.weight": (h, self.intermediate_size),
-                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            })
+            a = p + "self_attn."
+            shapes.update({a + "q_proj.weight": (q, h), a + "k_proj.weight": (kv, h),
+                           a + "v_proj.weight": (kv, h), a + "o_proj.weight": (h, q)})
+            if self.qkv_has_bias:
+                shapes.update({a + "q_proj.bias": (q,), a + "k_proj.bias": (kv,), a + "v_proj.bias": (kv,)})
+            if self.o_has_bias:
+                shapes[a + "o_proj.bias"] = (h,)
+            if self.qk_norm:
+                shapes.update({a + "q_norm.weight": (d,), a + "k_norm.weight": (d,)})
+            if self.is_moe_layer(i):
+                m = self.moe_intermediate_size
+                shapes[p + "mlp.gate.weight"] = (self.num_experts, h)  # the router
+                for j in range(self.num_experts):
+                    shapes.update(_mlp_shapes(f"{p}mlp.experts.{j}.", h, m))
+                if self.shared_expert:
+                    shapes.update(_mlp_shapes(p + "mlp.shared_expert.", h, self.shared_expert_intermediate_size))
+                    shapes[p + "mlp.shared_expert_gate.weight"] = (1, h)
+            else:
+                shapes.update(_mlp_shapes(p + "mlp.", h, self.intermediate_size))
+            shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
         if not self.tie_word_embeddings:
             shapes["lm_head.weight"] = (self.vocab_size, h)
         return shapes
 
     def parameter_counts(self) -> dict[str, int]:
-        """Parameters by component, for `cli.py info`."""
-        counts = {"embedding": 0, "attention": 0, "mlp": 0, "norms": 0, "lm_head": 0}
+        """Parameters by component, for `cli.py info`. `experts` are the routed experts (each token uses
+        num_experts_per_tok of them), `shared_expert` includes its gate, `router` is `mlp.gate`."""
+        counts = {"embedding": 0, "attention": 0, "mlp": 0, "router": 0, "experts": 0, "shared_expert": 0,
+                  "norms": 0, "lm_head": 0}
         for key, shape in self.weight_shapes().items():
             n = math.prod(shape)
             if "embed_tokens" in key:
                 counts["embedding"] += n
-            elif "self_attn" in key:
+            elif "self_attn" in key and "norm" not in key:
                 counts["attention"] += n
+            elif ".mlp.experts." in key:
+                counts["experts"] += n
+            elif ".mlp.shared_expert" in key:
+                counts["shared_expert"] += n
+            elif key.endswith(".mlp.gate.weight"):
+                counts["router"] += n
             elif ".mlp." in key:
                 counts["mlp"] += n
             elif "norm" in key:
@@ -220,6 +335,20 @@ class ModelArgs:
             else:
                 counts["lm_head"] += n
         return counts
+
+    def active_parameters(self) -> int:
+        """Parameters one token runs through: all but the routed experts it is not sent to."""
+        counts = self.parameter_counts()
+        total = sum(counts.values())
+        if not self.num_experts:
+            return total
+        return total - counts["experts"] + counts["experts"] * self.num_experts_per_tok // self.num_experts
+
+
+def _mlp_shapes(prefix: str, h: int, i: int) -> dict[str, tuple[int, int]]:
+    """A SwiGLU MLP's three matrices (a dense MLP, one expert or the shared expert)."""
+    return {prefix + "gate_proj.weight": (i, h), prefix + "up_proj.weight": (i, h),
+            prefix + "down_proj.weight": (h, i)}
 
 
 def _yarn(args: ModelArgs, scaling: dict[str, Any], exponents: np.ndarray) -> tuple[np.ndarray, float]:

@@ -1,8 +1,9 @@
-"""GGUF (architecture `qwen2`) -> a standard Hugging Face folder.
+"""GGUF (architectures `qwen2`, `qwen2moe`, `qwen3`, `qwen3moe`) -> a standard Hugging Face folder.
 
 The folder holds config.json, generation_config.json, model.safetensors, tokenizer.json and
-tokenizer_config.json, and loads with `transformers.Qwen2ForCausalLM.from_pretrained` as well as with
-this project's own MLX loader. Weights are dequantized with the `gguf` package's own
+tokenizer_config.json, and loads with transformers' `AutoModelForCausalLM.from_pretrained` (Qwen2, Qwen2-MoE,
+Qwen3 or Qwen3-MoE) as well as with this project's own loaders. GGUF stacks each layer's experts into one
+[X, out, in] tensor (`ffn_gate_exps`); they are written back one per expert, as HF checkpoints hold them. Weights are dequantized with the `gguf` package's own
 `gguf.quants.dequantize` (the code llama.cpp ships), so float32 output is exact.
 
 Deliberately free of torch and mlx: numpy, gguf and tokenizers only.
@@ -55,6 +56,30 @@ _TOP_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# The other architectures' extra tensors (llama.cpp's names for them).
+_LAYER_NAMES |= {
+    "attn_output.bias": "self_attn.o_proj.bias",  # Qwen3 with attention_bias
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",  # the MoE router
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+}
+# One [X, out, in] GGUF tensor -> X HF tensors `mlp.experts.{j}.<leaf>`.
+_EXPERT_NAMES = {
+    "ffn_gate_exps.weight": "gate_proj.weight",
+    "ffn_up_exps.weight": "up_proj.weight",
+    "ffn_down_exps.weight": "down_proj.weight",
+}
+# GGUF architecture -> (HF model_type, HF class).
+ARCHITECTURES = {
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+}
 _CONTROL, _USER_DEFINED = 3, 4  # gguf.TokenType values
 
 
@@ -99,7 +124,7 @@ def _metadata(reader) -> dict[str, Any]:
 
 def _require(meta: dict[str, Any], key: str) -> Any:
     if key not in meta:
-        raise QwenError(f"GGUF metadata lacks {key!r}; cannot build a qwen2 config")
+        raise QwenError(f"GGUF metadata lacks {key!r}; cannot build a {key.split('.')[0]} config")
     return meta[key]
 
 
@@ -111,8 +136,8 @@ def _float32_decimal(value: float) -> float:
 # ------------------------------------------------------------------------------------------------ config
 
 
-def _build_config(meta: dict[str, Any], tensors: dict[str, Any], dtype: str) -> dict[str, Any]:
-    arch = "qwen2"
+def _build_config(meta: dict[str, Any], tensors: dict[str, Any], dtype: str, arch: str = "qwen2") -> dict[str, Any]:
+    model_type, hf_class = ARCHITECTURES[arch]
     hidden = int(_require(meta, f"{arch}.embedding_length"))
     heads = int(_require(meta, f"{arch}.attention.head_count"))
     kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
@@ -121,11 +146,12 @@ def _build_config(meta: dict[str, Any], tensors: dict[str, Any], dtype: str) -> 
     if embed is None:
         raise QwenError("GGUF has no token_embd.weight tensor")
     config: dict[str, Any] = {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
+        "architectures": [hf_class],
+        "model_type": model_type,
         "hidden_act": "silu",
         "hidden_size": hidden,
-        "intermediate_size": int(_require(meta, f"{arch}.feed_forward_length")),
+        "intermediate_size": int(meta.get(f"{arch}.feed_forward_length") or 0)
+        or int(_require(meta, f"{arch}.expert_feed_forward_length")),  # all-MoE: the dense size is unused
         "num_hidden_layers": int(_require(meta, f"{arch}.block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
@@ -156,7 +182,37 @@ def _build_config(meta: dict[str, Any], tensors: dict[str, Any], dtype: str) -> 
         if f"{arch}.rope.scaling.original_context_length" in meta:
             scaling["original_max_position_embeddings"] = int(meta[f"{arch}.rope.scaling.original_context_length"])
         config["rope_scaling"] = scaling
+    if model_type in ("qwen3", "qwen3_moe"):
+        config["attention_bias"] = "blk.0.attn_q.bias" in tensors
+    if model_type == "qwen2_moe":
+        config["qkv_bias"] = "blk.0.attn_q.bias" in tensors
+    if model_type.endswith("_moe"):
+        config.update(_moe_config(meta, tensors, arch, config["num_hidden_layers"]))
     return config
+
+
+def _moe_config(meta: dict[str, Any], tensors: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
+    """Expert counts and sizes from the metadata; which layers are sparse from the tensors they hold (a
+    dense layer has ffn_gate/up/down), written as HF's mlp_only_layers."""
+    moe_layers = [n for n in range(layers) if f"blk.{n}.ffn_gate_inp.weight" in tensors]
+    if not moe_layers:
+        raise QwenError(f"a {arch} GGUF without any expert layer (no blk.N.ffn_gate_inp.weight)")
+    first = tensors.get(f"blk.{moe_layers[0]}.ffn_gate_exps.weight")
+    out: dict[str, Any] = {
+        "num_experts": int(_require(meta, f"{arch}.expert_count")),
+        "num_experts_per_tok": int(_require(meta, f"{arch}.expert_used_count")),
+        "moe_intermediate_size": int(meta.get(f"{arch}.expert_feed_forward_length")
+                                     or (first.shape[1] if first is not None else 0)),
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [n for n in range(layers) if n not in moe_layers],
+        # llama.cpp renormalizes the top-k weights of qwen3moe and not those of qwen2moe unless the file says.
+        "norm_topk_prob": bool(meta.get(f"{arch}.expert_weights_norm", arch == "qwen3moe")),
+    }
+    if arch == "qwen2moe":
+        shared = tensors.get(f"blk.{moe_layers[0]}.ffn_gate_shexp.weight")
+        out["shared_expert_intermediate_size"] = int(meta.get(f"{arch}.expert_shared_feed_forward_length")
+                                                     or (shared.shape[1] if shared is not None else 0))
+    return out
 
 
 def _generation_config(meta: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
@@ -276,38 +332,26 @@ def _write_tokenizer(meta: dict[str, Any], folder: Path, model_max_length: int) 
 # ------------------------------------------------------------------------------------------------ tensors
 
 
-def _hf_name(gguf_name: str, num_layers: int) -> str:
+def _hf_names(gguf_name: str, config: dict[str, Any]) -> list[tuple[str, int | None]]:
+    """The HF tensor(s) one GGUF tensor becomes: [(name, None)], or [(expert j's name, j)] for a stack."""
     if gguf_name in _TOP_NAMES:
-        return _TOP_NAMES[gguf_name]
+        return [(_TOP_NAMES[gguf_name], None)]
     match = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
-    if match and int(match[1]) < num_layers and match[2] in _LAYER_NAMES:
-        return f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}"
-    raise QwenError(f"unexpected tensor {gguf_name!r} in a qwen2 GGUF")
+    if match and int(match[1]) < config["num_hidden_layers"]:
+        if match[2] in _LAYER_NAMES:
+            return [(f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}", None)]
+        if match[2] in _EXPERT_NAMES and "num_experts" in config:
+            leaf = _EXPERT_NAMES[match[2]]
+            return [(f"model.layers.{match[1]}.mlp.experts.{j}.{leaf}", j) for j in range(config["num_experts"])]
+    raise QwenError(f"unexpected tensor {gguf_name!r} in a {config['model_type']} GGUF")
 
 
 def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """HF name -> shape, so a GGUF whose tensors disagree with its own metadata fails loudly."""
-    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    q = config["num_attention_heads"] * config["head_dim"]
-    kv = config["num_key_value_heads"] * config["head_dim"]
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
-    for n in range(config["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        shapes |= {
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h),
-            p + "self_attn.q_proj.bias": (q,),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.k_proj.bias": (kv,),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.v_proj.bias": (kv,),
-            p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (i, h),
-            p + "mlp.up_proj.weight": (i, h),
-            p + "mlp.down_proj.weight": (h, i),
-        }
-    return shapes
+    """HF name -> shape (the same table the loaders check), so a GGUF whose tensors disagree with its own
+    metadata fails loudly."""
+    from .config import ModelArgs
+
+    return ModelArgs.from_dict(config).weight_shapes()
 
 
 def _cast(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -326,7 +370,8 @@ def _cast(values: np.ndarray, dtype: str) -> np.ndarray:
     return rounded
 
 
-def _write_safetensors(plan: list[tuple[Any, str, tuple[int, ...]]], path: Path, dtype: str, progress: bool) -> None:
+def _write_safetensors(plan: list[tuple[Any, str, tuple[int, ...], int | None]], path: Path, dtype: str,
+                       progress: bool) -> None:
     """Stream one tensor at a time into a safetensors file, so peak memory is one dequantized tensor.
 
     The header needs only names, shapes and dtypes, all known before any data is decoded. Writing the
@@ -337,7 +382,7 @@ def _write_safetensors(plan: list[tuple[Any, str, tuple[int, ...]]], path: Path,
 
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for _, name, shape in plan:
+    for _, name, shape, _ in plan:
         size = int(np.prod(shape)) * BYTES[dtype]
         header[name] = {"dtype": SAFETENSORS[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
@@ -347,9 +392,11 @@ def _write_safetensors(plan: list[tuple[Any, str, tuple[int, ...]]], path: Path,
         sink.write(len(encoded).to_bytes(8, "little"))
         sink.write(encoded)
         items = progress_bar(plan, "converting tensors") if progress else plan
-        for tensor, _, shape in items:
-            # GGUF lists dims fastest-first; `dequantize` returns numpy (row-major) order already.
-            values = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        for tensor, _, shape, expert in items:
+            # GGUF lists dims fastest-first; `dequantize` returns numpy (row-major) order already. An expert
+            # is one row of its stack's leading axis, quantized blocks included (they never span experts).
+            data = tensor.data if expert is None else tensor.data[expert]
+            values = dequantize(data, tensor.tensor_type).reshape(shape)
             sink.write(_cast(values, dtype).data)  # the array's own buffer: no extra copy
             del values
         if sink.tell() != len(encoded) + 8 + offset:
@@ -370,7 +417,7 @@ def convert_gguf(
     force: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Convert a qwen2 GGUF into an HF folder at `out_dir` (returned); nothing half-written on failure."""
+    """Convert a Qwen GGUF into an HF folder at `out_dir` (returned); nothing half-written on failure."""
     check_dtype(dtype)
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     check_output_folder(out_dir, force)  # before the long work, not after it
@@ -378,21 +425,30 @@ def convert_gguf(
     reader = _open(gguf_path)
     meta = _metadata(reader)
     arch = meta.get("general.architecture")
-    if arch != "qwen2":
-        raise QwenError(f"{gguf_path.name} has architecture {arch!r}; only 'qwen2' GGUFs can be converted")
+    if arch not in ARCHITECTURES:
+        raise QwenError(f"{gguf_path.name} has architecture {arch!r}; only {', '.join(map(repr, ARCHITECTURES))} "
+                        "GGUFs can be converted")
     tensors = {t.name: t for t in reader.tensors}
-    config = _build_config(meta, tensors, dtype)
+    config = _build_config(meta, tensors, dtype, arch)
     expected = _expected_shapes(config)
     plan = []
     for tensor in reader.tensors:
-        name = _hf_name(tensor.name, config["num_hidden_layers"])
+        names = _hf_names(tensor.name, config)
         shape = tuple(int(d) for d in reversed(tensor.shape))
-        if expected.get(name) != shape:
-            raise QwenError(f"tensor {tensor.name!r} has shape {shape}, the metadata implies {expected.get(name)}")
-        plan.append((tensor, name, shape))
-    missing = set(expected) - {name for _, name, _ in plan} - ({"lm_head.weight"} if config["tie_word_embeddings"] else set())
+        if names[0][1] is not None:  # an expert stack: X experts of [out, in]
+            if shape[0] != len(names):
+                raise QwenError(f"tensor {tensor.name!r} stacks {shape[0]} experts, the metadata says {len(names)}")
+            shape = shape[1:]
+        for name, expert in names:
+            want = expected.get(name)
+            if want and name.endswith("shared_expert_gate.weight") and shape == want[1:]:
+                shape = want  # llama.cpp may store the [1, hidden] gate as a vector
+            if want != shape:
+                raise QwenError(f"tensor {tensor.name!r} has shape {shape}, the metadata implies {want}")
+            plan.append((tensor, name, shape, expert))
+    missing = set(expected) - {name for _, name, _, _ in plan}
     if missing:
-        raise QwenError(f"GGUF lacks {len(missing)} tensors of a qwen2 model, e.g. {sorted(missing)[0]!r}")
+        raise QwenError(f"GGUF lacks {len(missing)} tensors of a {arch} model, e.g. {sorted(missing)[0]!r}")
 
     with staged_folder(out_dir, force) as staging:
         tokens = _write_tokenizer(meta, staging, config["max_position_embeddings"])

@@ -11,8 +11,9 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .dtypes import check_dtype
 from .errors import QwenError
-from .model import Qwen2ForCausalLM
+from .model import Qwen2ForCausalLM, stack_experts
 from .progress import progress_bar
+from .quant import module_params
 
 QUANT_GROUP_SIZE = 64
 
@@ -23,11 +24,17 @@ def default_dtype() -> str:
     return "float32" if mx.default_device() == mx.cpu else "bfloat16"
 
 
-def load_model(ckpt: Checkpoint, dtype: str = "float32", quantize: int | None = None) -> Qwen2ForCausalLM:
+def load_model(ckpt: Checkpoint, dtype: str = "float32", quantize: int | None = None,
+               group_size: int = QUANT_GROUP_SIZE) -> Qwen2ForCausalLM:
     check_dtype(dtype)
     if quantize not in (None, 4, 8):
         raise QwenError(f"--quantize must be 4 or 8, got {quantize}")
+    if quantize and ckpt.quantization is not None:
+        raise QwenError(f"{ckpt.folder} is already quantized ({ckpt.quantization['bits']}-bit); "
+                        "leave out --quantize")
     model = Qwen2ForCausalLM(ckpt.args)
+    if ckpt.quantization is not None:
+        _quantize_as_stored(model, ckpt)
     weights: dict[str, mx.array] = {}
     try:
         for file in ckpt.files:
@@ -35,7 +42,9 @@ def load_model(ckpt: Checkpoint, dtype: str = "float32", quantize: int | None = 
     except (RuntimeError, ValueError) as e:
         raise QwenError(f"cannot read {ckpt.folder}: {e}") from None
     target = getattr(mx, dtype)
-    weights = {k: v.astype(target) for k, v in weights.items() if k in ckpt.tensors}
+    # Packed codes stay uint32; mlx-lm's stacked `switch_mlp` experts are this model's `experts`.
+    weights = stack_experts({k.replace(".mlp.switch_mlp.", ".mlp.experts."): v if v.dtype == mx.uint32
+                             else v.astype(target) for k, v in weights.items() if k in ckpt.tensors}, ckpt.args)
     model.load_weights(list(weights.items()), strict=True)
     # Read the weights layer by layer so the progress bar moves and peak memory stays one layer above
     # the model's size (the source dtype copy of a layer is freed once cast).
@@ -46,14 +55,29 @@ def load_model(ckpt: Checkpoint, dtype: str = "float32", quantize: int | None = 
         mx.eval(part.parameters())
     del weights
     if quantize:
-        # Affine quantization of every Linear and the embedding; a tied lm_head reuses the quantized
-        # embedding through `as_linear`. A matrix whose rows do not split into groups stays unquantized.
+        # Affine quantization of every Linear, the stacked experts (gather_qmm) and the embedding; a tied
+        # lm_head reuses the quantized embedding through `as_linear`. A matrix whose rows do not split into
+        # groups stays unquantized, and so do the MoE router and shared-expert gate: they decide which
+        # experts run (rounding them would change routing, not just values) and are ~0.1% of the weights.
         # The scales take the model's dtype: float32 scales keep MLX's CPU kernel ~10x faster than bfloat16.
-        nn.quantize(model, group_size=QUANT_GROUP_SIZE, bits=quantize,
-                    class_predicate=lambda _, m: hasattr(m, "to_quantized")
-                    and m.weight.shape[-1] % QUANT_GROUP_SIZE == 0)
+        nn.quantize(model, group_size=group_size, bits=quantize,
+                    class_predicate=lambda path, m: hasattr(m, "to_quantized")
+                    and m.weight.shape[-1] % group_size == 0
+                    and not path.endswith(("mlp.gate", "mlp.shared_expert_gate")))
         mx.eval(model.parameters())
     return model
+
+
+def _quantize_as_stored(model: Qwen2ForCausalLM, ckpt: Checkpoint) -> None:
+    """Swap in quantized layers exactly where the folder stores scales, each at its stored bits and group
+    size (per-module overrides included), as mlx-lm's loader does, so load_weights takes the packed tensors."""
+    def stored(path: str, module: nn.Module) -> dict | bool:
+        key = path.replace(".mlp.experts.", ".mlp.switch_mlp.")
+        if not hasattr(module, "to_quantized") or f"{key}.scales" not in ckpt.tensors:
+            return False
+        p = module_params(ckpt.quantization, key)
+        return {"group_size": p.group_size, "bits": p.bits, "mode": "affine"}
+    nn.quantize(model, class_predicate=stored)
 
 
 class MLXBackend:
@@ -62,10 +86,12 @@ class MLXBackend:
     def __init__(self, ckpt: Checkpoint, dtype: str | None = None, quantize: int | None = None):
         self.args = ckpt.args
         self.dtype = dtype or default_dtype()
+        self.quantize = quantize
         self.model = load_model(ckpt, self.dtype, quantize)
         self.cache = self.model.make_cache()
         device = "gpu" if mx.default_device() == mx.gpu else "cpu"
-        self.device = f"mlx {device}, {self.dtype}" + (f", {quantize}-bit" if quantize else "")
+        stored = ckpt.quantization and f", {ckpt.quantization['bits']}-bit as stored"
+        self.device = f"mlx {device}, {self.dtype}" + (f", {quantize}-bit" if quantize else stored or "")
 
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
         logits = self.model(mx.array([list(tokens)], dtype=mx.int32), self.cache)

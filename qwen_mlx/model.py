@@ -1,10 +1,17 @@
-"""Qwen2 in MLX: one readable file, attribute names equal to the checkpoint's keys.
+"""Qwen2, Qwen2-MoE, Qwen3 and Qwen3-MoE in MLX: one readable file, attribute names equal to the checkpoint's keys.
 
+The four architectures are one decoder with a few flags from `ModelArgs`: `qkv_has_bias` / `o_has_bias`,
+`qk_norm` (Qwen3's per-head RMSNorm of q and k before RoPE) and, per layer, `is_moe_layer` (a
+SparseMoeBlock of routed experts, with Qwen2-MoE's gated shared expert, in place of the dense MLP).
 export/model.py is its PyTorch twin, class for class and name for name: diff the two files.
-Shapes: B batch, L new tokens, T cached + new tokens, H heads, K kv heads, D head_dim, E hidden size.
+Shapes: B batch, L new tokens, T cached + new tokens, H heads, K kv heads, D head_dim, E hidden size,
+X experts, k experts per token, I an MLP's intermediate size.
 """
 
 from __future__ import annotations
+
+import re
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -73,41 +80,172 @@ class Attention(nn.Module):
         E, H, K, D = args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = H, K, D
         self.scale = D ** -0.5
-        self.q_proj = nn.Linear(E, H * D, bias=True)
-        self.k_proj = nn.Linear(E, K * D, bias=True)
-        self.v_proj = nn.Linear(E, K * D, bias=True)
-        self.o_proj = nn.Linear(H * D, E, bias=False)
+        self.q_proj = nn.Linear(E, H * D, bias=args.qkv_has_bias)
+        self.k_proj = nn.Linear(E, K * D, bias=args.qkv_has_bias)
+        self.v_proj = nn.Linear(E, K * D, bias=args.qkv_has_bias)
+        self.o_proj = nn.Linear(H * D, E, bias=args.o_has_bias)
+        self.qk_norm = args.qk_norm
+        if self.qk_norm:  # Qwen3: RMSNorm over each head's D features of q and k, before RoPE
+            self.q_norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
         self.rope = RoPE(args)
+        # Attention maps (qwen_mlx/attention_maps.py): when set, called with the probabilities B H L T that
+        # the fused kernel computes but does not return. A callable, not a list: nn.Module would adopt a list.
+        self.on_weights: Callable[[mx.array], None] | None = None
 
     def __call__(self, x: mx.array, mask: mx.array | str | None, cache: KVCache) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)     # B H L D
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # B K L D
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)                            # B L H D
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)                         # B L K D
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)                       # B H L D, B K L D
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # B K L D
         q = self.rope(q, cache.offset)
         k = self.rope(k, cache.offset)
         k, v = cache.update(k, v)                                                     # B K T D
+        if self.on_weights is not None:
+            self.on_weights(attention_weights(q, k, self.scale, mask))
         # GQA without tiling: the fused kernel maps each group of H/K query heads to its kv head.
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # B H L D
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
+def attention_weights(q: mx.array, k: mx.array, scale: float, mask: mx.array | str | None) -> mx.array:
+    """softmax(q k^T * scale + mask) in float32, written out: q B H L D, k B K T D -> B H L T, each group of
+    H/K query heads against its kv head (what the fused kernel computes without returning it)."""
+    B, H, L, D = q.shape
+    K, T = k.shape[1], k.shape[2]
+    q = q.astype(mx.float32).reshape(B, K, H // K, L, D)                             # B K G L D
+    s = (q @ k.astype(mx.float32)[:, :, None].swapaxes(-1, -2) * scale).reshape(B, H, L, T)
+    if isinstance(mask, str):  # "causal", lower-right aligned: query i sits at position T - L + i
+        mask = mx.arange(T - L, T)[:, None] >= mx.arange(T)[None]                    # L T
+    if mask is not None:
+        s = mx.where(mask, s, -mx.inf) if mask.dtype == mx.bool_ else s + mask.astype(mx.float32)
+    return mx.softmax(s, axis=-1)
+
+
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        I = intermediate_size or args.intermediate_size
+        self.gate_proj = nn.Linear(args.hidden_size, I, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, I, bias=False)
+        self.down_proj = nn.Linear(I, args.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
-class DecoderLayer(nn.Module):
+class SwitchLinear(nn.Module):
+    """One projection of every expert, stacked X out in (the checkpoint's `experts.{j}.<proj>.weight`
+    [out, in] stacked along j). `mx.gather_mm` multiplies each row by the experts `indices` name and
+    reads no other expert's matrix."""
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int):
+        super().__init__()
+        self.weight = mx.zeros((num_experts, output_dims, input_dims))
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine") -> "QuantizedSwitchLinear":
+        return QuantizedSwitchLinear(self.weight, group_size, bits, mode)
+
+
+class QuantizedSwitchLinear(nn.Module):
+    """SwitchLinear with affine-quantized experts, multiplied by `mx.gather_qmm` (what `--quantize` makes)."""
+
+    def __init__(self, weight: mx.array, group_size: int, bits: int, mode: str = "affine"):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self.weight, self.scales, *biases = mx.quantize(weight, group_size, bits, mode=mode)
+        self.biases = biases[0] if biases else None
+        self.freeze()
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_qmm(x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices,
+                             transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
+                             sorted_indices=sorted_indices)
+
+
+class Experts(nn.Module):
+    """The routed experts' SwiGLUs; only the k chosen per token are computed."""
+
+    sort_above = 64  # (token, expert) pairs from which grouping rows by expert pays (mlx-lm's threshold)
+
     def __init__(self, args: ModelArgs):
         super().__init__()
+        E, I, X = args.hidden_size, args.moe_intermediate_size, args.num_experts
+        self.gate_proj = SwitchLinear(E, I, X)
+        self.up_proj = SwitchLinear(E, I, X)
+        self.down_proj = SwitchLinear(I, E, X)
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        """x B L E, indices B L k -> B L k E (each token through each of its k experts)."""
+        B, L, k = indices.shape
+        x = mx.expand_dims(x, (-2, -3))                                               # B L 1 1 E
+        idx, order = indices, None
+        if indices.size >= self.sort_above:
+            # Prefill: sort the (token, expert) pairs by expert so each expert's matrix is read once.
+            flat = indices.flatten()
+            order = mx.argsort(flat)
+            x, idx = x.reshape(-1, 1, x.shape[-1])[order // k], flat[order]          # N 1 E, N (N = B L k)
+        h = nn.silu(self.gate_proj(x, idx, order is not None)) * self.up_proj(x, idx, order is not None)
+        y = self.down_proj(h, idx, order is not None)
+        if order is not None:
+            y = y[mx.argsort(order)].reshape(B, L, k, 1, -1)                          # back to token order
+        return y.squeeze(-2)                                                          # B L k E
+
+
+class SparseMoeBlock(nn.Module):
+    """Router softmax over the X experts, the top k of them per token (renormalized with `norm_topk_prob`),
+    and Qwen2-MoE's shared expert scaled by sigmoid(shared_expert_gate(x))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = args.num_experts_per_tok, args.norm_topk_prob
+        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)        # the router
+        self.experts = Experts(args)
+        self.has_shared_expert = args.shared_expert
+        if self.has_shared_expert:
+            self.shared_expert = MLP(args, args.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(args.hidden_size, 1, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        k = self.top_k
+        probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)                  # B L X, float32 as in HF
+        indices = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]               # B L k, in any order
+        weights = mx.take_along_axis(probs, indices, axis=-1)                        # B L k
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        y = self.experts(x, indices)                                                 # B L k E
+        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)                    # B L E
+        if self.has_shared_expert:
+            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y
+
+
+def stack_experts(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
+    """`...mlp.experts.{j}.<proj>.weight` [out, in] for j < X -> `...mlp.experts.<proj>.weight` [X, out, in]
+    (the layout gather_mm reads; mlx-lm's `sanitize` does the same)."""
+    out, groups = {}, {}
+    for key, value in weights.items():
+        m = re.fullmatch(r"(.*\.mlp\.experts)\.(\d+)\.(\w+\.weight)", key)
+        if m:
+            groups.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = value
+        else:
+            out[key] = value
+    for key, parts in groups.items():
+        out[key] = mx.stack([parts[j] for j in range(args.num_experts)])
+    return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, index: int):
+        super().__init__()
         self.self_attn = Attention(args)
-        self.mlp = MLP(args)
+        self.mlp = SparseMoeBlock(args) if args.is_moe_layer(index) else MLP(args)
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
@@ -120,7 +258,7 @@ class Qwen2Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, input_ids: mx.array, cache: list[KVCache], mask: mx.array | None = None) -> mx.array:

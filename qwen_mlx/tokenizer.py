@@ -162,6 +162,17 @@ def _pick_template(config: dict, folder: Path) -> str:
     return plain_chatml_template()
 
 
+# Template variables a caller's extra keyword arguments may not replace.
+RESERVED_TEMPLATE_VARIABLES = ("messages", "tools", "documents", "add_generation_prompt")
+
+
+def check_template_kwargs(kwargs: dict[str, Any]) -> None:
+    """QwenError when extra template variables would replace the conversation or the render's own flags."""
+    reserved = [k for k in RESERVED_TEMPLATE_VARIABLES if k in kwargs]
+    if reserved:
+        raise QwenError(f"chat template variables {', '.join(reserved)} cannot be overridden")
+
+
 class Tokenizer:
     """An HF tokenizer folder: encode/decode text, render and encode chats, stream detokenization."""
 
@@ -176,6 +187,9 @@ class Tokenizer:
     ) -> None:
         self._tok = tokenizer
         self.chat_template = chat_template
+        # Extra template variables every render gets, e.g. {"enable_thinking": False} (Qwen3's switch, set by
+        # --no-think); a call's own keyword arguments win over these.
+        self.template_kwargs: dict[str, Any] = {}
         self._template_tokens = template_tokens  # bos_token, eos_token, ... passed to the template
         self.eos_token_ids = eos_token_ids
         self.pad_token_id = pad_token_id
@@ -249,6 +263,11 @@ class Tokenizer:
         """The vocabulary string of one id (byte-level form), or None."""
         return self._tok.id_to_token(token_id)
 
+    def is_special(self, token_id: int) -> bool:
+        """Whether `token_id` is a special added token (<|im_start|>, <|endoftext|>, ...)."""
+        added = self._tok.get_added_tokens_decoder().get(token_id)
+        return added is not None and added.special
+
     def token_to_id(self, token: str) -> int | None:
         """The id of one vocabulary string, or None."""
         return self._tok.token_to_id(token)
@@ -256,11 +275,15 @@ class Tokenizer:
     # --- chat -------------------------------------------------------------------------------------------
 
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+        **template_kwargs: Any,
     ) -> str:
-        """Render `messages` ([{"role", "content"}, ...]) as HF `apply_chat_template(tokenize=False)` does."""
+        """Render `messages` ([{"role", "content"}, ...]) as HF `apply_chat_template(tokenize=False)` does;
+        extra keyword arguments become template variables, as in HF (`enable_thinking=False` for Qwen3)."""
         if not messages:
             raise QwenError("cannot apply the chat template to an empty conversation")
+        variables = {**self.template_kwargs, **template_kwargs}
+        check_template_kwargs(variables)
         # transformers drops None-valued keys (e.g. OpenAI's content=None) before rendering.
         chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
         try:
@@ -269,16 +292,22 @@ class Tokenizer:
                 tools=tools,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
-                **self._template_tokens,
+                **{**self._template_tokens, **variables},
             )
         except Exception as e:  # anything the template program raises is a template/input problem
             raise QwenError(f"{self._source}: chat template failed: {type(e).__name__}: {e}") from e
 
     def encode_chat(
-        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+        **template_kwargs: Any,
     ) -> list[int]:
         """Ids of the rendered chat (HF `apply_chat_template(tokenize=True)`)."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools))
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools, **template_kwargs))
+
+    @property
+    def has_thinking_switch(self) -> bool:
+        """Whether the chat template reads `enable_thinking` (Qwen3's switch between reasoning and not)."""
+        return "enable_thinking" in self.chat_template
 
     def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
         """A fresh streaming detokenizer for one generated sequence."""

@@ -10,9 +10,10 @@ import numpy as np
 
 def load_reference(folder: Path, dtype: str = "float32"):
     import torch
-    from transformers import Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    return Qwen2ForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    # The folder's config.json picks Qwen2ForCausalLM, Qwen2MoeForCausalLM, Qwen3ForCausalLM, ...
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
 
 
 def reference_logits(model, prompt: Sequence[int], steps: Sequence[int]) -> np.ndarray:

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
-httpx = pytest.importorskip("httpx")
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
+from tests.chromium import chromium
+
+import fastapi  # noqa: F401,E402  (the [serve] extra; [dev] installs it: a missing one is a failure)
+import httpx  # noqa: E402
+import openai  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key-1234"
@@ -388,46 +390,33 @@ def test_serve_without_its_extra_says_what_to_install():
     assert r.returncode == 2 and "pip install 'qwen-mlx[serve]'" in r.stderr and "Traceback" not in r.stderr
 
 
-CHROMIUM = Path("/usr/bin/chromium")
-
-
-def test_chat_page_streams_a_reply_in_a_real_browser(server, library):
+def test_chat_page_streams_a_reply_in_a_real_browser(server, library, tmp_path):
     """Debian's chromium, driven by Playwright: type, see the streamed reply, go on with the chat."""
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not CHROMIUM.exists():
-        pytest.skip("no /usr/bin/chromium (apt-get install -y chromium)")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-default-apps", "--disable-extensions", "--no-first-run",
-            "--disable-sync", "--metrics-recording-only", "--disable-dev-shm-usage"])
-        try:
-            page = browser.new_page(viewport={"width": 900, "height": 640})
-            outside: list[str] = []
-            page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(server.url) else None)
-            page.goto(server.url + "/")
-            page.wait_for_function("document.getElementById('model').textContent !== 'connecting…'", timeout=30000)
-            assert page.text_content("#model") == server.client().models.list().data[0].id
-            page.fill("#temperature", "0")
-            page.fill("#input", "Tell me a story about a cat.")
-            page.keyboard.press("Enter")
-            page.wait_for_selector(".assistant.done", timeout=120000)
-            reply = page.text_content(".assistant.done .text")
-            prompt = chat_ids(library, [{"role": "user", "content": "Tell me a story about a cat."}])
-            expected, _ = reference(library, prompt, 1024 - len(prompt), temperature=0)
-            assert reply == expected and reply
-            # the second turn carries the first: its prompt starts with the cached conversation
-            page.fill("#input", "And then?")
-            page.click("#send")
-            page.wait_for_function("document.querySelectorAll('.assistant.done').length === 2", timeout=120000)
-            assert "prompt tokens cached" in page.text_content(".assistant.done >> nth=1")
-            shot = page.screenshot()
-            assert shot[:8] == b"\x89PNG\r\n\x1a\n"
-            if os.environ.get("QWEN_MLX_UPDATE_DOCS"):  # refresh the screenshot the docs show
-                (ROOT / "docs" / "serve_chat_page.png").write_bytes(shot)
-            assert outside == [], "the page must load nothing from outside this server"
-        finally:
-            browser.close()
+    with chromium(tmp_path / "profile", viewport={"width": 900, "height": 640}) as browser:
+        page = browser.new_page()
+        outside: list[str] = []
+        page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(server.url) else None)
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent !== 'connecting…'", timeout=30000)
+        assert page.text_content("#model") == server.client().models.list().data[0].id
+        page.fill("#temperature", "0")
+        page.fill("#input", "Tell me a story about a cat.")
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".assistant.done", timeout=120000)
+        reply = page.text_content(".assistant.done .text")
+        prompt = chat_ids(library, [{"role": "user", "content": "Tell me a story about a cat."}])
+        expected, _ = reference(library, prompt, 1024 - len(prompt), temperature=0)
+        assert reply == expected and reply
+        # the second turn carries the first: its prompt starts with the cached conversation
+        page.fill("#input", "And then?")
+        page.click("#send")
+        page.wait_for_function("document.querySelectorAll('.assistant.done').length === 2", timeout=120000)
+        assert "prompt tokens cached" in page.text_content(".assistant.done >> nth=1")
+        shot = page.screenshot()
+        assert shot[:8] == b"\x89PNG\r\n\x1a\n"
+        if os.environ.get("QWEN_MLX_UPDATE_DOCS"):  # refresh the screenshot the docs show
+            (ROOT / "docs" / "serve_chat_page.png").write_bytes(shot)
+        assert outside == [], "the page must load nothing from outside this server"
 
 
 @pytest.mark.real

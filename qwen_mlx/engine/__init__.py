@@ -9,10 +9,10 @@
 """
 
 from .batching import BatchBackend, Draw, PrefixCache, SerialBatch, batch_backend
-from .local import generate, stream_generate
+from .local import generate, local_engine, stream_generate
 from .scheduler import (Constraint, Done, Engine, Failed, Handle, Overloaded, Request, ShuttingDown, Token,
                         run_requests)
 
 __all__ = ["BatchBackend", "Constraint", "Done", "Draw", "Engine", "Failed", "Handle", "Overloaded", "PrefixCache",
-           "Request", "SerialBatch", "ShuttingDown", "Token", "batch_backend", "generate", "run_requests",
-           "stream_generate"]
+           "Request", "SerialBatch", "ShuttingDown", "Token", "batch_backend", "generate", "local_engine",
+           "run_requests", "stream_generate"]

@@ -3,7 +3,7 @@
 A `BatchBackend` owns the KV caches of many sequences. The engine starts a sequence (the backend reuses
 the longest prefix it has cached), prefills it in chunks on its own, then hands it to `decode`, which runs
 one forward for every running sequence: the backend notices who joined and who left since the last call
-and reshapes its batch at that token boundary. Pure Python: MLX's implementation is mlx_batch.py.
+and reshapes its batch at that token boundary. Pure Python: MLX's implementation is qwen_mlx/engine/mlx_batch.py.
 """
 
 from __future__ import annotations
@@ -86,11 +86,11 @@ class SerialBatch:
 
     max_batch = 1
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, session: Session | None = None):
         self.backend = backend
         self.args = backend.args
         self.device = backend.device
-        self.session = Session(backend)
+        self.session = session or Session(backend)  # one may come with its cache filled (a saved prompt)
 
     def start(self, prompt: Sequence[int]) -> tuple[SerialSeq, int]:
         seq = SerialSeq(prompt)

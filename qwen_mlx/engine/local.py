@@ -6,12 +6,25 @@ the terminal needs on top is printable text pieces and the stats line.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from ..errors import QwenError
 from ..generate import GenerationStats, check_stop_strings
 from ..sampling import SamplingParams
+from .batching import SerialBatch
 from .scheduler import Done, Engine, Request, check_prompt_length
+
+if TYPE_CHECKING:
+    from ..generate import Backend, Session
+    from ..tokenizer import Tokenizer
+
+
+def local_engine(backend: Backend, tokenizer: Tokenizer, session: Session | None = None) -> Engine:
+    """The engine with a batch of one: the backend's batched implementation, or, given a `session` whose
+    cache already holds a prefix (a saved prompt cache), that session as the one sequence's cache."""
+    if session is None:
+        return Engine.for_backend(backend, tokenizer)
+    return Engine(SerialBatch(backend, session), tokenizer)
 
 
 def stream_generate(engine: Engine, prompt: Sequence[int], params: SamplingParams, max_tokens: int,

@@ -25,6 +25,7 @@ from ..engine import Done, Engine, Failed, Overloaded, Request, ShuttingDown, To
 from ..errors import QwenError
 from ..generate import check_stop_strings
 from ..sampling import SamplingParams
+from ..tokenizer import check_template_kwargs
 from .logprobs import TokenText
 from .protocol import ChatRequest, CompletionRequest, Sampling
 from .tools import ToolCallFilter, template_messages
@@ -239,7 +240,12 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 raise ApiError(400, str(e), param="response_format" if body.response_format else "tool_choice") \
                     from None
         try:
-            prompt = tokenizer.encode_chat(template_messages(body.messages), tools=tools)
+            check_template_kwargs(body.chat_template_kwargs or {})
+        except QwenError as e:
+            raise ApiError(400, str(e), param="chat_template_kwargs") from None
+        try:
+            prompt = tokenizer.encode_chat(template_messages(body.messages), tools=tools,
+                                           **(body.chat_template_kwargs or {}))
         except QwenError as e:
             raise ApiError(400, str(e), param="messages") from None
         req = Request(prompt, params, budget(prompt, body.max_completion_tokens or body.max_tokens),

@@ -107,6 +107,8 @@ class ChatRequest(Sampling):
     tools: Optional[list[Tool]] = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     response_format: Optional[ResponseFormat] = None
+    # vLLM's extension: extra chat template variables, e.g. {"enable_thinking": false} for Qwen3.
+    chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
 class CompletionRequest(Sampling):
