@@ -12,7 +12,8 @@ from ..errors import QwenError
 from ..generate import GenerationStats, check_stop_strings
 from ..sampling import SamplingParams
 from .batching import SerialBatch
-from .scheduler import Done, Engine, Request, check_prompt_length
+from .requests import Done, Request, check_prompt_length
+from .scheduler import Engine
 
 if TYPE_CHECKING:
     from ..generate import Backend, Session

@@ -25,88 +25,20 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from ..errors import QwenError
 from ..generate import PREFILL_CHUNK, TextStream
-from ..sampling import Sampler, SamplingParams
+from ..sampling import Sampler
 from .batching import Draw, batch_backend
+from .requests import Done, Failed, Handle, Overloaded, Request, ShuttingDown, Token, check_prompt_length
 
 if TYPE_CHECKING:
-    from ..config import ModelArgs
     from ..generate import Backend
     from ..tokenizer import Tokenizer
     from .batching import BatchBackend
-
-
-class Constraint(Protocol):
-    """A grammar that decides which tokens may come next (qwen_mlx.serve.grammar)."""
-
-    def mask(self, logits: np.ndarray) -> np.ndarray:
-        """`logits` with every token the grammar forbids at -inf."""
-
-    def accept(self, token: int) -> None: ...
-
-    def finished(self) -> bool:
-        """The grammar is complete and allows nothing more."""
-
-
-@dataclass
-class Request:
-    prompt: list[int]
-    params: SamplingParams
-    max_tokens: int
-    stop: tuple[str, ...] = ()
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: int | None = None  # None: off; k: the chosen token's logprob and the k most likely
-    constraint: Constraint | None = None
-
-
-@dataclass
-class Token:
-    id: int
-    text: str  # the text this token makes printable ("" while held back)
-    logprob: float | None = None
-    top: list[tuple[int, float]] | None = None
-
-
-@dataclass
-class Done:
-    finish_reason: str  # "stop" or "length"
-    text: str  # the held-back rest of the reply
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    prefill_seconds: float = 0.0  # from its first prefill chunk to the logits of its first token
-    decode_seconds: float = 0.0   # from there to its end
-
-
-@dataclass
-class Failed:
-    message: str
-    status: int = 500  # 503 when the server is shutting down
-
-
-class Overloaded(Exception):
-    def __init__(self, retry_after: int):
-        super().__init__(f"the server is at capacity; retry in {retry_after} s")
-        self.retry_after = retry_after
-
-
-class ShuttingDown(Exception):
-    pass
-
-
-class Handle:
-    def __init__(self) -> None:
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        """The client is gone: the engine frees its slot at the next step."""
-        self.cancelled = True
 
 
 @dataclass
@@ -462,14 +394,6 @@ class Engine:
             live.emit(event)
         except Exception:  # the client's event loop is gone: nothing to tell
             live.handle.cancel()
-
-
-def check_prompt_length(args: ModelArgs, n: int) -> None:
-    context = args.context_length
-    if n >= context:
-        caps = [reason for cap, reason in args.context_caps() if cap == context]
-        raise QwenError(f"the prompt has {n} tokens; this model's context holds {context}"
-                        + (f" (capped by {caps[0]})" if caps else ""))
 
 
 def apply_penalties(logits: np.ndarray, counts: collections.Counter, presence: float, frequency: float

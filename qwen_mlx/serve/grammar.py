@@ -43,7 +43,7 @@ def _ll_tokenizer(tokenizer: Tokenizer, n_vocab: int) -> Any:
 
 
 class GrammarConstraint:
-    """One request's grammar state: the engine's `Constraint` (qwen_mlx.engine.scheduler)."""
+    """One request's grammar state: the engine's `Constraint` (qwen_mlx.engine.requests)."""
 
     def __init__(self, tokenizer: Tokenizer, grammar: str, n_vocab: int):
         import llguidance
