@@ -229,8 +229,9 @@ class Engine:
                 self.backend.reset()
 
     def _drop_pending(self) -> None:
-        """Forget the queued step once the device has finished it: MLX aborts a process that exits with
-        work in flight. Its error, if any, is moot: this is called when its rows are gone."""
+        """Forget the queued step once the device has finished it, so nothing the engine queued runs on
+        behind it (after a reply the process may exit; after a failure the backend is reset). Its error,
+        if any, is moot: this is called when its rows are gone."""
         pending, self._pending, self._pending_rows = self._pending, None, []
         if pending is not None:
             try:
