@@ -72,6 +72,21 @@ def run_options(f):
     return f
 
 
+def kv_options(f):
+    """--kv-bits / --kv-group-size (mlx): the KV cache stored quantized (qwen_mlx/kv_quant.py)."""
+    f = click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+                     help="with --kv-bits: features of a key or value vector per scale and bias")(f)
+    return click.option("--kv-bits", type=click.Choice(["4", "8"]), default=None,
+                        help="mlx: store the KV cache in 4 or 8 bits (~3.5x / ~6x less memory than float32, "
+                             "~1.8x / ~3.2x less than bfloat16)")(f)
+
+
+def _kv(kv_bits, kv_group_size) -> dict:
+    if not kv_bits and kv_group_size != "64":
+        raise QwenError("--kv-group-size needs --kv-bits")
+    return {"kv_bits": int(kv_bits) if kv_bits else None, "kv_group_size": int(kv_group_size)}
+
+
 NO_THINK = click.option("--no-think", is_flag=True,
                         help="Qwen3: answer without reasoning first (the chat template's enable_thinking=False)")
 
@@ -87,7 +102,7 @@ def _thinking_switch(loaded, no_think: bool) -> None:
     loaded.tokenizer.template_kwargs["enable_thinking"] = False
 
 
-def _prepare(backend, model, dtype, quantize, max_tokens, stop=(), **sampling):
+def _prepare(backend, model, dtype, quantize, max_tokens, stop=(), kv_bits=None, kv_group_size="64", **sampling):
     """Check the flags before loading anything, then load the backend and the sampling defaults."""
     from qwen_mlx.backends import load
     from qwen_mlx.generate import check_stop_strings
@@ -97,7 +112,7 @@ def _prepare(backend, model, dtype, quantize, max_tokens, stop=(), **sampling):
         raise QwenError(f"--max-tokens must be >= 0, got {max_tokens}")
     check_stop_strings(stop)
     SamplingParams(**{k: v for k, v in sampling.items() if v is not None})  # validate the flags early
-    loaded = load(backend, model, dtype, quantize)
+    loaded = load(backend, model, dtype, quantize, **_kv(kv_bits, kv_group_size))
     params = SamplingParams.from_generation_config(loaded.generation_config, **sampling)
     return loaded, params
 
@@ -130,12 +145,14 @@ def cli():
 @click.option("--system", default=None, help="system message")
 @NO_THINK
 @PROMPT_CACHE
-def chat(backend, model, dtype, quantize, max_tokens, stop, system, no_think, prompt_cache, **sampling):
+@kv_options
+def chat(backend, model, dtype, quantize, max_tokens, stop, system, no_think, prompt_cache, kv_bits, kv_group_size,
+         **sampling):
     """Multi-turn chat in the terminal, replies streamed."""
     from qwen_mlx.chat import run_chat
 
     _check_prompt_cache_backend(prompt_cache, backend)
-    loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, **sampling)
+    loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, kv_bits, kv_group_size, **sampling)
     _thinking_switch(loaded, no_think)
     session = None
     if prompt_cache:
@@ -155,8 +172,9 @@ def chat(backend, model, dtype, quantize, max_tokens, stop, system, no_think, pr
 @click.option("--system", default=None, help="system message (chat template only)")
 @NO_THINK
 @PROMPT_CACHE
+@kv_options
 def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, system, no_think, prompt_cache,
-             **sampling):
+             kv_bits, kv_group_size, **sampling):
     """One reply to one prompt: the text on stdout, a JSON stats line last on stderr."""
     from qwen_mlx.engine import local_engine, stream_generate
     from qwen_mlx.generate import GenerationStats
@@ -164,7 +182,7 @@ def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, sys
     if prompt == "-":
         prompt = sys.stdin.read()
     _check_prompt_cache_backend(prompt_cache, backend)
-    loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, **sampling)
+    loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, kv_bits, kv_group_size, **sampling)
     _thinking_switch(loaded, no_think and not raw)
     session, cached = _prompt_cache(loaded, prompt_cache) if prompt_cache else (None, None)
     if cached is not None and system is None and not raw:
@@ -222,16 +240,23 @@ def cache_prompt(backend, model, dtype, quantize, doc, raw, out):
 @click.option("--grace", type=float, default=10.0, show_default=True,
               help="seconds in-flight requests get to finish after Ctrl-C / SIGTERM")
 @NO_THINK
-def serve(backend, model, dtype, quantize, host, port, max_batch, max_queue, max_tokens, api_key, grace, no_think):
+@kv_options
+def serve(backend, model, dtype, quantize, host, port, max_batch, max_queue, max_tokens, api_key, grace, no_think,
+          kv_bits, kv_group_size):
     """An OpenAI-compatible HTTP server (chat, completions, streaming) with continuous batching."""
     from qwen_mlx.serve import require_extra, serve as run_server
 
     require_extra()  # before loading a model
     if max_batch < 1 or max_queue < 0 or max_tokens < 1:
         raise QwenError("--max-batch and --max-tokens must be >= 1, --max-queue >= 0")
+    if kv_bits and max_batch != 1:
+        # The batched MLX engine (qwen_mlx/engine/mlx_batch.py) pads, joins and slices rows of a float cache;
+        # a quantized cache runs one sequence at a time, which must be asked for rather than slipped in.
+        raise QwenError("serve --kv-bits needs --max-batch 1: continuous batching keeps a float KV cache; "
+                        "with --kv-bits requests are served one at a time on a quantized cache")
     from qwen_mlx.backends import load
 
-    loaded = load(backend, model, dtype, quantize)
+    loaded = load(backend, model, dtype, quantize, **_kv(kv_bits, kv_group_size))
     _thinking_switch(loaded, no_think)  # the default; a request's chat_template_kwargs can still say otherwise
     run_server(loaded, host, port, max_batch=max_batch, api_key=api_key, max_queue=max_queue,
                max_tokens=max_tokens, grace=grace)

@@ -39,20 +39,26 @@ class LoadedModel:
     folder: Path
 
 
-def load(backend: str, model: str | None, dtype: str | None = None, quantize: str | None = None) -> LoadedModel:
-    """`mlx` and `torch` read a safetensors checkpoint; `onnx` reads a folder written by `export-onnx`."""
+def load(backend: str, model: str | None, dtype: str | None = None, quantize: str | None = None,
+         kv_bits: int | None = None, kv_group_size: int = 64) -> LoadedModel:
+    """`mlx` and `torch` read a safetensors checkpoint; `onnx` reads a folder written by `export-onnx`.
+    `kv_bits` (mlx only) stores the KV cache quantized, `kv_group_size` features per scale and bias."""
+    if kv_bits is not None and backend != "mlx":
+        raise QwenError(f"--kv-bits works with the mlx backend only (its cache stores quantized keys and values "
+                        f"and attends with quantized matmuls); the {backend} backend keeps a float cache")
     factory = _REGISTRY.get(backend)
     if factory is None:
         if backend in _PROVIDED_BY:
             raise QwenError(f"the {backend} backend lives in the `{_PROVIDED_BY[backend]}` package: "
                             f"`import {_PROVIDED_BY[backend]}` registers it (cli.py does)")
         raise QwenError(f"unknown backend {backend!r} (choose from {', '.join(names())})")
-    impl, folder = factory(model, dtype, quantize)
+    impl, folder = factory(model, dtype, quantize, *((kv_bits, kv_group_size) if kv_bits is not None else ()))
     tokenizer = Tokenizer.from_folder(folder)
     return LoadedModel(impl, tokenizer, read_generation_config(folder), folder)
 
 
-def _mlx(model: str | None, dtype: str | None, quantize: str | None) -> tuple[Backend, Path]:
+def _mlx(model: str | None, dtype: str | None, quantize: str | None, kv_bits: int | None = None,
+         kv_group_size: int = 64) -> tuple[Backend, Path]:
     if quantize not in (None, "4", "8"):
         raise QwenError(f"--quantize for the mlx backend must be 4 or 8, got {quantize}")
     ckpt = prepare_model(model)
@@ -60,7 +66,7 @@ def _mlx(model: str | None, dtype: str | None, quantize: str | None) -> tuple[Ba
         from .mlx_backend import MLXBackend
     except ImportError as e:
         raise QwenError(f"the mlx backend needs MLX ({e}); install it with `pip install -e .`") from None
-    return MLXBackend(ckpt, dtype, int(quantize) if quantize else None), ckpt.folder
+    return MLXBackend(ckpt, dtype, int(quantize) if quantize else None, kv_bits, kv_group_size), ckpt.folder
 
 
 register("mlx", _mlx)

@@ -11,6 +11,7 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .dtypes import check_dtype
 from .errors import QwenError
+from .kv_quant import KV_GROUP_SIZE, check_kv_bits
 from .model import Qwen2ForCausalLM, stack_experts
 from .progress import progress_bar
 from .quant import module_params
@@ -83,15 +84,19 @@ def _quantize_as_stored(model: Qwen2ForCausalLM, ckpt: Checkpoint) -> None:
 class MLXBackend:
     name = "mlx"
 
-    def __init__(self, ckpt: Checkpoint, dtype: str | None = None, quantize: int | None = None):
+    def __init__(self, ckpt: Checkpoint, dtype: str | None = None, quantize: int | None = None,
+                 kv_bits: int | None = None, kv_group_size: int = KV_GROUP_SIZE):
+        check_kv_bits(kv_bits, kv_group_size, ckpt.args.head_dim)  # before loading the weights
         self.args = ckpt.args
         self.dtype = dtype or default_dtype()
         self.quantize = quantize
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         self.model = load_model(ckpt, self.dtype, quantize)
-        self.cache = self.model.make_cache()
+        self.cache = self.model.make_cache(kv_bits, kv_group_size)
         device = "gpu" if mx.default_device() == mx.gpu else "cpu"
         stored = ckpt.quantization and f", {ckpt.quantization['bits']}-bit as stored"
-        self.device = f"mlx {device}, {self.dtype}" + (f", {quantize}-bit" if quantize else stored or "")
+        self.device = f"mlx {device}, {self.dtype}" + (f", {quantize}-bit" if quantize else stored or "") \
+            + (f", {kv_bits}-bit KV cache" if kv_bits else "")
 
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
         logits = self.model(mx.array([list(tokens)], dtype=mx.int32), self.cache)
@@ -112,6 +117,8 @@ class MLXBackend:
         """This model as a continuous-batching backend (qwen_mlx.engine.mlx_batch), or None where batching
         would change the math: dynamic NTK RoPE rescales by each sequence's own length."""
         if self.args.rope_type == "dynamic":
+            return None
+        if self.kv_bits:  # the batch's left-padded cache is float: one sequence at a time on this cache
             return None
         from .engine.mlx_batch import MLXBatch
         return MLXBatch(self, max_batch)

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelArgs
+from .kv_quant import KV_GROUP_SIZE, QuantizedKVCache, quantized_attention
 
 
 class KVCache:
@@ -106,8 +107,11 @@ class Attention(nn.Module):
         k, v = cache.update(k, v)                                                     # B K T D
         if self.on_weights is not None:
             self.on_weights(attention_weights(q, k, self.scale, mask))
-        # GQA without tiling: the fused kernel maps each group of H/K query heads to its kv head.
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # B H L D
+        if isinstance(cache, QuantizedKVCache):  # --kv-bits: k and v are (codes, scales, biases)
+            o = quantized_attention(q, k, v, self.scale, mask, cache.group_size, cache.bits)  # B H L D
+        else:
+            # GQA without tiling: the fused kernel maps each group of H/K query heads to its kv head.
+            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # B H L D
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -289,5 +293,8 @@ class Qwen2ForCausalLM(nn.Module):
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
 
-    def make_cache(self) -> list[KVCache]:
+    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = KV_GROUP_SIZE) -> list[KVCache | QuantizedKVCache]:
+        """One cache per layer; with `kv_bits`, keys and values are stored quantized (qwen_mlx/kv_quant.py)."""
+        if kv_bits:
+            return [QuantizedKVCache(kv_bits, kv_group_size) for _ in self.model.layers]
         return [KVCache() for _ in self.model.layers]

@@ -4,7 +4,8 @@ The file is safetensors (`mx.save_safetensors`): `{layer}.keys` / `{layer}.value
 metadata naming what the numbers are only valid for: the model (sha256 of config.json and of the weight
 files' safetensors headers, so another checkpoint or a re-export is caught without hashing gigabytes), the
 dtype and weight quantization, the tokenizer (sha256 of tokenizer.json), and the token ids themselves.
-MLX backend only: the cache is MLX arrays in the layout of qwen_mlx.model.KVCache.
+MLX backend only: the cache is MLX arrays in the layout of qwen_mlx.model.KVCache. The file is always float;
+a run with `--kv-bits` quantizes it on load (qwen_mlx/kv_quant.py).
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def save_prompt_cache(path: Path, loaded: LoadedModel, tokens: Sequence[int], sy
     if len(tokens) >= backend.args.context_length:
         raise QwenError(f"the document has {len(tokens)} tokens; this model's context holds "
                         f"{backend.args.context_length}")
+    if getattr(backend, "kv_bits", None):
+        raise QwenError("a prompt cache is saved in float (it may be loaded with or without --kv-bits); "
+                        "make it without --kv-bits")
     Session(backend).prefill(list(tokens))
     arrays = {}
     for i, c in enumerate(backend.cache):
@@ -97,8 +101,11 @@ def load_prompt_cache(path: Path, loaded: LoadedModel) -> CachedPrompt:
                             "`cli.py cache-prompt` for this model")
     tokens = json.loads(metadata["tokens"])
     for i, c in enumerate(backend.cache):
-        c.keys, c.values = arrays[f"{i}.keys"], arrays[f"{i}.values"]
-        c.offset = len(tokens)
+        if getattr(backend, "kv_bits", None):  # --kv-bits: the float keys and values quantized on load
+            c.fill(arrays[f"{i}.keys"], arrays[f"{i}.values"])
+        else:
+            c.keys, c.values = arrays[f"{i}.keys"], arrays[f"{i}.values"]
+            c.offset = len(tokens)
     return CachedPrompt(tokens, metadata.get("system"))
 
 

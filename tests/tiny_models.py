@@ -25,6 +25,8 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 # Not in the parity sweeps above: a shape they already cover, with room for a chat with tools (server tests).
 EXTRA_CONFIGS: dict[str, dict[str, Any]] = {
     "long-context": dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+    # head_dim 64, the real models' and mlx-lm's default KV group size (tests/test_kv_cache_quant.py)
+    "kv-head64": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024),
 }
 
 # The other architectures (tests/test_architectures.py). MoE: several expert counts and top-k, the shared
