@@ -394,14 +394,17 @@ def export_onnx_cmd(model, out, dtype, quantize, opset, force):
 @click.option("--system", default=None, help="system message (chat template only)")
 @click.option("--layers", default=None, help="comma-separated layer indices [default: all]")
 @click.option("--heads", default=None, help="comma-separated head indices [default: all]")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(["float64", *DTYPES]), default=None,
+              help="float64: the exact maps of the weights (CPU); another dtype: the maps as the model runs at it "
+                   "[default: float64, float32 for MoE models]")
 @click.option("--out", required=True, help="FILE.png (a grid of heatmaps) or FILE.npz (the numbers)")
 def attention(model, prompt, raw, system, layers, heads, dtype, out):
     """Attention maps (MLX): the softmax weights of chosen layers and heads over the prompt's tokens."""
     out = Path(out)
     if out.suffix not in (".png", ".npz"):
         raise QwenError(f"--out must end in .png or .npz, got {out.name}")
-    from qwen_mlx.attention_maps import attention_maps, parse_indices, save_npz, save_png, token_labels
+    from qwen_mlx.attention_maps import (attention_maps, float64_model, parse_indices, save_npz, save_png,
+                                         token_labels)
     from qwen_mlx.checkpoint import prepare_model
     from qwen_mlx.mlx_backend import load_model
     from qwen_mlx.tokenizer import Tokenizer
@@ -414,7 +417,12 @@ def attention(model, prompt, raw, system, layers, heads, dtype, out):
         prompt = sys.stdin.read()
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     ids = tok.encode(prompt) if raw else tok.encode_chat(messages)
-    weights = attention_maps(load_model(ckpt, dtype), ids, layer_ids, head_ids)
+    dtype = dtype or ("float32" if ckpt.args.num_experts else "float64")
+    if dtype == "float64":  # float32 weights widened; see qwen_mlx/attention_maps.py for why
+        model = float64_model(load_model(ckpt, "float32"))
+    else:
+        model = load_model(ckpt, dtype)
+    weights = attention_maps(model, ids, layer_ids, head_ids)
     tokens, special = token_labels(tok, ids)
     if out.suffix == ".npz":
         save_npz(out, weights, tokens, layer_ids, head_ids)

@@ -35,6 +35,7 @@ def prompt_ids(encode, n: int) -> list[int]:
 
 def run_ours(model: str, n_prompt: int, n_decode: int, kv_bits: int) -> dict:
     sys.path.insert(0, str(ROOT))
+    from qwen_mlx import _blas  # noqa: F401  first: OpenBLAS must be loaded before mlx
     import mlx.core as mx
     import numpy as np
 

@@ -3,6 +3,16 @@
 The MLX model's attention runs on a fused kernel that returns no weights; each chosen layer's `Attention`
 gets an `on_weights` callback for one forward pass, which receives softmax(q k^T * scale + causal mask)
 computed explicitly after q/k norms and RoPE (qwen_mlx.model.attention_weights).
+
+Precision (`float64_model`, the CLI's default): in float32 the maps are only known to ~5e-5 on real Qwen2
+checkpoints. Their q/k biases make some attention scores large (|score| ~1,500 in the 0.5B model's first
+layer), where one float32 rounding step of the score moves a sharp softmax row by ~1e-4 * p(1 - p); HF
+transformers' own float32 eager maps are 5.9e-5 from its float64 ones there, and no float32 implementation
+with another summation order can be nearer. So the diagnostic runs the forward in float64 on the CPU, with
+the float32 steps HF keeps whatever the model's dtype: RoPE's cos and sin (inv_freq and position * inv_freq
+in float32, then widened) and RMSNorm (normalized in float32). Layer 0's maps are then 1.6e-6 from a plain
+float64 computation of them, and every layer's are within 1e-5 of HF's eager maps run in float64 (its one
+float32 step, the softmax, taken in float64 too: tests/test_attention_maps.py, `-m real`).
 """
 
 from __future__ import annotations
@@ -11,8 +21,10 @@ from pathlib import Path
 from typing import Sequence
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
+from .config import ModelArgs
 from .errors import QwenError
 from .model import Qwen2ForCausalLM
 from .tokenizer import Tokenizer
@@ -39,6 +51,57 @@ def parse_indices(text: str | None, count: int, what: str) -> list[int]:
     return out
 
 
+class HFRoPE(nn.Module):
+    """RoPE for the float64 maps: cos and sin from float32 angles, as HF's rotary embedding makes them (and
+    scaled by yarn's attention factor there), applied to float64 q or k B H L D."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+
+    def __call__(self, x: mx.array, offset: int) -> mx.array:
+        L, D = x.shape[2], x.shape[3]
+        inv_freq, factor = self.args.rope_frequencies(offset + L)  # float32; seq_len matters for dynamic only
+        angles = np.arange(offset, offset + L, dtype=np.float32)[:, None] * inv_freq[None]   # L D/2, float32
+        angles = np.concatenate([angles, angles], axis=-1)                                     # L D
+        cos = mx.array((np.cos(angles) * np.float32(factor)).astype(np.float64))
+        sin = mx.array((np.sin(angles) * np.float32(factor)).astype(np.float64))
+        rotated = mx.concatenate([-x[..., D // 2:], x[..., :D // 2]], axis=-1)               # rotate_half
+        return x * cos + rotated * sin
+
+
+class HFRMSNorm(nn.Module):
+    """RMSNorm for the float64 maps as HF's Qwen2/Qwen3 RMSNorm computes it whatever the model's dtype:
+    normalized in float32, widened, then scaled by the (float64) weight."""
+
+    def __init__(self, norm: nn.RMSNorm):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x32 = x.astype(mx.float32)
+        y = x32 * mx.rsqrt((x32 * x32).mean(axis=-1, keepdims=True) + self.eps)
+        return self.weight * y.astype(x.dtype)
+
+
+def float64_model(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
+    """Convert `model` in place for the maps (module docstring): float64 weights and activations, with HF's
+    float32 islands (RoPE angles, RMSNorm). MLX computes float64 on the CPU only; `attention_maps` runs it there."""
+    if model.args.num_experts:
+        raise QwenError("float64 attention maps need a dense model: MLX's gather_mm (the experts) has no float64; "
+                        "use --dtype float32")
+    model.set_dtype(mx.float64)
+    for layer in model.model.layers:
+        a = layer.self_attn
+        a.rope = HFRoPE(model.args)
+        layer.input_layernorm = HFRMSNorm(layer.input_layernorm)
+        layer.post_attention_layernorm = HFRMSNorm(layer.post_attention_layernorm)
+        if a.qk_norm:
+            a.q_norm, a.k_norm = HFRMSNorm(a.q_norm), HFRMSNorm(a.k_norm)
+    model.model.norm = HFRMSNorm(model.model.norm)
+    return model
+
+
 def attention_maps(model: Qwen2ForCausalLM, ids: Sequence[int], layers: Sequence[int],
                    heads: Sequence[int]) -> np.ndarray:
     """One forward pass over `ids` -> float32 [layers, heads, tokens, tokens] (row i: query token i)."""
@@ -48,10 +111,12 @@ def attention_maps(model: Qwen2ForCausalLM, ids: Sequence[int], layers: Sequence
     attn = [model.model.layers[i].self_attn for i in layers]
     for i, a in zip(layers, attn):
         a.on_weights = lambda w, i=i: recorded.__setitem__(i, w[0][mx.array(list(heads))])  # heads T T
+    f64 = model.model.norm.weight.dtype == mx.float64
     try:
-        model(mx.array([list(ids)], dtype=mx.int32), model.make_cache())
-        out = mx.stack([recorded[i] for i in layers])
-        return np.array(out.astype(mx.float32))
+        with mx.stream(mx.cpu if f64 else mx.default_stream(mx.default_device())):
+            model(mx.array([list(ids)], dtype=mx.int32), model.make_cache())
+            out = mx.stack([recorded[i] for i in layers])
+            return np.array(out.astype(mx.float32))
     finally:
         for a in attn:
             a.on_weights = None

@@ -117,15 +117,17 @@ class Attention(nn.Module):
 
 def attention_weights(q: mx.array, k: mx.array, scale: float, mask: mx.array | str | None) -> mx.array:
     """softmax(q k^T * scale + mask) in float32, written out: q B H L D, k B K T D -> B H L T, each group of
-    H/K query heads against its kv head (what the fused kernel computes without returning it)."""
+    H/K query heads against its kv head (what the fused kernel computes without returning it). A float64
+    model's scores are computed in float64 (qwen_mlx/attention_maps.py: float64_model)."""
     B, H, L, D = q.shape
     K, T = k.shape[1], k.shape[2]
-    q = q.astype(mx.float32).reshape(B, K, H // K, L, D)                             # B K G L D
-    s = (q @ k.astype(mx.float32)[:, :, None].swapaxes(-1, -2) * scale).reshape(B, H, L, T)
+    dtype = mx.float64 if q.dtype == mx.float64 else mx.float32  # float64: attention_maps' exact path
+    q = q.astype(dtype).reshape(B, K, H // K, L, D)                                  # B K G L D
+    s = (q @ k.astype(dtype)[:, :, None].swapaxes(-1, -2) * scale).reshape(B, H, L, T)
     if isinstance(mask, str):  # "causal", lower-right aligned: query i sits at position T - L + i
         mask = mx.arange(T - L, T)[:, None] >= mx.arange(T)[None]                    # L T
     if mask is not None:
-        s = mx.where(mask, s, -mx.inf) if mask.dtype == mx.bool_ else s + mask.astype(mx.float32)
+        s = mx.where(mask, s, -mx.inf) if mask.dtype == mx.bool_ else s + mask.astype(dtype)
     return mx.softmax(s, axis=-1)
 
 
