@@ -77,8 +77,8 @@ def kv_options(f):
     f = click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
                      help="with --kv-bits: features of a key or value vector per scale and bias")(f)
     return click.option("--kv-bits", type=click.Choice(["4", "8"]), default=None,
-                        help="mlx: store the KV cache in 4 or 8 bits (~3.5x / ~6x less memory than float32, "
-                             "~1.8x / ~3.2x less than bfloat16)")(f)
+                        help="mlx: store the KV cache in 8 or 4 bits (~3.6x / ~6.4x less memory than float32, "
+                             "~1.9x / ~3.6x less than bfloat16)")(f)
 
 
 def _kv(kv_bits, kv_group_size) -> dict:
