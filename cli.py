@@ -3,7 +3,7 @@
     python cli.py chat --backend mlx [--model M]
     python cli.py generate --backend mlx --model M --prompt TEXT
     python cli.py info --model M
-    python cli.py convert --gguf FILE.gguf --out DIR
+    python cli.py convert --gguf FILE.gguf --out DIR      (or --model AWQ_OR_GPTQ_FOLDER --out DIR)
     python cli.py export-onnx --model M --out DIR
     python cli.py serve --backend mlx [--model M] [--port 8000]
     python cli.py attention --model M --prompt TEXT --out FILE.png|FILE.npz
@@ -315,7 +315,8 @@ def _stored_quantization_rows(ckpt) -> None:
 
 @cli.command()
 @click.option("--gguf", "gguf_file", default=None, help="a GGUF file of architecture qwen2, qwen2moe, qwen3 or qwen3moe")
-@click.option("--model", default=None, help="with --quantize: the model to quantize (as everywhere: an HF folder, "
+@click.option("--model", default=None, help="an AWQ/GPTQ folder to repack exactly, or with --quantize: the model to "
+              "quantize (as everywhere: an HF folder, "
               "a .gguf, a Hub id)")
 @click.option("--quantize", type=click.Choice(["4", "8"]), default=None,
               help="write an MLX affine-quantized folder (mlx-lm's layout) instead of a float one")
@@ -325,8 +326,8 @@ def _stored_quantization_rows(ckpt) -> None:
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
 @click.option("--force", is_flag=True, help="replace a non-empty --out")
 def convert(gguf_file, model, quantize, group_size, out, dtype, force):
-    """Convert a Qwen GGUF (llama.cpp) into a Hugging Face folder, or (--quantize) any model into an MLX
-    quantized folder that mlx-lm loads."""
+    """Convert a Qwen GGUF (llama.cpp) into a Hugging Face folder, an AWQ/GPTQ folder into an MLX quantized
+    folder with the same codes, or (--quantize) any model into an MLX quantized folder that mlx-lm loads."""
     if quantize:
         from qwen_mlx.checkpoint import prepare_model
         from qwen_mlx.mlx_convert import quantize_folder
@@ -336,8 +337,14 @@ def convert(gguf_file, model, quantize, group_size, out, dtype, force):
         print(quantize_folder(prepare_model(model or gguf_file), Path(out), int(quantize), int(group_size),
                               dtype, force))
         return
+    if model is not None and gguf_file is None:
+        from qwen_mlx.awq_gptq import folder_scheme, repack_folder
+
+        if Path(model).is_dir() and folder_scheme(Path(model)) is not None:
+            print(repack_folder(Path(model), Path(out), force))  # AWQ/GPTQ -> MLX affine, every code kept
+            return
     if gguf_file is None or model is not None:
-        raise QwenError("convert needs --gguf FILE (or --quantize 4|8 with --model M)")
+        raise QwenError("convert needs --gguf FILE, an AWQ/GPTQ --model folder, or --quantize 4|8 with --model M")
     from qwen_mlx.gguf_convert import convert_gguf
 
     path = convert_gguf(Path(gguf_file), Path(out), dtype=dtype, force=force)

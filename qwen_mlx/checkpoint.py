@@ -60,7 +60,9 @@ def resolve_model(spec: str | None) -> Path:
         from .gguf_convert import cached_conversion
         return cached_conversion(path)
     if path.is_dir():
-        return path
+        from .awq_gptq import cached_repack, folder_scheme
+        # AWQ/GPTQ: repacked once, exactly, into an MLX affine folder, which every backend then reads.
+        return cached_repack(path) if folder_scheme(path) is not None else path
     if path.exists():
         raise QwenError(f"{spec}: not a model folder or a .gguf file")
     looks_like_repo = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and "\\" not in spec

@@ -1,0 +1,215 @@
+"""AWQ and GPTQ checkpoints in: repacked exactly into MLX affine layers.
+
+No AWQ/GPTQ quantizer runs on this CPU (AutoAWQ and gptqmodel need CUDA to quantize), so the test
+checkpoints are a tiny HF model quantized here by plain min/max rounding and packed to the published layouts
+(AutoAWQ's GEMM words in AWQ_ORDER; GPTQ v1 with its stored zero - 1, and gptq_v2; act-order g_idx). Each
+folder is then read by onnxruntime-genai's own quantized-model loader (tests/genai_quant_reader.py, in the
+genai peer venv): its codes, zero points and scales must equal ours exactly, and so must the dequantized
+weights of our MLX layers equal s * (q - z) computed from them. Logits of the repacked model equal those of
+HF transformers running the dequantized float model. Norm weights are random (0.5..1.5): AWQ folds its
+scales into them, and the loader must take them as stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from qwen_mlx.awq_gptq import AWQ_ORDER, folder_scheme, repack_folder
+from qwen_mlx.checkpoint import prepare_model
+from qwen_mlx.errors import QwenError
+from qwen_mlx.mlx_backend import load_model
+
+MODEL = "mqa-headdim"  # hidden 64, intermediate 128, head_dim 32, untied lm_head
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# name -> (method, bits, group size, sym, GPTQ checkpoint format, modules given an act-order g_idx)
+CASES = {
+    "awq4-g32": ("awq", 4, 32, False, None, ()),
+    "gptq4-g32-sym-descact": ("gptq", 4, 32, True, "gptq", ("mlp.down_proj",)),
+    "gptq8-row-asym": ("gptq", 8, -1, False, "gptq", ()),
+    "gptq4-g64-v2-asym": ("gptq", 4, 64, False, "gptq_v2", ()),
+}
+PROMPT = [1, 5, 9, 33, 100, 7, 250, 3]
+
+
+# ---- a hand-made quantizer and the published packings ---------------------------------------------------
+
+def quantize(w: np.ndarray, bits: int, g_idx: np.ndarray, groups: int, sym: bool, min_zero: int):
+    """Min/max rounding of w [out, in] per (row, group): codes [out, in], zeros and fp16 scales [out, groups]."""
+    top = (1 << bits) - 1
+    scales = np.zeros((w.shape[0], groups), np.float16)
+    zeros = np.zeros((w.shape[0], groups), np.int64)
+    for g in range(groups):
+        cols = w[:, g_idx == g]
+        if sym:
+            scales[:, g] = np.abs(cols).max(1) / (top // 2)
+            zeros[:, g] = 1 << (bits - 1)
+        else:
+            lo, hi = np.minimum(cols.min(1), 0), np.maximum(cols.max(1), 0)
+            scales[:, g] = (hi - lo) / top
+            zeros[:, g] = np.clip(np.round(-lo / scales[:, g].astype(np.float32)), min_zero, top)
+    s, z = scales.astype(np.float32)[:, g_idx], zeros[:, g_idx]
+    codes = np.clip(np.round(w / s + z), 0, top).astype(np.int64)
+    return codes, zeros, scales
+
+
+def pack(codes: np.ndarray, bits: int, axis: int, order=None) -> np.ndarray:
+    """int codes -> int32 words along `axis`, low bits first (slot i holding column order[i] when given)."""
+    c = np.moveaxis(codes, axis, -1).astype(np.uint32)
+    per = 32 // bits
+    c = c.reshape(*c.shape[:-1], -1, per)
+    if order is not None:
+        c = c[..., list(order)]
+    words = np.bitwise_or.reduce(c << (np.arange(per, dtype=np.uint32) * bits), axis=-1)
+    return np.ascontiguousarray(np.moveaxis(words, -1, axis)).view(np.int32)
+
+
+def make_checkpoint(src: Path, dst: Path, method: str, bits: int, group: int, sym: bool, fmt: str | None,
+                    act_order: tuple[str, ...], seed: int = 0) -> dict[str, np.ndarray]:
+    """Write an AWQ/GPTQ folder from the float HF folder `src`; return the float32 weights it encodes
+    (s * (q - z) per quantized module, the rest as stored in fp16)."""
+    rng = np.random.default_rng(seed)
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            (dst / f.name).write_bytes(f.read_bytes())
+    floats = load_file(str(src / "model.safetensors"))
+    stored, exact = {}, {}
+    for key, w in floats.items():
+        module = key.removesuffix(".weight")
+        if not (key.endswith(".weight") and module.endswith(LINEARS)):
+            stored[key] = w.astype(np.float16)  # as Qwen publishes: float tensors in fp16
+            exact[key] = stored[key].astype(np.float32)
+            continue
+        out, n_in = w.shape
+        g = n_in if group == -1 else group
+        g_idx = np.arange(n_in) // g
+        if module.endswith(act_order):
+            g_idx = g_idx[rng.permutation(n_in)]
+        codes, zeros, scales = quantize(w, bits, g_idx, n_in // g, sym, min_zero=1 if fmt == "gptq" else 0)
+        exact[key] = scales.astype(np.float32)[:, g_idx] * (codes - zeros[:, g_idx])
+        if method == "awq":
+            stored[module + ".qweight"] = pack(codes.T, bits, 1, AWQ_ORDER)
+            stored[module + ".qzeros"] = pack(zeros.T, bits, 1, AWQ_ORDER)
+        else:
+            stored[module + ".qweight"] = pack(codes.T, bits, 0)
+            stored[module + ".qzeros"] = pack((zeros.T - (fmt == "gptq")) & ((1 << bits) - 1), bits, 1)
+            stored[module + ".g_idx"] = g_idx.astype(np.int32)
+        stored[module + ".scales"] = np.ascontiguousarray(scales.T)
+    save_file(stored, str(dst / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    qc = {"quant_method": method, "bits": bits, "group_size": group}
+    qc.update({"version": "gemm", "zero_point": True} if method == "awq" else
+              {"sym": sym, "desc_act": bool(act_order), "checkpoint_format": fmt})
+    config.update(quantization_config=qc, torch_dtype="float16")
+    (dst / "config.json").write_text(json.dumps(config))
+    return exact
+
+
+# ---- fixtures ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def packed(tiny_model, tmp_path_factory):
+    """name -> (AWQ/GPTQ folder, the float32 weights it encodes), all CASES built once."""
+    root = tmp_path_factory.mktemp("awq_gptq")
+    return {name: (root / name, make_checkpoint(tiny_model(MODEL), root / name, *case))
+            for name, case in CASES.items()}
+
+
+@pytest.fixture(scope="session")
+def genai_read(packed, tmp_path_factory) -> dict[str, dict[str, np.ndarray]]:
+    """onnxruntime-genai's reading of every case (one subprocess in its venv)."""
+    python = Path(os.environ.get("QWEN_MLX_PEERS", "/work/venvs")) / "genai" / "bin" / "python"
+    if not python.is_file():
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{python} is missing in CI (benchmarks/setup_peers.sh makes it)")
+        pytest.skip(f"onnxruntime-genai's venv {python} is missing (bash benchmarks/setup_peers.sh)")
+    out = tmp_path_factory.mktemp("genai") / "read.npz"
+    names = list(packed)
+    subprocess.run([str(python), str(Path(__file__).with_name("genai_quant_reader.py")), str(out),
+                    *[str(packed[n][0]) for n in names]], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": ""})
+    data = np.load(out)
+    result: dict[str, dict[str, np.ndarray]] = {n: {} for n in names}
+    for key in data.files:
+        i, rest = key.split("/", 1)
+        result[names[int(i)]][rest] = data[key]
+    return result
+
+
+@pytest.fixture(scope="session")
+def hf_logits(packed, tmp_path_factory) -> dict[str, np.ndarray]:
+    """HF transformers' float32 logits for the dequantized float model of every case."""
+    import torch
+    import transformers
+
+    result = {}
+    for name, (folder, exact) in packed.items():
+        ref = tmp_path_factory.mktemp(f"{name}-float")
+        config = json.loads((folder / "config.json").read_text())
+        del config["quantization_config"]
+        config["torch_dtype"] = "float32"
+        (ref / "config.json").write_text(json.dumps(config))
+        save_file(exact, str(ref / "model.safetensors"))
+        model = transformers.AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).eval()
+        with torch.no_grad():
+            result[name] = model(torch.tensor([PROMPT])).logits[0].numpy()
+    return result
+
+
+def _mlx_weights(folder: Path) -> tuple[object, dict[str, np.ndarray]]:
+    """Our MLX model of `folder` and each quantized layer's weights as MLX itself dequantizes them."""
+    model = load_model(prepare_model(str(folder)), "float32")
+    weights = {}
+    for path, m in model.named_modules():
+        if hasattr(m, "scales"):
+            weights[path] = np.array(mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits))
+    return model, weights
+
+
+# ---- exactness ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_repacked_weights_and_logits_are_exact(name, packed, genai_read, hf_logits, tmp_path, monkeypatch):
+    monkeypatch.setenv("QWEN_MLX_CACHE", str(tmp_path))
+    folder, exact = packed[name]
+    method, bits, group, sym, fmt, act_order = CASES[name]
+    genai = genai_read[name]
+    model, ours = _mlx_weights(folder)
+    assert len(ours) == 2 * len(LINEARS)  # every linear layer is quantized, nothing dequantized
+    for layer in range(2):
+        perm = None  # down_proj's act order: its inputs, and gate/up's output rows, are stored in group order
+        if "mlp.down_proj" in act_order:
+            g_idx = load_file(str(folder / "model.safetensors"))[f"model.layers.{layer}.mlp.down_proj.g_idx"]
+            perm = np.argsort(g_idx, kind="stable")
+        for linear in LINEARS:
+            module = f"model.layers.{layer}.{linear}"
+            # genai's integer reading, dequantized in float32: what the MLX layer must hold, bit for bit
+            codes, zeros, scales = (genai[f"{module}.{k}"] for k in ("codes", "zeros", "scales"))
+            if fmt == "gptq_v2":  # genai 0.18 reads every GPTQ folder as v1 (stored zero + 1): undo its + 1
+                zeros = (zeros - 1) & ((1 << bits) - 1)
+            g_idx = np.arange(codes.shape[0]) // (codes.shape[0] if group == -1 else group)
+            if linear in act_order:
+                g_idx = load_file(str(folder / "model.safetensors"))[f"{module}.g_idx"]
+            theirs = (scales[g_idx] * (codes - zeros[g_idx]).astype(np.float32)).T
+            np.testing.assert_array_equal(theirs, exact[f"{module}.weight"])  # their reading = what we packed
+            w = ours[module]
+            if perm is not None and linear == "mlp.down_proj":
+                w = w[:, np.argsort(perm)]
+            elif perm is not None and linear in ("mlp.gate_proj", "mlp.up_proj"):
+                w = w[np.argsort(perm)]
+            np.testing.assert_array_equal(w, theirs, err_msg=module)
+            # genai's own float16 dequantization rounds q*s and z*s first: ours is within fp16 rounding of it
+            if fmt != "gptq_v2":
+                np.testing.assert_allclose(genai[f"{module}.dequant"], theirs, rtol=0,
+                                           atol=2e-3 * np.abs(theirs).max())
+    logits = np.array(model(mx.array([PROMPT]), model.make_cache(), last_only=False)[0])
+    np.testing.assert_allclose(logits, hf_logits[name], rtol=0, atol=1e-4 * np.abs(hf_logits[name]).max())
