@@ -27,7 +27,7 @@ from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.errors import QwenError
 from qwen_mlx.mlx_backend import load_model
 
-MODEL = "mqa-headdim"  # hidden 64, intermediate 128, head_dim 32, untied lm_head
+MODEL = "gqa4-tied"  # hidden 64, intermediate 128, tied (mlx-lm's qwen2 has no explicit head_dim)
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # name -> (method, bits, group size, sym, GPTQ checkpoint format, modules given an act-order g_idx)
@@ -213,3 +213,108 @@ def test_repacked_weights_and_logits_are_exact(name, packed, genai_read, hf_logi
                                            atol=2e-3 * np.abs(theirs).max())
     logits = np.array(model(mx.array([PROMPT]), model.make_cache(), last_only=False)[0])
     np.testing.assert_allclose(logits, hf_logits[name], rtol=0, atol=1e-4 * np.abs(hf_logits[name]).max())
+
+
+# ---- the other readers of the repacked folder -------------------------------------------------------------
+
+def test_convert_writes_a_folder_mlx_lm_runs_with_the_same_logits(packed, tmp_path, monkeypatch):
+    """`convert --model GPTQ --out DIR` (the act-order case: gate/up rows permuted, mixed group sizes are
+    not in it) writes a folder mlx-lm loads unmodified, with our logits; the torch twin reads it too."""
+    import sys
+
+    from mlx_lm import load
+
+    from export.model import load_model as load_torch_model
+
+    monkeypatch.setenv("QWEN_MLX_CACHE", str(tmp_path / "cache"))
+    folder, _ = packed["gptq4-g32-sym-descact"]
+    out = tmp_path / "mlx"
+    cli = Path(__file__).resolve().parents[1] / "cli.py"
+    done = subprocess.run([sys.executable, str(cli), "convert", "--model", str(folder), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 32, "bits": 4, "mode": "affine"}
+    ours = load_model(prepare_model(str(out)), "float32")
+    logits = np.array(ours(mx.array([PROMPT]), ours.make_cache(), last_only=False)[0])
+    theirs, _ = load(str(out))
+    theirs.set_dtype(mx.float32)  # mlx-lm computes in the stored fp16 of the embedding and norms; we in float32
+    np.testing.assert_allclose(np.array(theirs(mx.array([PROMPT]))[0]), logits, rtol=0, atol=1e-5)
+    import torch
+    twin = load_torch_model(prepare_model(str(folder)), "float32")  # the AWQ/GPTQ folder itself, dequantized
+    n = len(PROMPT)
+    with torch.no_grad():
+        twin_logits, _ = twin(torch.tensor([PROMPT]), torch.ones(1, n, dtype=torch.long),
+                              torch.arange(n)[None], twin.empty_cache())
+    np.testing.assert_allclose(twin_logits[0].numpy(), logits, rtol=0, atol=1e-4 * np.abs(logits).max())
+
+
+# ---- bad inputs -------------------------------------------------------------------------------------------
+
+def _broken(packed, tmp_path: Path, case: str, edit_tensors=None, edit_config=None) -> Path:
+    folder = tmp_path / "broken"
+    src, _ = packed[case]
+    folder.mkdir()
+    for f in src.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    if edit_tensors:
+        tensors = load_file(str(folder / "model.safetensors"))
+        edit_tensors(tensors)
+        save_file(tensors, str(folder / "model.safetensors"))
+    if edit_config:
+        config = json.loads((folder / "config.json").read_text())
+        edit_config(config["quantization_config"])
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+Q = "model.layers.0.self_attn.q_proj"
+D = "model.layers.1.mlp.down_proj"
+BAD = {
+    "missing qzeros": ("awq4-g32", lambda t: t.pop(f"{Q}.qzeros"), None, "q_proj: qzeros is missing"),
+    "scales too short": ("gptq8-row-asym", lambda t: t.update({f"{Q}.scales": t[f"{Q}.scales"][:, :8]}), None,
+                         "tensors do not match config.json"),
+    "3-bit": ("gptq4-g64-v2-asym", None, lambda q: q.update(bits=3), "GPTQ bits 3 is not supported"),
+    "8-bit AWQ": ("awq4-g32", None, lambda q: q.update(bits=8), "AWQ bits 8 is not supported"),
+    "GEMV AWQ": ("awq4-g32", None, lambda q: q.update(version="gemv"), "AWQ version 'gemv' is not supported"),
+    "marlin": ("gptq8-row-asym", None, lambda q: q.update(checkpoint_format="marlin"), "format 'marlin'"),
+    "g_idx not a grouping": ("gptq4-g32-sym-descact",
+                             lambda t: t.update({f"{D}.g_idx": np.zeros_like(t[f"{D}.g_idx"])}), None,
+                             "down_proj: g_idx is not a valid grouping"),
+    "g_idx out of range": ("gptq4-g32-sym-descact",
+                           lambda t: t.update({f"{D}.g_idx": t[f"{D}.g_idx"] + 1}), None, "not a valid grouping"),
+    "act order on q_proj": ("gptq4-g32-sym-descact",
+                            lambda t: t.update({f"{Q}.g_idx": t[f"{Q}.g_idx"][::-1].copy()}), None,
+                            "q_proj: act-order g_idx (desc_act)"),
+    "sym with other zeros": ("gptq8-row-asym", None, lambda q: q.update(sym=True), "config says sym"),
+    "v1 zero point 0": ("gptq8-row-asym", lambda t: t[f"{Q}.qzeros"].fill(-1), None,
+                        "a zero point of 0 stored in GPTQ v1 format"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_checkpoint_is_one_clear_error(case, packed, tmp_path, monkeypatch):
+    monkeypatch.setenv("QWEN_MLX_CACHE", str(tmp_path / "cache"))
+    source, edit_tensors, edit_config, words = BAD[case]
+    folder = _broken(packed, tmp_path, source, edit_tensors, edit_config)
+    with pytest.raises(QwenError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        prepare_model(str(folder))
+    assert not any((tmp_path / "cache" / "awq_gptq").glob("*/config.json"))  # nothing half-made is cached
+
+
+def test_a_group_size_mlx_cannot_hold_is_refused(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("QWEN_MLX_CACHE", str(tmp_path / "cache"))
+    make_checkpoint(tiny_model(MODEL), tmp_path / "g16", "gptq", 4, 16, True, "gptq", ())
+    with pytest.raises(QwenError, match="down_proj: a group size of 16 over 128 inputs cannot be held in MLX's groups"):
+        prepare_model(str(tmp_path / "g16"))
+
+
+def test_cli_names_a_bad_checkpoint_in_one_line(packed, tmp_path):
+    import sys
+
+    folder = _broken(packed, tmp_path, "awq4-g32", edit_config=lambda q: q.update(bits=8))
+    cli = Path(__file__).resolve().parents[1] / "cli.py"
+    done = subprocess.run([sys.executable, str(cli), "convert", "--model", str(folder), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and done.stderr.strip().splitlines() == [
+        "error: AWQ bits 8 is not supported (AutoAWQ's GEMM layout is 4-bit only)"]
