@@ -316,8 +316,7 @@ def _stored_quantization_rows(ckpt) -> None:
 @cli.command()
 @click.option("--gguf", "gguf_file", default=None, help="a GGUF file of architecture qwen2, qwen2moe, qwen3 or qwen3moe")
 @click.option("--model", default=None, help="an AWQ/GPTQ folder to repack exactly, or with --quantize: the model to "
-              "quantize (as everywhere: an HF folder, "
-              "a .gguf, a Hub id)")
+              "quantize (as everywhere: an HF folder, a .gguf, a Hub id)")
 @click.option("--quantize", type=click.Choice(["4", "8"]), default=None,
               help="write an MLX affine-quantized folder (mlx-lm's layout) instead of a float one")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,

@@ -18,9 +18,10 @@ Stored layouts (int32 words, codes in the low bits first):
 A group size MLX lacks (e.g. 256, or -1: one group per row) is held exactly by repeating each scale and
 bias over MLX groups of 128/64/32. GPTQ's act-order (`desc_act`) g_idx puts a group's inputs anywhere in the
 row; MLX groups are contiguous, so the inputs must be permuted, and with them the activations. That is free
-only for mlp.down_proj, whose input rows are made by gate_proj/up_proj: their output rows are permuted to
-match. Anywhere else it is refused with the reason. Norms, embeddings and biases are copied as stored (AWQ
-folds its activation scales into the RMSNorm weights; nothing here assumes unit norms).
+only for a down_proj (dense, expert or shared expert), whose inputs are made by its gate_proj/up_proj: their
+output rows are permuted to match. Anywhere else it is refused with the reason. Experts stored one by one are
+stacked as mlx-lm's switch_mlp. Norms, embeddings and biases are copied as stored (AWQ folds its activation
+scales into the RMSNorm weights; nothing here assumes unit norms).
 """
 
 from __future__ import annotations
@@ -231,8 +232,6 @@ def repack_folder(src: Path, out: Path, force: bool = False) -> Path:
             raise QwenError(f"{src}: {m} holds quantized tensors, but the model has no such linear layer")
         if m + ".weight" in stored:
             raise QwenError(f"{src}: {m} holds both a float weight and quantized tensors")
-        if m.endswith(".mlp.gate") or ".experts." in m:
-            raise QwenError(f"{src}: {m}: quantized MoE routers and experts are not supported yet")
         t = {k: np.array(stored[f"{m}.{k}"]) for k in PACKED if f"{m}.{k}" in stored}
         try:
             u = unpack_module(scheme, m, t, shapes[m])
@@ -240,10 +239,10 @@ def repack_folder(src: Path, out: Path, force: bool = False) -> Path:
         except QwenError as e:
             raise QwenError(f"{src}: {e}" if str(e).startswith(m) else f"{src}: {m}: {e}") from None
         if u.perm is not None:
-            if not m.endswith(".mlp.down_proj"):
+            if not m.endswith(".down_proj"):  # mlp, mlp.experts.<j>, mlp.shared_expert
                 raise QwenError(f"{src}: {m}: act-order g_idx (desc_act) scatters each group over the row; MLX "
                                 "groups are contiguous, so its inputs would have to be permuted, and this "
-                                "layer's input cannot be permuted for free (only mlp.down_proj's can, through "
+                                "layer's input cannot be permuted for free (only a down_proj's can, through "
                                 "the rows of gate_proj and up_proj). Use a checkpoint quantized without "
                                 "desc_act, or with static_groups")
             perms[m.removesuffix(".down_proj")] = u.perm
@@ -254,8 +253,11 @@ def repack_folder(src: Path, out: Path, force: bool = False) -> Path:
     for mlp, perm in perms.items():  # down_proj's inputs reordered: so are the rows that produce them
         index = mx.array(perm.astype(np.int32))
         for proj in ("gate_proj", "up_proj"):
+            if f"{mlp}.{proj}.weight" not in weights:
+                raise QwenError(f"{src}: {mlp}.down_proj has an act-order g_idx but {mlp}.{proj} is missing")
             for key in [k for k in weights if k.startswith(f"{mlp}.{proj}.")]:
                 weights[key] = weights[key][index]
+    _stack_experts(weights, overrides, src)
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     config.pop("quantization_config")
     default = max(set(overrides.values()), key=list(overrides.values()).count) if overrides else 64
@@ -272,6 +274,30 @@ def repack_folder(src: Path, out: Path, force: bool = False) -> Path:
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
     return Path(out)
+
+
+def _stack_experts(weights: dict[str, Any], groups: dict[str, int], src: Path) -> None:
+    """Experts stored one by one (`mlp.experts.<j>.<proj>`) -> mlx-lm's stacked `mlp.switch_mlp.<proj>`
+    [X, out, ...], in place, which is how this project and mlx-lm hold quantized experts."""
+    import re
+
+    import mlx.core as mx
+
+    stacks: dict[str, dict[int, str]] = {}
+    for key in weights:
+        if m := re.fullmatch(r"(.*\.mlp)\.experts\.(\d+)\.(\w+)\.(\w+)", key):
+            stacks.setdefault(f"{m[1]}.switch_mlp.{m[3]}.{m[4]}", {})[int(m[2])] = key
+    for target, members in stacks.items():
+        module = target.rsplit(".", 1)[0]
+        experts = [k.rsplit(".", 1)[0] for _, k in sorted(members.items())]
+        if sorted(members) != list(range(len(members))) or len({groups.get(e) for e in experts}) != 1:
+            raise QwenError(f"{src}: the experts of {module.replace('.switch_mlp.', '.experts.*.')} are not all "
+                            "quantized alike (or some are missing)")
+        weights[target] = mx.stack([weights.pop(k) for _, k in sorted(members.items())])
+        if experts[0] in groups:
+            groups[module] = groups[experts[0]]
+    for key in [k for k in groups if ".mlp.experts." in k]:
+        del groups[key]
 
 
 def cached_repack(src: Path) -> Path:

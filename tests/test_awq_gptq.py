@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from qwen_mlx.awq_gptq import AWQ_ORDER, folder_scheme, repack_folder
+from qwen_mlx.awq_gptq import AWQ_ORDER
 from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.errors import QwenError
 from qwen_mlx.mlx_backend import load_model
@@ -30,6 +30,7 @@ from qwen_mlx.mlx_backend import load_model
 MODEL = "gqa4-tied"  # hidden 64, intermediate 128, tied (mlx-lm's qwen2 has no explicit head_dim)
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PROJECTIONS = {name.split(".")[1] for name in LINEARS}  # experts' too; MoE routers (mlp.gate) stay float
 # name -> (method, bits, group size, sym, GPTQ checkpoint format, modules given an act-order g_idx)
 CASES = {
     "awq4-g32": ("awq", 4, 32, False, None, ()),
@@ -85,14 +86,14 @@ def make_checkpoint(src: Path, dst: Path, method: str, bits: int, group: int, sy
     stored, exact = {}, {}
     for key, w in floats.items():
         module = key.removesuffix(".weight")
-        if not (key.endswith(".weight") and module.endswith(LINEARS)):
+        if not (key.endswith(".weight") and module.rsplit(".", 1)[-1] in PROJECTIONS):
             stored[key] = w.astype(np.float16)  # as Qwen publishes: float tensors in fp16
             exact[key] = stored[key].astype(np.float32)
             continue
         out, n_in = w.shape
         g = n_in if group == -1 else group
         g_idx = np.arange(n_in) // g
-        if module.endswith(act_order):
+        if module.endswith(act_order) or f"mlp.experts.{module.rsplit('.', 1)[-1]}" in act_order:
             g_idx = g_idx[rng.permutation(n_in)]
         codes, zeros, scales = quantize(w, bits, g_idx, n_in // g, sym, min_zero=1 if fmt == "gptq" else 0)
         exact[key] = scales.astype(np.float32)[:, g_idx] * (codes - zeros[:, g_idx])
@@ -145,24 +146,25 @@ def genai_read(packed, tmp_path_factory) -> dict[str, dict[str, np.ndarray]]:
     return result
 
 
-@pytest.fixture(scope="session")
-def hf_logits(packed, tmp_path_factory) -> dict[str, np.ndarray]:
-    """HF transformers' float32 logits for the dequantized float model of every case."""
+def _hf_logits(folder: Path, exact: dict[str, np.ndarray], ref: Path) -> np.ndarray:
+    """HF transformers' float32 logits for the dequantized float model of an AWQ/GPTQ folder."""
     import torch
     import transformers
 
-    result = {}
-    for name, (folder, exact) in packed.items():
-        ref = tmp_path_factory.mktemp(f"{name}-float")
-        config = json.loads((folder / "config.json").read_text())
-        del config["quantization_config"]
-        config["torch_dtype"] = "float32"
-        (ref / "config.json").write_text(json.dumps(config))
-        save_file(exact, str(ref / "model.safetensors"))
-        model = transformers.AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).eval()
-        with torch.no_grad():
-            result[name] = model(torch.tensor([PROMPT])).logits[0].numpy()
-    return result
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]
+    config["torch_dtype"] = "float32"
+    (ref / "config.json").write_text(json.dumps(config))
+    save_file(exact, str(ref / "model.safetensors"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([PROMPT])).logits[0].numpy()
+
+
+@pytest.fixture(scope="session")
+def hf_logits(packed, tmp_path_factory) -> dict[str, np.ndarray]:
+    return {name: _hf_logits(folder, exact, tmp_path_factory.mktemp(f"{name}-float"))
+            for name, (folder, exact) in packed.items()}
 
 
 def _mlx_weights(folder: Path) -> tuple[object, dict[str, np.ndarray]]:
@@ -318,3 +320,21 @@ def test_cli_names_a_bad_checkpoint_in_one_line(packed, tmp_path):
                           capture_output=True, text=True)
     assert done.returncode != 0 and done.stderr.strip().splitlines() == [
         "error: AWQ bits 8 is not supported (AutoAWQ's GEMM layout is 4-bit only)"]
+
+
+def test_moe_experts_are_stacked_as_mlx_lm_does(tiny_model, tmp_path, monkeypatch):
+    """Qwen's MoE GPTQ releases quantize each expert (the router stays float): the experts are stacked into
+    mlx-lm's switch_mlp, each down_proj's act order folded into its own expert's gate/up rows."""
+    from qwen_mlx.model import QuantizedSwitchLinear
+
+    monkeypatch.setenv("QWEN_MLX_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "moe"
+    exact = make_checkpoint(tiny_model("qwen3moe-q64"), folder, "gptq", 4, 32, True, "gptq",
+                            ("mlp.down_proj", "mlp.experts.down_proj"))
+    model = load_model(prepare_model(str(folder)), "float32")
+    switch = [m for _, m in model.named_modules() if isinstance(m, QuantizedSwitchLinear)]
+    assert len(switch) == 3  # layer 1's gate/up/down stacks (layer 0 is dense)
+    logits = np.array(model(mx.array([PROMPT]), model.make_cache(), last_only=False)[0])
+    (tmp_path / "float").mkdir()
+    expected = _hf_logits(folder, exact, tmp_path / "float")
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
