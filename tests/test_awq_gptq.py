@@ -96,7 +96,7 @@ def make_checkpoint(src: Path, dst: Path, method: str, bits: int, group: int, sy
         if module.endswith(act_order) or f"mlp.experts.{module.rsplit('.', 1)[-1]}" in act_order:
             g_idx = g_idx[rng.permutation(n_in)]
         codes, zeros, scales = quantize(w, bits, g_idx, n_in // g, sym, min_zero=1 if fmt == "gptq" else 0)
-        exact[key] = scales.astype(np.float32)[:, g_idx] * (codes - zeros[:, g_idx])
+        exact[key] = scales.astype(np.float32)[:, g_idx] * (codes - zeros[:, g_idx]).astype(np.float32)
         if method == "awq":
             stored[module + ".qweight"] = pack(codes.T, bits, 1, AWQ_ORDER)
             stored[module + ".qzeros"] = pack(zeros.T, bits, 1, AWQ_ORDER)
@@ -338,3 +338,40 @@ def test_moe_experts_are_stacked_as_mlx_lm_does(tiny_model, tmp_path, monkeypatc
     (tmp_path / "float").mkdir()
     expected = _hf_logits(folder, exact, tmp_path / "float")
     np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+# ---- ONNX: MatMulNBits with the publisher's codes and zero points ----------------------------------------
+
+@pytest.mark.parametrize("name", ["awq4-g32", "gptq4-g64-v2-asym"])
+def test_onnx_matmulnbits_hold_the_stored_quantization(name, packed, tmp_path, monkeypatch):
+    """export/stored_quant.py on MatMuls named as the traced (and fused) graph names them: each becomes
+    MatMulNBits whose weights are the publisher's, so with float activations (accuracy_level 0) onnxruntime
+    computes the float model's product to float rounding. (export-onnx --quantize int4 uses level 4, int8
+    activations, as for every int4 export.)"""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.stored_quant import stored_int4
+
+    monkeypatch.setenv("QWEN_MLX_CACHE", str(tmp_path))
+    folder, exact = packed[name]
+    ckpt = prepare_model(str(folder))
+    layer = "model.layers.0"
+    qkv = np.concatenate([exact[f"{layer}.self_attn.{p}_proj.weight"] for p in "qkv"])
+    down = exact[f"{layer}.mlp.down_proj.weight"]
+    inits = [numpy_helper.from_array(np.ascontiguousarray(qkv.T), f"{layer}.self_attn.qkv_proj.weight.T"),
+             numpy_helper.from_array(np.ascontiguousarray(down.T), f"{layer}.mlp.down_proj.weight.T")]
+    nodes = [helper.make_node("MatMul", ["x", inits[0].name], ["qkv"]),
+             helper.make_node("MatMul", ["h", inits[1].name], ["down"])]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+          for n, s in [("x", [3, 64]), ("h", [3, 128]), ("qkv", [3, qkv.shape[0]]), ("down", [3, 64])]]
+    proto = helper.make_model(helper.make_graph(nodes, "g", io[:2], io[2:], inits),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    assert stored_int4(proto, ckpt, accuracy_level=0) == 2
+    assert [n.op_type for n in proto.graph.node] == ["MatMulNBits"] * 2 and len(proto.graph.initializer) == 6
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    x, h = rng.normal(size=(3, 64)).astype(np.float32), rng.normal(size=(3, 128)).astype(np.float32)
+    got_qkv, got_down = session.run(None, {"x": x, "h": h})
+    np.testing.assert_allclose(got_qkv, x @ qkv.T, rtol=0, atol=1e-5 * np.abs(x @ qkv.T).max())
+    np.testing.assert_allclose(got_down, h @ down.T, rtol=0, atol=1e-5 * np.abs(h @ down.T).max())
