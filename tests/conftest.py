@@ -42,3 +42,13 @@ def real_model_dir() -> Path:
         if os.environ.get("CI") or "download" not in str(e):
             raise
         pytest.skip(f"real checkpoint unavailable: {e}")
+
+
+@pytest.fixture
+def no_eos(loaded):
+    """Greedy runs of a fixed length: the random tiny model must not end a reply early. `loaded` is the
+    requesting module's own loaded model."""
+    saved = loaded.tokenizer.eos_token_ids
+    loaded.tokenizer.eos_token_ids = frozenset()
+    yield
+    loaded.tokenizer.eos_token_ids = saved
