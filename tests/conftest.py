@@ -44,6 +44,16 @@ def real_model_dir() -> Path:
         pytest.skip(f"real checkpoint unavailable: {e}")
 
 
+@pytest.fixture
+def no_eos(loaded):
+    """Greedy runs of a fixed length: the random tiny model must not end a reply early. `loaded` is the
+    requesting module's own loaded model."""
+    saved = loaded.tokenizer.eos_token_ids
+    loaded.tokenizer.eos_token_ids = frozenset()
+    yield
+    loaded.tokenizer.eos_token_ids = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_model, tmp_path_factory: pytest.TempPathFactory):
     """tiny_onnx(name) -> the float32 ONNX folder `cli.py export-onnx` writes for tiny_model(name), exported
