@@ -303,6 +303,9 @@ def _stored_quantization_rows(ckpt) -> None:
     from qwen_mlx.quant import describe
 
     print(f"  {'quantized':<12} {describe(ckpt.quantization)}")
+    origin = json.loads((ckpt.folder / "config.json").read_text(encoding="utf-8")).get("repacked_from")
+    if origin:  # an AWQ/GPTQ checkpoint (qwen_mlx/awq_gptq.py)
+        print(f"  {'repacked':<12} exactly, from {origin}")
     itemsize = {"U32": 4, "F32": 4, "F16": 2, "BF16": 2}
     stored = sum(math.prod(t.shape) * itemsize.get(t.dtype, 4) for t in ckpt.tensors.values())
     packed = sum(math.prod(t.shape) * 4 for t in ckpt.tensors.values() if t.dtype == "U32")

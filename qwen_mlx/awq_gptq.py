@@ -56,7 +56,8 @@ class Scheme:
 
     def describe(self) -> str:
         g = "per row" if self.group_size == -1 else f"group size {self.group_size}"
-        return f"{self.method.upper()} {self.bits}-bit, {g}"
+        fmt = {0: ", gptq_v2", 1: ", gptq v1 (zero - 1 stored)"}[self.zero_offset] if self.method == "gptq" else ""
+        return f"{self.method.upper()} {self.bits}-bit, {g}{fmt}{', sym' if self.sym else ''}"
 
 
 def read_scheme(config: dict[str, Any]) -> Scheme | None:
@@ -265,7 +266,7 @@ def repack_folder(src: Path, out: Path, force: bool = False) -> Path:
     quantization.update({m: {"group_size": g, "bits": scheme.bits, "mode": "affine"}
                          for m, g in overrides.items() if g != default})
     config.update(_mlx_lm_keys(SimpleNamespace(args=args), config),  # it reads only .args
-                  quantization=quantization, quantization_config=quantization)
+                  quantization=quantization, quantization_config=quantization, repacked_from=scheme.describe())
     with staged_folder(Path(out), force) as staging:
         for f in sorted(src.iterdir()):
             if f.is_file() and f.name not in ("config.json", "model.safetensors.index.json", "quantize_config.json") \
