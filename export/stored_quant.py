@@ -5,8 +5,9 @@ biases are -zero * scale) reaches the twin dequantized exactly, scale * (q - zer
 to onnxruntime's int4 quantizer would round it a second time into other codes. Instead each traced MatMul
 whose weight is such a module, or a fused q/k/v or gate/up of modules with the same group size, becomes
 MatMulNBits holding the same codes, scales and zero points, block size = the group size. The traced weight
-must equal the stored dequantization bit for bit, or the MatMul is left to the quantizer (a float16 export).
-What is stored float (embedding, lm_head) is left to the quantizer too.
+must equal the stored dequantization (rounded to the export's dtype), else the MatMul is left to the quantizer.
+What the publisher left float (embedding, lm_head) stays float: export_onnx runs the int4 quantizer only
+when nothing here was kept.
 """
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ def stored_int4(proto, ckpt: Checkpoint, accuracy_level: int = 4) -> int:
         group = parts[0][3]
         N, K = codes.shape
         g = np.arange(K) // group
-        if not np.array_equal(numpy_helper.to_array(inits[node.input[1]]).T,
-                              scales[:, g] * (codes.astype(np.float32) - zeros[:, g])):
+        traced = numpy_helper.to_array(inits[node.input[1]]).T
+        # float16 export: the twin's weights are the exact dequantization rounded once to float16; the scales
+        # go in the activations' dtype too, which fp16-published scales survive exactly
+        if not (np.array_equal(traced, (scales[:, g] * (codes.astype(np.float32) - zeros[:, g])).astype(traced.dtype))
+                and np.array_equal(scales.astype(traced.dtype).astype(np.float32), scales)):
             continue
+        scales = scales.astype(traced.dtype)
         name = m[0].removesuffix(".weight.T")
         blocks = K // group
         packed = codes.reshape(N, blocks, group // 2, 2)

@@ -342,8 +342,9 @@ def test_moe_experts_are_stacked_as_mlx_lm_does(tiny_model, tmp_path, monkeypatc
 
 # ---- ONNX: MatMulNBits with the publisher's codes and zero points ----------------------------------------
 
-@pytest.mark.parametrize("name", ["awq4-g32", "gptq4-g64-v2-asym"])
-def test_onnx_matmulnbits_hold_the_stored_quantization(name, packed, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name,dtype", [("awq4-g32", np.float32), ("gptq4-g64-v2-asym", np.float32),
+                                        ("awq4-g32", np.float16)])
+def test_onnx_matmulnbits_hold_the_stored_quantization(name, dtype, packed, tmp_path, monkeypatch):
     """export/stored_quant.py on MatMuls named as the traced (and fused) graph names them: each becomes
     MatMulNBits whose weights are the publisher's, so with float activations (accuracy_level 0) onnxruntime
     computes the float model's product to float rounding. (export-onnx --quantize int4 uses level 4, int8
@@ -357,13 +358,14 @@ def test_onnx_matmulnbits_hold_the_stored_quantization(name, packed, tmp_path, m
     folder, exact = packed[name]
     ckpt = prepare_model(str(folder))
     layer = "model.layers.0"
-    qkv = np.concatenate([exact[f"{layer}.self_attn.{p}_proj.weight"] for p in "qkv"])
-    down = exact[f"{layer}.mlp.down_proj.weight"]
+    qkv = np.concatenate([exact[f"{layer}.self_attn.{p}_proj.weight"] for p in "qkv"]).astype(dtype)
+    down = exact[f"{layer}.mlp.down_proj.weight"].astype(dtype)
     inits = [numpy_helper.from_array(np.ascontiguousarray(qkv.T), f"{layer}.self_attn.qkv_proj.weight.T"),
              numpy_helper.from_array(np.ascontiguousarray(down.T), f"{layer}.mlp.down_proj.weight.T")]
     nodes = [helper.make_node("MatMul", ["x", inits[0].name], ["qkv"]),
              helper.make_node("MatMul", ["h", inits[1].name], ["down"])]
-    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+    elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
+    io = [helper.make_tensor_value_info(n, elem, s)
           for n, s in [("x", [3, 64]), ("h", [3, 128]), ("qkv", [3, qkv.shape[0]]), ("down", [3, 64])]]
     proto = helper.make_model(helper.make_graph(nodes, "g", io[:2], io[2:], inits),
                               opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
@@ -371,7 +373,9 @@ def test_onnx_matmulnbits_hold_the_stored_quantization(name, packed, tmp_path, m
     assert [n.op_type for n in proto.graph.node] == ["MatMulNBits"] * 2 and len(proto.graph.initializer) == 6
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    x, h = rng.normal(size=(3, 64)).astype(np.float32), rng.normal(size=(3, 128)).astype(np.float32)
+    x, h = rng.normal(size=(3, 64)).astype(dtype), rng.normal(size=(3, 128)).astype(dtype)
     got_qkv, got_down = session.run(None, {"x": x, "h": h})
-    np.testing.assert_allclose(got_qkv, x @ qkv.T, rtol=0, atol=1e-5 * np.abs(x @ qkv.T).max())
-    np.testing.assert_allclose(got_down, h @ down.T, rtol=0, atol=1e-5 * np.abs(h @ down.T).max())
+    tol = 1e-5 if dtype == np.float32 else 2e-3  # float16: the output's own rounding
+    for got, a, w in [(got_qkv, x, qkv), (got_down, h, down)]:
+        want = a.astype(np.float32) @ w.astype(np.float32).T
+        np.testing.assert_allclose(got.astype(np.float32), want, rtol=0, atol=tol * np.abs(want).max())
