@@ -233,7 +233,9 @@ def repack_folder(src: Path, out: Path, force: bool = False) -> Path:
             raise QwenError(f"{src}: {m} holds quantized tensors, but the model has no such linear layer")
         if m + ".weight" in stored:
             raise QwenError(f"{src}: {m} holds both a float weight and quantized tensors")
-        t = {k: np.array(stored[f"{m}.{k}"]) for k in PACKED if f"{m}.{k}" in stored}
+        # bfloat16 scales (numpy has no bfloat16) are widened first: exact
+        t = {k: np.array(v.astype(mx.float32) if v.dtype == mx.bfloat16 else v)
+             for k in PACKED if (v := stored.get(f"{m}.{k}")) is not None}
         try:
             u = unpack_module(scheme, m, t, shapes[m])
             mlx, group = to_mlx(u, scheme.bits)

@@ -60,15 +60,20 @@ def resolve_model(spec: str | None) -> Path:
         from .gguf_convert import cached_conversion
         return cached_conversion(path)
     if path.is_dir():
-        from .awq_gptq import cached_repack, folder_scheme
-        # AWQ/GPTQ: repacked once, exactly, into an MLX affine folder, which every backend then reads.
-        return cached_repack(path) if folder_scheme(path) is not None else path
+        return _repacked(path)
     if path.exists():
         raise QwenError(f"{spec}: not a model folder or a .gguf file")
     looks_like_repo = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and "\\" not in spec
     if not looks_like_repo or spec.lower().endswith(".gguf"):
         raise QwenError(f"{spec}: no such file or folder")
-    return _from_hub(spec)
+    return _repacked(_from_hub(spec))
+
+
+def _repacked(folder: Path) -> Path:
+    """An AWQ/GPTQ folder -> its MLX affine repack (made once, exactly, in the cache), which every backend
+    then reads; any other folder as it is."""
+    from .awq_gptq import cached_repack, folder_scheme
+    return cached_repack(folder) if folder_scheme(folder) is not None else folder
 
 
 def _from_hub(repo_id: str) -> Path:
