@@ -23,6 +23,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from qwen_mlx.awq_gptq import AWQ_ORDER
+from tests.needs import er, needs_peer
 from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.errors import QwenError
 from qwen_mlx.mlx_backend import load_model
@@ -128,11 +129,8 @@ def packed(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="session")
 def genai_read(packed, tmp_path_factory) -> dict[str, dict[str, np.ndarray]]:
     """onnxruntime-genai's reading of every case (one subprocess in its venv)."""
-    python = Path(os.environ.get("QWEN_MLX_PEERS", "/work/venvs")) / "genai" / "bin" / "python"
-    if not python.is_file():
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"{python} is missing in CI (benchmarks/setup_peers.sh makes it)")
-        pytest.skip(f"onnxruntime-genai's venv {python} is missing (bash benchmarks/setup_peers.sh)")
+    needs_peer("genai")
+    python = er.peer_python("genai")
     out = tmp_path_factory.mktemp("genai") / "read.npz"
     names = list(packed)
     subprocess.run([str(python), str(Path(__file__).with_name("genai_quant_reader.py")), str(out),
