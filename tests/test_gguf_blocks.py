@@ -242,3 +242,81 @@ def test_cli_keeps_blocks_unless_a_dtype_is_asked(mixed, tmp_path):
     r = _cli("convert", "--gguf", str(path), "--dtype", "float32", "--out", str(tmp_path / "f"), cache=cache)
     assert r.returncode == 0, r.stderr
     assert "quantization" not in json.loads((tmp_path / "f" / "config.json").read_text())
+
+
+# ------------------------------------------------------------------------------------ the real checkpoint
+
+
+@pytest.fixture(scope="module")
+def real_kept(real_model_dir) -> Path:
+    from qwen_mlx.gguf_convert import cached_conversion
+    from qwen_mlx.real_checkpoint import real_gguf
+
+    return cached_conversion(real_gguf(progress=False), None, progress=False)
+
+
+@pytest.mark.real
+def test_real_gguf_keeps_q8_q5_q4k_and_dequantizes_q6k(real_kept, real_model_dir):
+    """Its Q5_0 (default), Q8_0 and Q4_K matrices kept, its 12 Q6_K ffn_down float32; one module of each
+    kept type dequantizes by MLX to exactly the float32 conversion's tensor (gguf.quants.dequantize)."""
+    from safetensors import safe_open
+
+    q = json.loads((real_kept / "config.json").read_text())["quantization"]
+    assert (q["bits"], q["group_size"]) == (5, 32)
+    overrides = [v for k, v in q.items() if k not in ("bits", "group_size", "mode")]
+    assert sum(v == {"group_size": 32, "bits": 8} for v in overrides) == 13  # attn_v x12, output
+    assert sum(v == {"group_size": 32, "bits": 4} for v in overrides) == 12
+    assert sorted(k for k, v in q.items() if v is False) == sorted(
+        f"model.layers.{n}.mlp.down_proj" for n in (0, 1, 3, 6, 7, 8, 9, 10, 13, 16, 19, 21))
+    with safe_open(str(real_kept / "model.safetensors"), "numpy") as kept, \
+            safe_open(str(real_model_dir / "model.safetensors"), "numpy") as full:
+        for module, bits in (("model.embed_tokens", 5), ("lm_head", 8), ("model.layers.2.mlp.down_proj", 4)):
+            assert module not in q or q[module]["bits"] == bits
+            w, s, b = (mx.array(kept.get_tensor(f"{module}.{k}")) for k in ("weight", "scales", "biases"))
+            np.testing.assert_array_equal(np.array(mx.dequantize(w, s, b, 32, bits)), full.get_tensor(f"{module}.weight"))
+
+
+@pytest.mark.real
+def test_real_gguf_blocks_greedy_equals_float32(real_kept, real_model_dir):
+    """The first 16 greedy tokens of each parity-suite prompt: kept blocks (quantized kernels) equal the
+    dequantized float32 model's."""
+    from qwen_mlx.backends import load
+    from qwen_mlx.generate import Session, greedy_tokens
+    from tests import parity
+
+    runs = []
+    for folder, dtype in ((real_kept, None), (real_model_dir, "float32")):
+        loaded = load("mlx", str(folder), dtype)
+        prompts = parity.parity_prompts(loaded.tokenizer)
+        runs.append({p: greedy_tokens(Session(loaded.backend), ids, 16) for p, ids in prompts.items()})
+        del loaded
+        parity.free_memory()
+    assert runs[0] == runs[1]
+
+
+def test_kept_expert_stacks_are_mlx_lm_switch_mlp(tiny_model, tmp_path):
+    """Q8_0 expert stacks stay one quantized `mlp.switch_mlp.<proj>` [X, out, in] module (mlx-lm's layout):
+    the same logits (to float rounding) and greedy tokens as the float32 conversion, here and in mlx-lm."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    from tests.test_architectures import write_gguf_from_hf
+
+    path = tmp_path / "moe.gguf"
+    write_gguf_from_hf(tiny_model("qwen3moe-q64"), path, True, False)
+    kept = convert_gguf(path, tmp_path / "kept", dtype=None, progress=False)
+    full = convert_gguf(path, tmp_path / "f32", dtype="float32", progress=False)
+    q = json.loads((kept / "config.json").read_text())["quantization"]
+    assert q["bits"] == 8 and q["model.layers.0.self_attn.q_proj"] is False  # F32 in the GGUF
+    ckpt = prepare_model(str(kept))
+    layer = ckpt.args.moe_layers[0]
+    assert f"model.layers.{layer}.mlp.switch_mlp.gate_proj.scales" in ckpt.tensors
+    ours, reference = MLXBackend(ckpt, "float32"), MLXBackend(prepare_model(str(full)), "float32")
+    assert ours.model.model.layers[layer].mlp.experts.gate_proj.bits == 8
+    got_logits, got = _greedy(ours, PROMPT, 8)
+    want_logits, want = _greedy(reference, PROMPT, 8)
+    assert got == want
+    for a, b in zip(got_logits, want_logits):
+        np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), rtol=0)
+    model, _ = load(str(kept))
+    assert [int(t) for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=8)] == want
