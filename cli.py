@@ -243,7 +243,7 @@ def info(model):
     """Architecture, experts, total and active parameters by component, and memory per dtype."""
     from qwen_mlx.checkpoint import prepare_model
 
-    ckpt = prepare_model(model)
+    ckpt = prepare_model(model, gguf_blocks=True)  # a GGUF as the MLX backend runs it by default: blocks kept
     a = ckpt.args
     counts = a.parameter_counts()
     total, active = sum(counts.values()), a.active_parameters()
@@ -325,7 +325,9 @@ def _stored_quantization_rows(ckpt) -> None:
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
               help="with --quantize: weights per scale and bias")
 @click.option("--out", required=True, help="the folder to write")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="write float weights of this dtype [default: float32; for --gguf alone, an MLX quantized "
+                   "folder keeping the GGUF's blocks that MLX holds exactly, the rest float32]")
 @click.option("--force", is_flag=True, help="replace a non-empty --out")
 def convert(gguf_file, model, quantize, group_size, out, dtype, force):
     """Convert a Qwen GGUF (llama.cpp) into a Hugging Face folder, an AWQ/GPTQ folder into an MLX quantized
@@ -337,7 +339,7 @@ def convert(gguf_file, model, quantize, group_size, out, dtype, force):
         if (model is None) == (gguf_file is None):
             raise QwenError("convert --quantize needs exactly one of --model and --gguf")
         print(quantize_folder(prepare_model(model or gguf_file), Path(out), int(quantize), int(group_size),
-                              dtype, force))
+                              dtype or "float32", force))
         return
     if model is not None and gguf_file is None:
         from qwen_mlx.awq_gptq import folder_scheme, repack_folder
