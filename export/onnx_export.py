@@ -28,7 +28,7 @@ from qwen_mlx.checkpoint import Checkpoint, read_generation_config
 from qwen_mlx.errors import QwenError
 from qwen_mlx.files import staged_folder
 
-from .onnx_format import io_names, model_filename, normalize_options
+from .onnx_format import DEFAULT_MOE_GRAPH, MOE_GRAPHS, io_names, model_filename, normalize_options
 from .onnx_validate import validate_export
 from .optimize import optimize
 from .quantize import INT4_BLOCK_SIZE, quantize_int4
@@ -56,9 +56,14 @@ def _step(what: str) -> Iterator[None]:
 
 
 def export_onnx(ckpt: Checkpoint, out_dir: Path, dtype: str = "float32", quantize: str | None = None,
-                opset: int | None = None, force: bool = False, validate: bool = True) -> Path:
-    """Write the ONNX folder `out_dir`; returns the path of the .onnx model file in it."""
+                opset: int | None = None, force: bool = False, validate: bool = True,
+                moe: str = DEFAULT_MOE_GRAPH) -> Path:
+    """Write the ONNX folder `out_dir`; returns the path of the .onnx model file in it. `moe`: the routed
+    experts as onnxruntime's com.microsoft MoE/QMoE op ("fused") or standard ops ("standard"); see
+    export/moe_onnx.py."""
     dtype, quantize, opset = normalize_options(dtype, quantize, opset)
+    if moe not in MOE_GRAPHS:
+        raise QwenError(f"unknown MoE graph {moe!r} (choose from {', '.join(MOE_GRAPHS)})")
     out_dir = Path(out_dir).expanduser().absolute()
     source = ckpt.folder.resolve()
     if out_dir.resolve() == source or source.is_relative_to(out_dir.resolve()):
@@ -66,7 +71,7 @@ def export_onnx(ckpt: Checkpoint, out_dir: Path, dtype: str = "float32", quantiz
     name = model_filename(dtype, quantize)
     with staged_folder(out_dir, force) as staging:
         (staging / "onnx").mkdir()
-        external = _build_model(ckpt, staging / "onnx" / name, dtype, quantize, opset)
+        external = _build_model(ckpt, staging / "onnx" / name, dtype, quantize, opset, moe)
         write_side_files(ckpt, staging, f"onnx/{name}", dtype, quantize, external)
         if validate:
             with _step("checking the ONNX model against the PyTorch twin"):
@@ -76,15 +81,19 @@ def export_onnx(ckpt: Checkpoint, out_dir: Path, dtype: str = "float32", quantiz
 
 # ---- the graph -----------------------------------------------------------------------------------------
 
-def trace(ckpt: Checkpoint, dtype: str, opset: int):
-    """Trace the twin with the dynamo exporter -> onnx ModelProto (weights in memory)."""
+def trace(ckpt: Checkpoint, dtype: str, opset: int, moe: str = DEFAULT_MOE_GRAPH):
+    """Trace the twin with the dynamo exporter -> onnx ModelProto (weights in memory); `moe` as export_onnx."""
     import onnx_ir as ir
     import torch
 
     from .model import load_model
+    from .moe_onnx import CUSTOM_TRANSLATIONS, fuse_moe_blocks
 
     with _step(f"loading the PyTorch twin ({dtype})"):
         model = load_model(ckpt, dtype)
+    translations = {}
+    if moe == "fused" and fuse_moe_blocks(model):
+        translations = CUSTOM_TRANSLATIONS
     a = ckpt.args
     # Example sizes above 1: torch.export specializes dimensions whose example size is 0 or 1.
     B, L, P = 2, 3, 4
@@ -105,7 +114,8 @@ def trace(ckpt: Checkpoint, dtype: str, opset: int):
             contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, example, dynamo=True, input_names=inputs, output_names=outputs,
-                                    dynamic_shapes=dynamic, opset_version=opset, optimize=True, verbose=False)
+                                    dynamic_shapes=dynamic, opset_version=opset, optimize=True, verbose=False,
+                                    custom_translation_table=translations)
     del model
     with _step("serializing the graph"):
         proto = ir.to_proto(program.model)
@@ -155,11 +165,12 @@ def _weight_bytes(proto) -> int:
                for t in proto.graph.initializer)
 
 
-def _build_model(ckpt: Checkpoint, path: Path, dtype: str, quantize: str | None, opset: int) -> bool:
+def _build_model(ckpt: Checkpoint, path: Path, dtype: str, quantize: str | None, opset: int,
+                 moe: str = DEFAULT_MOE_GRAPH) -> bool:
     """Trace (+ quantize) and save to `path`; returns whether the weights went to external data."""
     import onnx
 
-    proto = trace(ckpt, dtype, opset)
+    proto = trace(ckpt, dtype, opset, moe)
     with _step("fusing sibling MatMuls, canonicalizing RMSNorm (export/optimize.py)"):
         optimize(proto)  # before quantizing: a fused q/k/v or gate/up MatMul is quantized as one
     if quantize == "int4":

@@ -12,6 +12,9 @@ DTYPES = ("float32", "float16")  # of qwen_mlx.dtypes.DTYPES, those onnxruntime 
 QUANTIZATIONS = ("int4",)
 DEFAULT_OPSET = 18  # the dynamo exporter's lowest; MatMulNBits lives in com.microsoft, outside it
 MIN_OPSET = 18
+# The routed experts' graph (export/moe_onnx.py): onnxruntime's com.microsoft MoE / QMoE op, or standard ops.
+MOE_GRAPHS = ("fused", "standard")
+DEFAULT_MOE_GRAPH = "fused"
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -45,4 +48,4 @@ def normalize_options(dtype: str | None, quantize: str | int | None, opset: int 
     return dtype, quantize, opset
 
 
-__all__ = ["DTYPES", "QUANTIZATIONS", "DEFAULT_OPSET", "MIN_OPSET", "io_names", "model_filename", "normalize_options"]
+__all__ = ["DTYPES", "QUANTIZATIONS", "MOE_GRAPHS", "DEFAULT_MOE_GRAPH", "DEFAULT_OPSET", "MIN_OPSET", "io_names", "model_filename", "normalize_options"]
