@@ -350,8 +350,10 @@ def convert(gguf_file, model, quantize, group_size, out, dtype, force):
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--quantize", type=click.Choice(["int4"]), default=None, help="MatMulNBits int4 weights")
 @click.option("--opset", type=int, default=None)
+@click.option("--moe", type=click.Choice(["fused", "standard"]), default="fused", show_default=True,
+              help="MoE experts as onnxruntime's com.microsoft MoE/QMoE op (fused) or standard ONNX ops")
 @click.option("--force", is_flag=True, help="replace a non-empty --out")
-def export_onnx_cmd(model, out, dtype, quantize, opset, force):
+def export_onnx_cmd(model, out, dtype, quantize, opset, moe, force):
     """Export to an ONNX folder that onnxruntime-genai, transformers.js and optimum load as is."""
     from qwen_mlx.checkpoint import prepare_model
 
@@ -359,7 +361,7 @@ def export_onnx_cmd(model, out, dtype, quantize, opset, force):
     from export.onnx_export import export_onnx
 
     ckpt = prepare_model(model)
-    print(export_onnx(ckpt, Path(out), dtype, quantize, opset, force))
+    print(export_onnx(ckpt, Path(out), dtype, quantize, opset, force, moe=moe))
 
 
 @cli.command()

@@ -16,7 +16,7 @@ The op does its own softmax over the logits and top-k (`normalize_routing_weight
 does. Its CPU kernel takes SwiGLU only with gate and up interleaved row by row in one [X, 2I, E] stack
 (swiglu_fusion=1, alpha 1, beta 0: silu(gate) * up); down stays [X, E, I]. For int4, `quantize_moe_int4`
 turns each MoE node into QMoE: 4-bit codes [X, N, K/2] (two per byte, low nibble first), symmetric (no zero
-points: 8), float scales per block of 32 along K, int8 activations allowed (accuracy_level 4) as for the
+points: 8), float scales per block of 32 (16 where a width is not a multiple of 32) along K, int8 activations allowed (accuracy_level 4) as for the
 other int4 MatMuls.
 """
 
@@ -154,40 +154,68 @@ def dequantize_block_int4(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return (q.reshape(X, N, -1, block) * scales[..., None]).reshape(X, N, 2 * half)
 
 
-def quantize_moe_int4(graph, block: int = QMOE_BLOCK_SIZE, accuracy_level: int = 4) -> int:
+def qmoe_block_size(hidden: int, inter: int) -> int:
+    """The QMoE block along K: 32 (as MatMulNBits here) when both widths split into it, else 16 (the op's
+    smallest); the op takes no padding."""
+    for block in (QMOE_BLOCK_SIZE, 16):
+        if hidden % block == 0 and inter % block == 0:
+            return block
+    raise ValueError(f"expert widths {hidden} and {inter} do not split into blocks of 16 (QMoE's smallest); "
+                     "export with --moe standard")
+
+
+def quantize_moe_int4(graph, accuracy_level: int = 4) -> int:
     """Every com.microsoft MoE node whose expert stacks are initializers -> QMoE with 4-bit experts in place;
-    the float stacks are dropped. Returns how many nodes were rewritten."""
+    the float stacks are dropped. Returns how many nodes were rewritten.
+
+    onnxruntime 1.31's CPU QMoE ignores normalize_routing_weights=0: it always renormalizes the k chosen
+    weights (measured: it then equals MoE only with normalization on). So without norm_topk_prob the full
+    softmax goes in as `router_weights` (its optional 15th input: router_probs then only picks the experts
+    and the chosen experts' weights are read from it), which both settings then match to 1e-7."""
     from onnx import helper, numpy_helper
 
     inits = {t.name: t for t in graph.initializer}
-    drop, count = set(), 0
-    for i, node in enumerate(graph.node):
+    drop, order, count = set(), [], 0
+    for node in graph.node:
         if node.op_type != "MoE" or node.domain != "com.microsoft":
+            order.append(node)
             continue
         x, logits, fc1, _, fc2 = list(node.input)[:5]
         w1, w2 = numpy_helper.to_array(inits[fc1]), numpy_helper.to_array(inits[fc2])
-        if w1.shape[2] % block or w2.shape[2] % block:
-            raise ValueError(f"{node.name}: expert widths {w1.shape[2]} and {w2.shape[2]} do not split into "
-                             f"blocks of {block}")
+        block = qmoe_block_size(w1.shape[2], w2.shape[2])
         (q1, s1), (q2, s2) = quantize_block_int4(w1, block), quantize_block_int4(w2, block)
         names = [f"{fc1}_Q4", f"{fc1}_scales", f"{fc2}_Q4", f"{fc2}_scales"]
         for name, value in zip(names, (q1, s1, q2, s2)):
             graph.initializer.append(numpy_helper.from_array(value, name))
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        for key, value in attrs.items():
-            if isinstance(value, bytes):
-                attrs[key] = value.decode()
-        graph.node[i].CopyFrom(helper.make_node(
-            "QMoE", [x, logits, names[0], names[1], "", names[2], names[3]], list(node.output),
-            name=f"{node.name or fc1}.int4", domain="com.microsoft", expert_weight_bits=4, block_size=block,
-            accuracy_level=accuracy_level, **attrs))
+        attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+        inputs = [x, logits, names[0], names[1], "", names[2], names[3]]
+        if not attrs.get("normalize_routing_weights", 0):
+            probs = f"{node.output[0]}.router_weights"
+            order.append(helper.make_node("Softmax", [logits], [probs], name=f"{node.name}.Softmax", axis=-1))
+            inputs += [""] * 7 + [probs]
+        order.append(helper.make_node("QMoE", inputs, list(node.output), name=f"{node.name or fc1}.int4",
+                                      domain="com.microsoft", expert_weight_bits=4, block_size=block,
+                                      accuracy_level=accuracy_level, **attrs))
         drop |= {fc1, fc2}
         count += 1
+    if count:
+        order = [_copy(n) for n in order]  # the graph's own nodes are cleared below: keep copies
+        del graph.node[:]
+        graph.node.extend(order)
     for j in reversed(range(len(graph.initializer))):  # by index: never copy the big weights around
         if graph.initializer[j].name in drop:
             del graph.initializer[j]
     return count
 
 
+def _copy(node):
+    from onnx import NodeProto
+
+    out = NodeProto()
+    out.CopyFrom(node)
+    return out
+
+
 __all__ = ["CUSTOM_TRANSLATIONS", "FusedMoeBlock", "fuse_moe_blocks",
-           "quantize_moe_int4", "quantize_block_int4", "dequantize_block_int4"]
+           "quantize_moe_int4", "qmoe_block_size", "quantize_block_int4", "dequantize_block_int4"]
