@@ -16,8 +16,8 @@ The op does its own softmax over the logits and top-k (`normalize_routing_weight
 does. Its CPU kernel takes SwiGLU only with gate and up interleaved row by row in one [X, 2I, E] stack
 (swiglu_fusion=1, alpha 1, beta 0: silu(gate) * up); down stays [X, E, I]. For int4, `quantize_moe_int4`
 turns each MoE node into QMoE: 4-bit codes [X, N, K/2] (two per byte, low nibble first), symmetric (no zero
-points: 8), float scales per block of 32 (16 where a width is not a multiple of 32) along K, int8 activations allowed (accuracy_level 4) as for the
-other int4 MatMuls.
+points: 8), float scales per block of 32 (16 where a width is not a multiple of 32) along K, float activations
+(no accuracy_level: onnxruntime 1.30, which transformers.js runs in Node, refuses it).
 """
 
 from __future__ import annotations
@@ -164,14 +164,16 @@ def qmoe_block_size(hidden: int, inter: int) -> int:
                      "export with --moe standard")
 
 
-def quantize_moe_int4(graph, accuracy_level: int = 4) -> int:
+def quantize_moe_int4(graph, accuracy_level: int | None = None) -> int:
     """Every com.microsoft MoE node whose expert stacks are initializers -> QMoE with 4-bit experts in place;
     the float stacks are dropped. Returns how many nodes were rewritten.
 
     onnxruntime 1.31's CPU QMoE ignores normalize_routing_weights=0: it always renormalizes the k chosen
     weights (measured: it then equals MoE only with normalization on). So without norm_topk_prob the full
     softmax goes in as `router_weights` (its optional 15th input: router_probs then only picks the experts
-    and the chosen experts' weights are read from it), which both settings then match to 1e-7."""
+    and the chosen experts' weights are read from it), which both settings then match to 1e-7.
+    `accuracy_level` is left out by default (float activations): onnxruntime 1.30's QMoE, the one
+    transformers.js runs in Node, refuses the attribute."""
     from onnx import helper, numpy_helper
 
     inits = {t.name: t for t in graph.initializer}
@@ -194,9 +196,10 @@ def quantize_moe_int4(graph, accuracy_level: int = 4) -> int:
             probs = f"{node.output[0]}.router_weights"
             order.append(helper.make_node("Softmax", [logits], [probs], name=f"{node.name}.Softmax", axis=-1))
             inputs += [""] * 7 + [probs]
+        if accuracy_level is not None:
+            attrs["accuracy_level"] = accuracy_level
         order.append(helper.make_node("QMoE", inputs, list(node.output), name=f"{node.name or fc1}.int4",
-                                      domain="com.microsoft", expert_weight_bits=4, block_size=block,
-                                      accuracy_level=accuracy_level, **attrs))
+                                      domain="com.microsoft", expert_weight_bits=4, block_size=block, **attrs))
         drop |= {fc1, fc2}
         count += 1
     if count:

@@ -488,7 +488,7 @@ def test_onnx_fused_moe_graph(onnx_exports):
 def test_onnx_int4_fused_experts_are_qmoe(onnx_exports, tiny_model):
     """int4 of the fused graph: each MoE node becomes QMoE with 4-bit experts (blocks of 16 here: hidden 48
     is no multiple of 32). onnxruntime's QMoE computes exactly the float MoE op on our own decoding of the
-    codes (its fp32-activation kernel, accuracy_level 0; the export allows int8 activations, level 4), with
+    codes (float activations: no accuracy_level, which onnxruntime 1.30 refuses), with
     the full softmax as router_weights since norm_topk_prob is off; the model's logits stay within
     export_onnx's int4 bound of the float twin's (greedy agreement is not asked of this random 48-wide model,
     whose 4-bit rounding flips near-tied tokens: 44% measured)."""
@@ -504,17 +504,14 @@ def test_onnx_int4_fused_experts_are_qmoe(onnx_exports, tiny_model):
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     qmoes = [n for n in model.graph.node if n.op_type == "QMoE"]
     assert len(qmoes) == 2 and not [n for n in model.graph.node if n.op_type == "MoE"]
-    exact, decoded = onnx.ModelProto(), onnx.ModelProto()
-    exact.CopyFrom(model)
+    decoded = onnx.ModelProto()
     decoded.CopyFrom(model)
     for i, node in enumerate(model.graph.node):
         if node.op_type != "QMoE":
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        assert (attrs["expert_weight_bits"], attrs["block_size"], attrs["accuracy_level"]) == (4, 16, 4)
+        assert (attrs["expert_weight_bits"], attrs["block_size"]) == (4, 16) and "accuracy_level" not in attrs
         assert node.input[14] and inits[node.input[2]].dtype == np.uint8
-        exact.graph.node[i].attribute.remove(next(a for a in exact.graph.node[i].attribute if a.name == "accuracy_level"))
-        exact.graph.node[i].attribute.append(helper.make_attribute("accuracy_level", 0))
         w1 = dequantize_block_int4(inits[node.input[2]], inits[node.input[3]])
         w2 = dequantize_block_int4(inits[node.input[5]], inits[node.input[6]])
         names = [node.input[2] + "_decoded", node.input[5] + "_decoded"]
@@ -533,7 +530,7 @@ def test_onnx_int4_fused_experts_are_qmoe(onnx_exports, tiny_model):
             feed[inp.name] = np.zeros((1, inp.shape[1], 0, inp.shape[3]), np.float32)
         return session.run(["logits"], feed)[0]
 
-    np.testing.assert_allclose(logits(exact), logits(decoded), atol=1e-4)
+    np.testing.assert_allclose(logits(model), logits(decoded), atol=1e-4)
     result = measure_export(prepare_model(str(tiny_model("qwen2moe-shared"))), folder, "float32", "int4")
     assert result["relative_diff"] <= TOLERANCE["int4"][0]
 
