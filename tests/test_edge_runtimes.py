@@ -148,8 +148,10 @@ def test_runtime_reproduces_our_greedy_tokens(runtime, variant, exports, prompts
 # (tiny config, variant, MoE graph). "fused" (export-onnx's default): the routed experts are onnxruntime's
 # com.microsoft MoE op, QMoE in int4; "standard": Gather of stacked experts + MatMul, int4 experts
 # GatherBlockQuantized (export/moe_onnx.py).
-ARCH_CASES = [("qwen2moe-shared", "fp32", "fused"), ("qwen2moe-shared", "fp32", "standard"),
-              ("qwen3moe-norm", "fp32", "fused"), ("qwen3moe-norm", "q4", "fused"), ("qwen3-untied", "fp32", "fused")]
+# qwen2moe-shared's int4 QMoE takes the router_weights input (no norm_topk_prob) and blocks of 16.
+ARCH_CASES = [("qwen2moe-shared", "fp32", "fused"), ("qwen2moe-shared", "q4", "fused"),
+              ("qwen2moe-shared", "fp32", "standard"), ("qwen3moe-norm", "fp32", "fused"),
+              ("qwen3-untied", "fp32", "fused")]
 # optimum-onnx 0.1's ORTModelForCausalLM sizes the empty past it feeds from hidden_size / num_attention_heads
 # (ignoring an explicit head_dim) and, for model types outside its list (qwen2_moe), from num_attention_heads
 # instead of num_key_value_heads: exports whose shapes differ from those are refused by onnxruntime.
