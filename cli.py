@@ -350,8 +350,11 @@ def convert(gguf_file, model, quantize, group_size, out, dtype, force):
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--quantize", type=click.Choice(["int4"]), default=None, help="MatMulNBits int4 weights")
 @click.option("--opset", type=int, default=None)
+@click.option("--attention", type=click.Choice(["standard", "gqa"]), default="standard", show_default=True,
+              help="standard ONNX ops (exact for any padding and RoPE scaling) or one com.microsoft "
+                   "GroupQueryAttention per layer (onnxruntime-genai's form; no left padding, no dynamic RoPE)")
 @click.option("--force", is_flag=True, help="replace a non-empty --out")
-def export_onnx_cmd(model, out, dtype, quantize, opset, force):
+def export_onnx_cmd(model, out, dtype, quantize, opset, force, attention):
     """Export to an ONNX folder that onnxruntime-genai, transformers.js and optimum load as is."""
     from qwen_mlx.checkpoint import prepare_model
 
@@ -359,7 +362,7 @@ def export_onnx_cmd(model, out, dtype, quantize, opset, force):
     from export.onnx_export import export_onnx
 
     ckpt = prepare_model(model)
-    print(export_onnx(ckpt, Path(out), dtype, quantize, opset, force))
+    print(export_onnx(ckpt, Path(out), dtype, quantize, opset, force, attention=attention))
 
 
 @cli.command()

@@ -214,4 +214,36 @@ def _plan_group(nodes, inits, consumers, graph_outputs, taken):
     return new_nodes, gone, dead, new_inits
 
 
-__all__ = ["optimize", "fuse_sibling_matmuls", "canonicalize_rms_norm", "ROUTER_WEIGHTS"]
+# ---- GroupQueryAttention: packed q/k/v -------------------------------------------------------------------
+
+def pack_gqa_qkv(graph) -> int:
+    """GroupQueryAttention(Split(qkv) -> q, k, v, ...) -> GroupQueryAttention(qkv, "", "", ...): the op takes
+    q/k/v packed along the last axis [B, L, (H + 2K) * D] (as the builder feeds it), so the Split after the
+    fused q/k/v MatMul goes. Only where the Split's three outputs feed that one node, in order. Returns the
+    number of nodes packed."""
+    producers, consumers = _producers(graph), _consumers(graph)
+    outputs = {o.name for o in graph.output}
+    dead, sizes, packed = set(), set(), 0
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft" or len(node.input) < 3:
+            continue
+        split = producers.get(node.input[0])
+        if split is None or split.op_type != "Split" or list(split.output) != list(node.input[:3]):
+            continue
+        axis = [a.i for a in split.attribute if a.name == "axis"]
+        if axis not in ([-1], [2]) or any(len(consumers[o]) != 1 or o in outputs for o in split.output):
+            continue
+        node.input[0], node.input[1], node.input[2] = split.input[0], "", ""
+        dead.add(id(split))
+        sizes |= {name for name in split.input[1:] if len(consumers.get(name, [])) == 1}
+        packed += 1
+    for i in reversed(range(len(graph.node))):
+        if id(graph.node[i]) in dead:
+            del graph.node[i]
+    for i in reversed(range(len(graph.initializer))):  # the Splits' size constants
+        if graph.initializer[i].name in sizes:
+            del graph.initializer[i]
+    return packed
+
+
+__all__ = ["optimize", "fuse_sibling_matmuls", "canonicalize_rms_norm", "pack_gqa_qkv", "ROUTER_WEIGHTS"]
