@@ -30,7 +30,7 @@ from qwen_mlx.files import staged_folder
 
 from .onnx_format import check_attention, io_names, model_filename, normalize_options
 from .onnx_validate import validate_export
-from .optimize import optimize, pack_gqa_qkv
+from .optimize import fuse_skip_rms_norm, optimize, pack_gqa_qkv
 from .quantize import INT4_BLOCK_SIZE, quantize_int4
 
 # Weights above this go to `<model>.onnx_data`. The protobuf limit (2 GiB) forces it for float32, and it pays
@@ -177,8 +177,9 @@ def _build_model(ckpt: Checkpoint, path: Path, dtype: str, quantize: str | None,
     proto = trace(ckpt, dtype, opset, attention)
     with _step("fusing sibling MatMuls, canonicalizing RMSNorm (export/optimize.py)"):
         optimize(proto)  # before quantizing: a fused q/k/v or gate/up MatMul is quantized as one
-        if attention == "gqa":
+        if attention == "gqa":  # the builder's form: packed q/k/v into the op, residual Adds inside the norms
             pack_gqa_qkv(proto.graph)
+            fuse_skip_rms_norm(proto.graph)
     if quantize == "int4":
         with _step(f"quantizing MatMul weights to int4 (MatMulNBits, block {INT4_BLOCK_SIZE})"):
             proto = quantize_int4(proto)
