@@ -52,6 +52,9 @@ def test_gqa_graph_shape(folders):
     assert list(gqa[0].input[1:3]) == ["", ""]  # q/k/v packed: one fused MatMul feeds the op
     names = [i.name for i in model.graph.input]
     assert names[:3] == ["input_ids", "attention_mask", "past_key_values.0.key"]  # no position_ids
+    # Every residual Add + RMSNorm is one node (all but layer 0's input norm, which has no residual before it).
+    skip = [n for n in model.graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
+    assert len(skip) == 2 * layers and all(n.domain == "com.microsoft" for n in skip)
     # Nothing of the standard attention is left: no Softmax, no additive mask.
     assert not [n for n in model.graph.node if n.op_type in ("Softmax", "Where", "Concat")]
 
