@@ -428,6 +428,7 @@ def _loop(req: dict, load_s: float, prompt_ids: list[list[int]] | None, generate
                 break
             out, timing = generate(req["prompt_ids"][0], req["n"], req.get("min_new_tokens") or 0)
             print(json.dumps(dict(tokens=[out], timings=[timing], peak_rss_mb=_peak_rss_mb())), flush=True)
+        return dict(tokens=[], timings=[], load_s=load_s, peak_rss_mb=_peak_rss_mb(), info=info)
     tokens, timings = [], []
     for ids in req["prompt_ids"]:
         out, timing = generate(ids, req["n"], req.get("min_new_tokens") or 0)
