@@ -93,3 +93,53 @@ def test_gqa_refused_with_reason(tiny_model, tmp_path: Path, name: str, reason: 
 def test_unknown_attention_form(tiny_model, tmp_path: Path):
     with pytest.raises(QwenError, match="unknown attention form"):
         export_onnx(prepare_model(str(tiny_model("gqa2-untied"))), tmp_path / "out", attention="flash")
+
+
+def _run(session, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    names = [i.name for i in session.get_inputs()]
+    logits, *present = session.run(None, {"input_ids": ids, "attention_mask": mask, **dict(zip(names[2:], past))})
+    return logits, present
+
+
+def test_gqa_right_padded_batch_is_exact(folders):
+    """What the op assumes (export/gqa.py): a right-padded row computes what it computes alone, prompt and a
+    decode step after it (each row's new token goes right after its own valid keys)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folders["gqa"] / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    args = folders["ckpt"].args
+    empty = [np.zeros((1, args.num_key_value_heads, 0, args.head_dim), np.float32)] * (2 * args.num_hidden_layers)
+    long, short = PROMPT, PROMPT[:-4]
+    ids = np.array([long, short + [0] * 4], np.int64)
+    mask = np.array([[1] * len(long), [1] * len(short) + [0] * 4], np.int64)
+    logits, past = _run(session, ids, mask, [np.concatenate([e, e]) for e in empty])
+    alone, alone_past = _run(session, np.array([short]), np.ones((1, len(short)), np.int64), empty)
+    np.testing.assert_allclose(logits[1, len(short) - 1], alone[0, -1], atol=1e-4)
+    step = np.array([[7], [9]], np.int64)
+    mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+    mask[1, len(short)] = 1  # row 1's new token takes the first padded slot...
+    mask[1, -1] = 0  # ...so the row still counts len(short) + 1 valid tokens
+    logits, _ = _run(session, step, mask, past)
+    alone, _ = _run(session, np.array([[9]]), np.ones((1, len(short) + 1), np.int64), alone_past)
+    np.testing.assert_allclose(logits[1, 0], alone[0, 0], atol=1e-4)
+
+
+def test_eager_op_matches_the_twin(folders):
+    """The custom op's torch reference (what tracing sees) computes the twin's attention."""
+    import torch
+
+    from export.gqa import GQAForCausalLM
+    from export.model import load_model
+
+    ckpt = folders["ckpt"]
+    twin = load_model(ckpt)
+    ids = torch.tensor([PROMPT])
+    T = len(PROMPT)
+    expected, _ = twin(ids, torch.ones(1, T, dtype=torch.int64), torch.arange(T)[None], twin.empty_cache())
+    fused = GQAForCausalLM(load_model(ckpt))
+    got, presents = fused(ids, torch.ones(1, T, dtype=torch.int64), load_model(ckpt).empty_cache())
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    step, _ = fused(torch.tensor([[5]]), torch.ones(1, T + 1, dtype=torch.int64), presents)
+    want, _ = twin(torch.tensor([[5]]), torch.ones(1, T + 1, dtype=torch.int64), torch.tensor([[T]]),
+                   twin(ids, torch.ones(1, T, dtype=torch.int64), torch.arange(T)[None], twin.empty_cache())[1])
+    torch.testing.assert_close(step, want, atol=1e-4, rtol=1e-4)
