@@ -2,7 +2,8 @@
 
 The PyTorch twin (export/model.py) is traced with torch.onnx's dynamo exporter: it names the inputs and
 outputs as given, keeps head counts and head_dim static and batch / sequence / past dynamic, and folds
-each Linear's weight transpose into one initializer. Then: readable initializer and axis names, optional
+each Linear's weight transpose into one initializer (with `attention="gqa"`, each layer's attention core is
+one com.microsoft GroupQueryAttention instead: export/gqa.py). Then: readable initializer and axis names, optional
 int4 weight quantization by onnxruntime's own MatMulNBits quantizer (a tied embedding stays one table, int4
 at both ends: export/quantize.py), weights to external data above the protobuf limit, the side files
 (config, generation config, tokenizer with its chat template, genai config), and a check of the result on
