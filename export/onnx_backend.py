@@ -233,8 +233,10 @@ class OnnxBackend:
     def batched(self, max_batch: int):
         """This graph as a continuous-batching backend (export.onnx_batch), or None for the serial path:
         on CUDA, where the one sequence's cache stays on the device (IO binding), and where batching
-        would change the math (dynamic NTK RoPE rescales by the longest position in the batch)."""
-        if self.on_cuda or self.args.rope_type == "dynamic":
+        would change the math (dynamic NTK RoPE rescales by the longest position in the batch; the
+        `--attention gqa` graph reads each row's positions and valid keys from the start of its cache, which
+        the batch's left padding breaks: export/gqa.py)."""
+        if self.on_cuda or self.args.rope_type == "dynamic" or self.fused_attention:
             return None
         from .onnx_batch import OnnxBatch
         return OnnxBatch(self, max_batch)
