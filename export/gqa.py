@@ -12,7 +12,8 @@ What the op assumes, and so what this form can represent (check_gqa_supported re
   cache (right padding); row b's new tokens take positions seqlens_k[b] + 1 - L ... seqlens_k[b] (a first
   prompt, total == L, takes 0 ... L - 1). A left-padded batch breaks that: its positions and masked keys
   come out wrong, so runners of this graph must not left-pad (OnnxBackend runs one sequence, and its
-  batched engine steps aside for this graph). The builder's GQA graphs assume the same. `position_ids` is not an input: the op derives positions from seqlens_k.
+  batched engine steps aside for this graph). The builder's GQA graphs assume the same. `position_ids` is
+  not an input: the op derives positions from seqlens_k.
 - RoPE is a [context, head_dim / 2] cos/sin table indexed by position: default, linear and yarn scalings
   (yarn's attention factor multiplies both tables) are exact; dynamic NTK, whose frequencies depend on the
   sequence length, is not representable. Dual Chunk Attention remaps positions per chunk: refused too.
