@@ -181,7 +181,12 @@ def _build_model(ckpt: Checkpoint, path: Path, dtype: str, quantize: str | None,
         if attention == "gqa":  # the builder's form: packed q/k/v into the op, residual Adds inside the norms
             pack_gqa_qkv(proto.graph)
             fuse_skip_rms_norm(proto.graph)
-    if quantize == "int4":
+    kept = 0
+    if quantize == "int4" and ckpt.quantization is not None:
+        from .stored_quant import stored_int4
+        with _step("MatMulNBits from the stored 4-bit codes, scales and zero points (export/stored_quant.py)"):
+            kept = stored_int4(proto, ckpt)  # AWQ/GPTQ: the publisher's quantization; what it kept float stays
+    if quantize == "int4" and not kept:
         with _step(f"quantizing MatMul weights to int4 (MatMulNBits, block {INT4_BLOCK_SIZE})"):
             proto = quantize_int4(proto)
     external = _weight_bytes(proto) > EXTERNAL_DATA_BYTES
