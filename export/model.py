@@ -25,6 +25,7 @@ from qwen_mlx.errors import QwenError
 from qwen_mlx.progress import progress_bar
 from qwen_mlx.quant import dequantize, module_params
 
+from .dual_chunk_attention import dual_chunk_attention, dual_chunk_tables
 from .onnx_format import DTYPES  # the dtypes the twin is traced in
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -99,6 +100,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(D, eps=args.rms_norm_eps)
             self.k_norm = RMSNorm(D, eps=args.rms_norm_eps)
         self.rope = RoPE(args)
+        # Dual Chunk Attention (qwen_mlx/dual_chunk.py): `cos_sin` is then the model's DualChunkTables.
+        self.dual_chunk = args.dual_chunk
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 past: KV) -> tuple[torch.Tensor, KV]:
@@ -110,6 +113,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)                                  # B H L D, B K L D
         v = self.v_proj(x).reshape(B, L, K, D).transpose(1, 2)                       # B K L D
+        if self.dual_chunk is not None:
+            o, present = dual_chunk_attention(self.rope, q, k, v, mask, cos_sin, past, self.scale)
+            return self.o_proj(o.transpose(1, 2).reshape(B, L, H * D)), present
         q = self.rope(q, *cos_sin)
         k = self.rope(k, *cos_sin)
         k = torch.cat([past[0], k], dim=2)                                           # B K T D
@@ -249,7 +255,11 @@ class Qwen2Model(nn.Module):
         h = self.embed_tokens(input_ids)                                              # B L E
         mask = attention_bias(attention_mask, input_ids.shape[1])
         # Every layer's RoPE is the same: compute cos/sin once rather than once per layer in the graph.
-        cos_sin = self.layers[0].self_attn.rope.cos_sin(position_ids, h.dtype)
+        attn = self.layers[0].self_attn
+        if attn.dual_chunk is not None:
+            cos_sin = dual_chunk_tables(attn.dual_chunk, attn.rope, position_ids, attention_mask, h.dtype)
+        else:
+            cos_sin = attn.rope.cos_sin(position_ids, h.dtype)
         presents = []
         for layer, past in zip(self.layers, past_key_values):
             h, present = layer(h, mask, cos_sin, past)
