@@ -59,6 +59,10 @@ def export_onnx(ckpt: Checkpoint, out_dir: Path, dtype: str = "float32", quantiz
                 opset: int | None = None, force: bool = False, validate: bool = True) -> Path:
     """Write the ONNX folder `out_dir`; returns the path of the .onnx model file in it."""
     dtype, quantize, opset = normalize_options(dtype, quantize, opset)
+    if ckpt.args.dual_chunk is not None:
+        raise QwenError("this model uses Dual Chunk Attention (config.json dual_chunk_attention_config), which "
+                        "the ONNX export does not carry: its graph would attend with plain RoPE and differ past "
+                        f"{ckpt.args.dual_chunk.plain_up_to} tokens; run it with the mlx or torch backend")
     out_dir = Path(out_dir).expanduser().absolute()
     source = ckpt.folder.resolve()
     if out_dir.resolve() == source or source.is_relative_to(out_dir.resolve()):

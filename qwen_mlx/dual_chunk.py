@@ -34,6 +34,10 @@ position beyond chunk_size, which is how the -1M models reach `max_position_embe
 vLLM's optional sparse attention (`sparse_attention_config`, MInference's vertical-and-slash pattern past
 `sparse_attention_threshold` tokens) approximates this dense attention for speed; the dense attention it
 approximates is what both models compute.
+
+RoPE scaling composes as the config says: a linear or YaRN `rope_scaling` sets the frequencies (and YaRN's
+attention factor) of the rotation that DCA applies at its positions. Dynamic NTK is refused with DCA: its
+base follows the sequence length, and no implementation says which length remapped positions should take.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class DualChunk:
     chunk_size: int
     local_size: int
     original_max_position_embeddings: int = 0  # 0: no attention scaling (vLLM's default)
+    sparse: bool = False  # a sparse_attention_config is present (and not used: see the module docstring)
 
     @classmethod
     def from_config(cls, value: Any) -> "DualChunk":
@@ -65,7 +70,8 @@ class DualChunk:
                                 f"got {v!r}")
             return v
 
-        dc = cls(integer("chunk_size"), integer("local_size"), integer("original_max_position_embeddings", 0))
+        sparse = bool(value.get("sparse_attention_config")) and value.get("sparse_attention_enabled", True) is not False
+        dc = cls(integer("chunk_size"), integer("local_size"), integer("original_max_position_embeddings", 0), sparse)
         if not 0 <= dc.local_size < dc.chunk_size:
             raise QwenError(f"config.json: dual_chunk_attention_config needs 0 <= local_size < chunk_size, got "
                             f"local_size {dc.local_size} and chunk_size {dc.chunk_size}")
@@ -97,6 +103,7 @@ class DualChunk:
     def describe(self) -> str:
         scaled = (f", logits sharpened past {self.original_max_position_embeddings} tokens"
                   if self.original_max_position_embeddings else "")
+        sparse = "; dense, not the sparse approximation its config names" if self.sparse else ""
         return (f"Dual Chunk Attention: chunks of {self.chunk_len} tokens (chunk_size {self.chunk_size}, "
-                f"local {self.local_size}){scaled}")
+                f"local {self.local_size}){scaled}{sparse}")
 
