@@ -40,7 +40,8 @@ def dual_chunk_tables(dc: DualChunk, rope, position_ids: torch.Tensor, attention
         n = (position_ids.to(torch.float32) + 1) / dc.original_max_position_embeddings
         scale = (0.1 * torch.log(n) + 1).clamp(min=1)
     distance = (position_ids // c)[:, :, None] - (key_positions // c)[:, None, :]      # B L T
-    return DualChunkTables(rope.cos_sin(within, dtype), rope.cos_sin(within, dtype),
+    key = rope.cos_sin(within, dtype)  # intra-chunk queries sit where keys do
+    return DualChunkTables(key, key,
                            rope.cos_sin((within + c).clamp(max=dc.chunk_size), dtype),
                            rope.cos_sin(torch.full_like(position_ids, dc.inter_position), dtype),
                            scale[:, None, :, None].to(dtype), distance[:, None])

@@ -187,3 +187,29 @@ def test_plain_attention_below_the_first_boundary(dca_model, tmp_path):
             np.testing.assert_allclose(backend.forward(PROMPT[:n]), plain[name].forward(PROMPT[:n]), atol=1e-5,
                                        rtol=0, err_msg=f"{name} at {n} tokens")
             backend.trim(0), plain[name].trim(0)
+
+
+def test_yarn_composes_with_dca_alike_on_both_backends(dca_model, tmp_path):
+    """A YaRN rope_scaling beside the DCA config sets the rotation DCA applies at its positions: MLX and
+    the twin agree on it at every position, and it changes the result (it is not dropped)."""
+    import mlx.core as mx
+    import torch
+
+    folder, ckpt = dca_model
+    yarn = tmp_path / "yarn"
+    yarn.mkdir()
+    for f in folder.iterdir():
+        (yarn / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}
+    (yarn / "config.json").write_text(json.dumps(config))
+    b = backends(prepare_model(str(yarn)))
+    ids = PROMPT[:50]
+    got = np.array(b["mlx"].model(mx.array([ids]), b["mlx"].model.make_cache(), last_only=False)[0])
+    twin = b["torch"].model
+    twin.last_only = False
+    with torch.no_grad():
+        want = twin(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.int64), torch.arange(len(ids))[None],
+                    twin.empty_cache())[0][0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert np.abs(got - reference_logits(folder, ids)).max() > 1e-2
