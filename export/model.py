@@ -6,6 +6,8 @@ cache: ONNX graphs cannot hold state, so the KV cache is explicit tensors in (`p
 (`presents`), and the attention mask and position ids are inputs, which is how left-padded batches work.
 The routed experts gather the selected experts' stacked matrices (`weight[indices]`, an ONNX Gather) and
 multiply by them: standard ONNX ops that read k experts per token, never all of them.
+A `dual_chunk_attention_config` swaps each layer's attention for Dual Chunk Attention (qwen_mlx/dual_chunk.py;
+the code: export/dual_chunk_attention.py); the ONNX export refuses such a model.
 Shapes: B batch, L new tokens, P cached tokens, T = P + L, H heads, K kv heads, G = H / K, D head_dim,
 E hidden size, V vocabulary, X experts, k experts per token, I an MLP's intermediate size.
 """

@@ -4,6 +4,8 @@ The four architectures are one decoder with a few flags from `ModelArgs`: `qkv_h
 `qk_norm` (Qwen3's per-head RMSNorm of q and k before RoPE) and, per layer, `is_moe_layer` (a
 SparseMoeBlock of routed experts, with Qwen2-MoE's gated shared expert, in place of the dense MLP).
 export/model.py is its PyTorch twin, class for class and name for name: diff the two files.
+A `dual_chunk_attention_config` swaps each layer's attention for Dual Chunk Attention once the sequence outgrows
+its plain prefix (qwen_mlx/dual_chunk.py; the code: qwen_mlx/dual_chunk_attention.py).
 Shapes: B batch, L new tokens, T cached + new tokens, H heads, K kv heads, D head_dim, E hidden size,
 X experts, k experts per token, I an MLP's intermediate size.
 """
