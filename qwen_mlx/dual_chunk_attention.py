@@ -6,7 +6,8 @@ later query needs. The new queries are cut where chunks begin; for the queries o
 are three contiguous spans (inter-chunk [0, s - c), successive [s - c, s), intra-chunk [s, ...) for the chunk
 start s), each attended with its own rotation of the queries, in key blocks of bounded size, and the partial
 results are merged exactly by their log-sum-exp: the attention scores of a long context are never held
-whole. Shapes: B batch, H heads, K kv heads, G = H / K, L new tokens, T cached + new, D head_dim.
+whole. When a chunk's scores fit SCORES_BUDGET (decoding, shorter contexts), one softmax over the three
+spans' concatenated scores makes the same merge in one step, with fewer operations. Shapes: B batch, H heads, K kv heads, G = H / K, L new tokens, T cached + new, D head_dim.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 from .dual_chunk import DualChunk
 from .errors import QwenError
 
-SCORES_BUDGET = 1 << 24  # float32 scores per key block (64 MB), over batch, heads and queries
+SCORES_BUDGET = 1 << 24  # float32 scores held at once (64 MB), over batch, heads, queries and keys
+KEY_BLOCK_MIN = 4096  # the fewest keys per block when the budget is split (long prefill chunks)
 
 
 def rotate(rope, x: mx.array, positions: np.ndarray) -> mx.array:
@@ -41,6 +43,7 @@ def dual_chunk_attention(dc: DualChunk, rope, q: mx.array, k: mx.array, v: mx.ar
     if not isinstance(cache.offset, int):
         raise QwenError("Dual Chunk Attention runs one sequence at a time on MLX (no per-row offsets)")
     B, H, L, D = q.shape
+    K = k.shape[1]
     P, c = cache.offset, dc.chunk_len
     pos = np.arange(P, P + L)
     m = mx.array(dc.scaling(pos))[:, None]                                            # L 1
@@ -57,37 +60,54 @@ def dual_chunk_attention(dc: DualChunk, rope, q: mx.array, k: mx.array, v: mx.ar
         s = chunk * c
         spans = [(q_inter[:, :, rows], 0, s - c, False), (q_succ[:, :, rows], s - c, s, False),
                  (q_intra[:, :, rows], s, b, True)]
-        parts = []
-        for qs, lo, hi, causal in spans:
-            parts += _attend(qs, keys, values, max(lo, 0), hi, scale, np.arange(a, b) if causal else None)
-        o, lse = _merge(parts)
+        spans = [(qs, max(lo, 0), hi, np.arange(a, b) if causal else None) for qs, lo, hi, causal in spans
+                 if hi > max(lo, 0)]
+        if B * H * (b - a) * b <= SCORES_BUDGET:
+            # All of this chunk's scores fit: one softmax over the three disjoint spans' scores, which is
+            # their log-sum-exp merge in a single step (fewer operations: what decoding takes).
+            scores = mx.concatenate([_scores(qs, keys, lo, hi, scale, qp) for qs, lo, hi, qp in spans], axis=-1)
+            w = mx.softmax(scores, axis=-1)                                           # B H l b
+            v = values[:, :, None, :b].astype(mx.float32)                             # B K 1 b D
+            o = (w.reshape(B, K, H // K, b - a, b) @ v).reshape(B, H, b - a, D)
+        else:
+            parts = [part for qs, lo, hi, qp in spans for part in _attend(qs, keys, values, lo, hi, scale, qp)]
+            o, lse = _merge(parts)
+            if on_weights is not None:
+                w = mx.concatenate([mx.exp(part[2] - lse[..., None]) for part in parts], axis=-1)
         outs.append(o.astype(q.dtype))
         if on_weights is not None:  # the merged probabilities B H l T, keys past b masked (zero)
-            w = mx.concatenate([mx.exp(p[2] - lse[..., None]) for p in parts], axis=-1)
             weights.append(mx.pad(w, [(0, 0)] * 3 + [(0, keys.shape[2] - b)]))
     if on_weights is not None:
         on_weights(mx.concatenate(weights, axis=2))
     return mx.concatenate(outs, axis=2)                                               # B H L D
 
 
-def _attend(q: mx.array, keys: mx.array, values: mx.array, lo: int, hi: int, scale: float,
-            query_positions: np.ndarray | None) -> list[tuple[mx.array, mx.array, mx.array]]:
-    """softmax attention of q B H l D over keys [lo, hi), in blocks: per block (o B H l D float32, its
-    log-sum-exp B H l, its scores B H l t). Causal when `query_positions` are given (key j <= query i)."""
+def _scores(q: mx.array, keys: mx.array, lo: int, hi: int, scale: float,
+            query_positions: np.ndarray | None) -> mx.array:
+    """q B H l D against keys [lo, hi) -> float32 scores B H l t, each group of G query heads against its
+    kv head; causal (key j <= query i, else -inf) when `query_positions` are given."""
     B, H, l, D = q.shape
     K = keys.shape[1]
-    if hi <= lo:
-        return []
     qg = q.astype(mx.float32).reshape(B, K, H // K, l, D) * scale                   # B K G l D
-    block = max(4096, SCORES_BUDGET // (B * H * l))
+    k = keys[:, :, None, lo:hi].astype(mx.float32)                                    # B K 1 t D
+    s = (qg @ k.swapaxes(-1, -2)).reshape(B, H, l, hi - lo)                          # B H l t
+    if query_positions is not None:
+        allowed = mx.arange(lo, hi)[None] <= mx.array(query_positions)[:, None]     # l t
+        s = mx.where(allowed, s, -mx.inf)
+    return s
+
+
+def _attend(q: mx.array, keys: mx.array, values: mx.array, lo: int, hi: int, scale: float,
+            query_positions: np.ndarray | None) -> list[tuple[mx.array, mx.array, mx.array]]:
+    """softmax attention of q B H l D over keys [lo, hi), in key blocks within SCORES_BUDGET: per block
+    (o B H l D float32, its log-sum-exp B H l, its scores B H l t)."""
+    B, H, l, D = q.shape
+    K = keys.shape[1]
+    block = max(KEY_BLOCK_MIN, SCORES_BUDGET // (B * H * l))
     out = []
     for start in range(lo, hi, block):
         end = min(hi, start + block)
-        k = keys[:, :, None, start:end].astype(mx.float32)                            # B K 1 t D
-        s = (qg @ k.swapaxes(-1, -2)).reshape(B, H, l, end - start)                  # B H l t
-        if query_positions is not None:
-            allowed = mx.arange(start, end)[None] <= mx.array(query_positions)[:, None]  # l t
-            s = mx.where(allowed, s, -mx.inf)
+        s = _scores(q, keys, start, end, scale, query_positions)                     # B H l t
         top = mx.max(s, axis=-1, keepdims=True)                                      # B H l 1
         top = mx.where(top == -mx.inf, 0.0, top)  # a row with every key of this block masked: weight 0
         p = mx.exp(s - top)

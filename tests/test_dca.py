@@ -213,3 +213,16 @@ def test_yarn_composes_with_dca_alike_on_both_backends(dca_model, tmp_path):
                     twin.empty_cache())[0][0].numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     assert np.abs(got - reference_logits(folder, ids)).max() > 1e-2
+
+
+def test_mlx_key_blocks_merge_by_log_sum_exp(dca_model, greedy_reference, monkeypatch):
+    """Long contexts take key blocks merged by their log-sum-exp: forced here with blocks of 5 keys (rows
+    whose every key in a block is masked included), prefill and decode equal the reference."""
+    import qwen_mlx.dual_chunk_attention as dca
+
+    monkeypatch.setattr(dca, "SCORES_BUDGET", 0)
+    monkeypatch.setattr(dca, "KEY_BLOCK_MIN", 5)
+    _, ckpt = dca_model
+    tokens, want = greedy_reference
+    got = backend_logits(Session(backends(ckpt)["mlx"]), PROMPT, tokens[:8])
+    np.testing.assert_allclose(got, want[len(PROMPT) - 1:len(PROMPT) + 8], atol=1e-4, rtol=0)
