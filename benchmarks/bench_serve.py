@@ -12,6 +12,13 @@ wall time from the first request sent to the last answer), time to first token a
 (gaps between streamed chunks that carry text), p50 and p99 over every request / gap of every round.
 `mlx-lm+openblas` is mlx_lm.server with the OpenBLAS that qwen-mlx loads by itself preloaded
 (LD_PRELOAD), to separate what the BLAS gives from what the server does.
+
+`onnx` is `cli.py serve --backend onnx` on the folder `export-onnx` wrote from the same checkpoint
+(`--onnx FOLDER`), batched (export/onnx_batch.py); `onnx-batch1` is the same server at `--max-batch 1`,
+one sequence at a time as ONNX ran before it batched:
+
+    nice python benchmarks/bench_serve.py --model $(python -m qwen_mlx.real_checkpoint) \
+        --onnx ONNX_FOLDER --servers onnx,onnx-batch1 --clients 1,8 --tokens 32 --rounds 2
 """
 
 from __future__ import annotations
@@ -81,7 +88,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_servers(model: str, names: list[str], max_batch: int | None) -> list[Server]:
+def start_servers(model: str, names: list[str], max_batch: int | None, onnx: str | None = None) -> list[Server]:
     base = dict(os.environ, HF_HUB_OFFLINE="1", QWEN_MLX_QUIET="1", PYTHONUNBUFFERED="1")
     base.pop("LD_PRELOAD", None)
     servers = []
@@ -90,6 +97,14 @@ def start_servers(model: str, names: list[str], max_batch: int | None) -> list[S
         if name == "qwen-mlx":
             cmd = [sys.executable, str(ROOT / "cli.py"), "serve", "--model", model, "--port", str(port)]
             cmd += ["--max-batch", str(max_batch)] if max_batch else []
+            servers.append(Server(name, cmd, base, port))
+        elif name in ("onnx", "onnx-batch1"):
+            if not onnx:
+                raise SystemExit(f"{name} needs --onnx FOLDER (written by `cli.py export-onnx`)")
+            cmd = [sys.executable, str(ROOT / "cli.py"), "serve", "--backend", "onnx", "--model", onnx,
+                   "--port", str(port)]
+            batch = 1 if name == "onnx-batch1" else max_batch
+            cmd += ["--max-batch", str(batch)] if batch else []
             servers.append(Server(name, cmd, base, port))
         elif name in ("mlx-lm", "mlx-lm+openblas"):
             env = dict(base, LD_PRELOAD=OPENBLAS) if name.endswith("openblas") else base
@@ -154,9 +169,10 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32, help="max_tokens of every request")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-batch", type=int, default=None, help="qwen-mlx --max-batch (default: its own)")
+    p.add_argument("--onnx", default=None, help="export-onnx folder of the same checkpoint (servers onnx*)")
     a = p.parse_args()
     counts = [int(c) for c in a.clients.split(",")]
-    servers = start_servers(a.model, a.servers.split(","), a.max_batch)
+    servers = start_servers(a.model, a.servers.split(","), a.max_batch, a.onnx)
     results: dict[tuple[str, int], list[tuple[float, list[Sample]]]] = {}
     loads = [os.getloadavg()[0]]
     try:

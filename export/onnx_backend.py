@@ -223,6 +223,15 @@ class OnnxBackend:
             self.past = [np.ascontiguousarray(v[:, :, :length]) for v in self.past]
         self._length = length
 
+    def batched(self, max_batch: int):
+        """This graph as a continuous-batching backend (export.onnx_batch), or None for the serial path:
+        on CUDA, where the one sequence's cache stays on the device (IO binding), and where batching
+        would change the math (dynamic NTK RoPE rescales by the longest position in the batch)."""
+        if self.on_cuda or self.args.rope_type == "dynamic":
+            return None
+        from .onnx_batch import OnnxBatch
+        return OnnxBatch(self, max_batch)
+
     def peak_memory_gb(self) -> float:
         """CPU: the process's peak RSS. CUDA: the most device memory in use seen after a step (the whole
         device, CUDA context and onnxruntime's arena included; the GPU's own count, not the process's)."""

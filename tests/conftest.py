@@ -42,3 +42,32 @@ def real_model_dir() -> Path:
         if os.environ.get("CI") or "download" not in str(e):
             raise
         pytest.skip(f"real checkpoint unavailable: {e}")
+
+
+@pytest.fixture
+def no_eos(loaded):
+    """Greedy runs of a fixed length: the random tiny model must not end a reply early. `loaded` is the
+    requesting module's own loaded model."""
+    saved = loaded.tokenizer.eos_token_ids
+    loaded.tokenizer.eos_token_ids = frozenset()
+    yield
+    loaded.tokenizer.eos_token_ids = saved
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_model, tmp_path_factory: pytest.TempPathFactory):
+    """tiny_onnx(name) -> the float32 ONNX folder `cli.py export-onnx` writes for tiny_model(name), exported
+    once per run (tens of seconds on 2 cores: share it rather than exporting per test or module)."""
+    from tests.test_cli import run
+
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            out = tmp_path_factory.mktemp(f"onnx-{name}") / "export"
+            r = run("export-onnx", "--model", str(tiny_model(name)), "--out", str(out))
+            assert r.returncode == 0, r.stderr
+            built[name] = out
+        return built[name]
+
+    return get

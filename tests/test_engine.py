@@ -23,15 +23,6 @@ def loaded(tiny_model):
     return load("mlx", str(tiny_model("gqa2-untied")), "float32")
 
 
-@pytest.fixture
-def no_eos(loaded):
-    """Greedy runs of a fixed length: the random tiny model must not end a reply early."""
-    saved = loaded.tokenizer.eos_token_ids
-    loaded.tokenizer.eos_token_ids = frozenset()
-    yield
-    loaded.tokenizer.eos_token_ids = saved
-
-
 def prompts(tok, n=8):
     return [tok.encode("hello world " * (3 * i + 1) + f"tell story number {i}") for i in range(n)]
 

@@ -130,14 +130,6 @@ class Interrupting:
         return out
 
 
-@pytest.fixture
-def no_eos(loaded):
-    saved = loaded.tokenizer.eos_token_ids
-    loaded.tokenizer.eos_token_ids = frozenset()
-    yield
-    loaded.tokenizer.eos_token_ids = saved
-
-
 @pytest.mark.parametrize("serial", [False, True], ids=["batched", "serial"])
 def test_ctrl_c_mid_reply_leaves_the_engine_usable(loaded, prompt, no_eos, serial):
     """`chat` catches the KeyboardInterrupt; the next turn on the same engine must be exact."""

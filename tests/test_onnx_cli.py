@@ -10,10 +10,8 @@ GEN = ("generate", "--prompt", "Tell me about cats.", "--temperature", "0", "--m
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli-onnx") / "export"
-    r = run("export-onnx", "--model", str(tiny_model("gqa2-untied")), "--out", str(out))
-    assert r.returncode == 0, r.stderr
+def exported(tiny_onnx):
+    out = tiny_onnx("gqa2-untied")  # the session's `export-onnx` run (tests/conftest.py)
     assert (out / "onnx" / "model.onnx").is_file() and (out / "genai_config.json").is_file()
     return out
 

@@ -146,3 +146,31 @@ def test_reduced_precision_quality(name, real_model_dir, onnx_export_dir, text_i
     assert ratio <= max_ratio, f"perplexity x{ratio:.4f} of float32 (allowed x{max_ratio})"
     assert q.top1_agreement >= min_top1, f"top-1 agreement {q.top1_agreement:.1%} (required {min_top1:.0%})"
     assert q.max_abs_diff <= max_diff, f"max |logit diff| {q.max_abs_diff:.3g} (allowed {max_diff})"
+
+
+# ---- batching on ONNX (export/onnx_batch.py) ----------------------------------------------------------
+
+def onnx_batch_matches_alone(folder, n_tokens: int = 16) -> tuple[list[list[int]], list[list[int]]]:
+    """Eight chats of different lengths, greedy, through the batched engine and each alone (the serial
+    ONNX path): (batched, alone) token lists."""
+    from qwen_mlx.backends import load
+    from qwen_mlx.engine import Engine, Request, Token, batch_backend, run_requests
+    from qwen_mlx.generate import Session, greedy_tokens
+    from qwen_mlx.sampling import SamplingParams
+
+    loaded = load("onnx", str(folder), "float32")
+    tok = loaded.tokenizer
+    tok.eos_token_ids = frozenset()  # fixed-length runs: greedy_tokens has no EOS rule either
+    ps = [tok.encode_chat([{"role": "user", "content": "Tell me about bridges. " * (i + 1)}]) for i in range(8)]
+    alone = [greedy_tokens(Session(loaded.backend), p, n_tokens) for p in ps]
+    engine = Engine(batch_backend(loaded.backend, 8), tok).start()
+    try:
+        events = run_requests(engine, [Request(p, SamplingParams(temperature=0), n_tokens) for p in ps])
+    finally:
+        engine.shutdown(0)
+    return [[e.id for e in ev if isinstance(e, Token)] for ev in events], alone
+
+
+def test_onnx_batch_of_8_gives_each_chat_its_greedy_tokens_alone(onnx_export_dir):
+    batched, alone = onnx_batch_matches_alone(onnx_export_dir("float32"))
+    assert batched == alone

@@ -359,6 +359,29 @@ def test_api_key_overload_and_ctrl_c(folder):
         s.stop()
 
 
+def test_the_onnx_backend_serves_8_concurrent_clients_in_one_batch(tiny_model, tiny_onnx):
+    """`--backend onnx` batches (export/onnx_batch.py): every reply is the MLX library's, alone."""
+    from qwen_mlx.backends import load
+
+    mlx = load("mlx", str(tiny_model("gqa2-untied")), "float32")
+    prompts = [[{"role": "user", "content": "word " * (5 * i + 1) + f"question {i}"}] for i in range(8)]
+    alone = [reference(mlx, chat_ids(mlx, p), 12 + i, temperature=0)[0] for i, p in enumerate(prompts)]
+    s = Server(tiny_onnx("gqa2-untied"), "--backend", "onnx", "--max-batch", "8")
+    try:
+        assert "(onnxruntime CPUExecutionProvider, float32, batch 8)" in "".join(s.lines)
+        assert httpx.get(s.url + "/health").json()["max_batch"] == 8  # the serial fallback holds 1
+        model = _model(s)
+
+        def ask(i):
+            return s.client().chat.completions.create(model=model, messages=prompts[i], temperature=0,
+                                                      max_tokens=12 + i).choices[0].message.content
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(ask, range(8))) == alone
+    finally:
+        assert s.stop() == 0
+
+
 def test_binding_elsewhere_without_a_key_warns(folder):
     from click.testing import CliRunner
 
