@@ -5,7 +5,7 @@
 
 For each `chunk_size/local_size` a copy of FOLDER (weights linked, not copied) gets that
 `dual_chunk_attention_config` (original_max_position_embeddings = the model's trained length, so no
-scaling); the configurations run in interleaved rounds, each in a fresh subprocess, timed as
+scaling); all configurations are loaded in one process and run in interleaved rounds, timed as
 benchmarks/bench_mlx.py times them: prefill = time to the first token, decode = the next tokens / their time.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TEXT = (ROOT / "cli.py").read_text() + (ROOT / "README.md").read_text()
 
 
-def run_one(model: str, dtype: str, n_prompt: int, n_decode: int) -> dict:
+def run_all(configs: dict[str, str], dtype: str, n_prompt: int, n_decode: int, rounds: int) -> dict[str, list[dict]]:
+    """All configurations in one process (weights loaded once each), interleaved round by round."""
     sys.path.insert(0, str(ROOT))
     import numpy as np
 
@@ -33,16 +33,22 @@ def run_one(model: str, dtype: str, n_prompt: int, n_decode: int) -> dict:
     from qwen_mlx.mlx_backend import MLXBackend
     from qwen_mlx.tokenizer import Tokenizer
 
-    backend = MLXBackend(prepare_model(model), dtype)
-    ids = (Tokenizer.from_folder(model).encode(TEXT) * 8)[:n_prompt]
-    session = Session(backend)
-    t0 = time.perf_counter()
-    token = int(np.argmax(session.prefill(ids)))
-    t1 = time.perf_counter()
-    for _ in range(n_decode - 1):
-        token = int(np.argmax(session.step(token)))
-    t2 = time.perf_counter()
-    return dict(prefill_tok_s=n_prompt / (t1 - t0), decode_tok_s=(n_decode - 1) / (t2 - t1), first=token)
+    backends = {name: MLXBackend(prepare_model(folder), dtype) for name, folder in configs.items()}
+    ids = (Tokenizer.from_folder(next(iter(configs.values()))).encode(TEXT) * 8)[:n_prompt]
+    results: dict[str, list[dict]] = {name: [] for name in configs}
+    for r in range(rounds):
+        for name, backend in backends.items():
+            backend.trim(0)
+            session = Session(backend)
+            t0 = time.perf_counter()
+            token = int(np.argmax(session.prefill(ids)))
+            t1 = time.perf_counter()
+            for _ in range(n_decode - 1):
+                token = int(np.argmax(session.step(token)))
+            t2 = time.perf_counter()
+            results[name].append(dict(prefill_tok_s=n_prompt / (t1 - t0), decode_tok_s=(n_decode - 1) / (t2 - t1)))
+            print(f"round {r + 1} {name}: {results[name][-1]}", file=sys.stderr, flush=True)
+    return results
 
 
 def with_dca(model: Path, chunk: int, local: int, out: Path) -> Path:
@@ -65,24 +71,13 @@ def main() -> None:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--one", nargs=1, help=argparse.SUPPRESS)  # internal: run one configuration
     a = p.parse_args()
-    if a.one:
-        print(json.dumps(run_one(a.one[0], a.dtype, a.prompt_tokens, a.decode_tokens)))
-        return
     with tempfile.TemporaryDirectory() as tmp:
         configs = {"plain": a.model}
         for spec in a.chunks.split(","):
             chunk, local = (int(x) for x in spec.split("/"))
             configs[f"DCA {chunk}/{local}"] = str(with_dca(Path(a.model), chunk, local, Path(tmp) / spec.replace("/", "-")))
-        results: dict[str, list[dict]] = {name: [] for name in configs}
-        for r in range(a.rounds):
-            for name, folder in configs.items():
-                out = subprocess.run([sys.executable, __file__, "--model", a.model, "--one", folder, "--dtype", a.dtype,
-                                      "--prompt-tokens", str(a.prompt_tokens), "--decode-tokens", str(a.decode_tokens)],
-                                     capture_output=True, text=True, check=True)
-                results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(f"round {r + 1} {name}: {results[name][-1]}", file=sys.stderr, flush=True)
+        results = run_all(configs, a.dtype, a.prompt_tokens, a.decode_tokens, a.rounds)
     print(f"{platform.machine()} {platform.system()}, MLX {a.dtype}, prompt {a.prompt_tokens}, "
           f"decode {a.decode_tokens}, best of {a.rounds} interleaved rounds")
     print("| attention | prefill tok/s | decode tok/s |\n| --- | --- | --- |")

@@ -43,7 +43,6 @@ def dual_chunk_attention(dc: DualChunk, rope, q: mx.array, k: mx.array, v: mx.ar
     if not isinstance(cache.offset, int):
         raise QwenError("Dual Chunk Attention runs one sequence at a time on MLX (no per-row offsets)")
     B, H, L, D = q.shape
-    K = k.shape[1]
     P, c = cache.offset, dc.chunk_len
     pos = np.arange(P, P + L)
     m = mx.array(dc.scaling(pos))[:, None]                                            # L 1
@@ -62,21 +61,22 @@ def dual_chunk_attention(dc: DualChunk, rope, q: mx.array, k: mx.array, v: mx.ar
                  (q_intra[:, :, rows], s, b, True)]
         spans = [(qs, max(lo, 0), hi, np.arange(a, b) if causal else None) for qs, lo, hi, causal in spans
                  if hi > max(lo, 0)]
-        if B * H * (b - a) * b <= SCORES_BUDGET:
+        l = b - a
+        if B * H * l * b <= SCORES_BUDGET:
             # All of this chunk's scores fit: one softmax over the three disjoint spans' scores, which is
             # their log-sum-exp merge in a single step (fewer operations: what decoding takes).
             scores = mx.concatenate([_scores(qs, keys, lo, hi, scale, qp) for qs, lo, hi, qp in spans], axis=-1)
-            w = mx.softmax(scores, axis=-1)                                           # B H l b
-            v = values[:, :, None, :b].astype(mx.float32)                             # B K 1 b D
-            o = (w.reshape(B, K, H // K, b - a, b) @ v).reshape(B, H, b - a, D)
+            w = mx.softmax(scores, axis=-1)                                           # B K Gl b
+            o = w @ values[:, :, :b].astype(mx.float32)                               # B K Gl D
         else:
             parts = [part for qs, lo, hi, qp in spans for part in _attend(qs, keys, values, lo, hi, scale, qp)]
             o, lse = _merge(parts)
             if on_weights is not None:
                 w = mx.concatenate([mx.exp(part[2] - lse[..., None]) for part in parts], axis=-1)
+        o = o.reshape(B, H, l, D)
         outs.append(o.astype(q.dtype))
         if on_weights is not None:  # the merged probabilities B H l T, keys past b masked (zero)
-            weights.append(mx.pad(w, [(0, 0)] * 3 + [(0, keys.shape[2] - b)]))
+            weights.append(mx.pad(w.reshape(B, H, l, b), [(0, 0)] * 3 + [(0, keys.shape[2] - b)]))
     if on_weights is not None:
         on_weights(mx.concatenate(weights, axis=2))
     return mx.concatenate(outs, axis=2)                                               # B H L D
@@ -84,36 +84,34 @@ def dual_chunk_attention(dc: DualChunk, rope, q: mx.array, k: mx.array, v: mx.ar
 
 def _scores(q: mx.array, keys: mx.array, lo: int, hi: int, scale: float,
             query_positions: np.ndarray | None) -> mx.array:
-    """q B H l D against keys [lo, hi) -> float32 scores B H l t, each group of G query heads against its
-    kv head; causal (key j <= query i, else -inf) when `query_positions` are given."""
+    """q B H l D against keys [lo, hi) -> float32 scores B K Gl t: the G query heads of each kv head are
+    rows of one matmul (no tiling of the cache). Causal (key j <= query i, else -inf) when
+    `query_positions` are given."""
     B, H, l, D = q.shape
     K = keys.shape[1]
-    qg = q.astype(mx.float32).reshape(B, K, H // K, l, D) * scale                   # B K G l D
-    k = keys[:, :, None, lo:hi].astype(mx.float32)                                    # B K 1 t D
-    s = (qg @ k.swapaxes(-1, -2)).reshape(B, H, l, hi - lo)                          # B H l t
+    qg = q.astype(mx.float32).reshape(B, K, H // K * l, D) * scale                  # B K Gl D
+    s = qg @ keys[:, :, lo:hi].astype(mx.float32).swapaxes(-1, -2)                   # B K Gl t
     if query_positions is not None:
-        allowed = mx.arange(lo, hi)[None] <= mx.array(query_positions)[:, None]     # l t
-        s = mx.where(allowed, s, -mx.inf)
+        rows = np.tile(query_positions, H // K)                                      # Gl
+        s = mx.where(mx.arange(lo, hi)[None] <= mx.array(rows)[:, None], s, -mx.inf)
     return s
 
 
 def _attend(q: mx.array, keys: mx.array, values: mx.array, lo: int, hi: int, scale: float,
             query_positions: np.ndarray | None) -> list[tuple[mx.array, mx.array, mx.array]]:
     """softmax attention of q B H l D over keys [lo, hi), in key blocks within SCORES_BUDGET: per block
-    (o B H l D float32, its log-sum-exp B H l, its scores B H l t)."""
+    (o B K Gl D float32, its log-sum-exp B K Gl, its scores B K Gl t)."""
     B, H, l, D = q.shape
-    K = keys.shape[1]
     block = max(KEY_BLOCK_MIN, SCORES_BUDGET // (B * H * l))
     out = []
     for start in range(lo, hi, block):
         end = min(hi, start + block)
-        s = _scores(q, keys, start, end, scale, query_positions)                     # B H l t
-        top = mx.max(s, axis=-1, keepdims=True)                                      # B H l 1
+        s = _scores(q, keys, start, end, scale, query_positions)                     # B K Gl t
+        top = mx.max(s, axis=-1, keepdims=True)                                      # B K Gl 1
         top = mx.where(top == -mx.inf, 0.0, top)  # a row with every key of this block masked: weight 0
         p = mx.exp(s - top)
         total = p.sum(axis=-1, keepdims=True)
-        v = values[:, :, None, start:end].astype(mx.float32)                          # B K 1 t D
-        o = (p.reshape(B, K, H // K, l, -1) @ v).reshape(B, H, l, -1)                 # B H l D
+        o = p @ values[:, :, start:end].astype(mx.float32)                            # B K Gl D
         o = o / mx.maximum(total, 1.0)  # total >= 1 (the max scores exp(0)) unless every key is masked
         out.append((o, (top + mx.log(total))[..., 0], s))  # log 0 = -inf: the block adds nothing
     return out
