@@ -3,19 +3,16 @@
     python benchmarks/bench_dca.py --model FOLDER [--chunks 2048/256,8192/1024] [--prompt-tokens 4096]
         [--decode-tokens 32] [--rounds 2] [--dtype float32]
 
-For each `chunk_size/local_size` a copy of FOLDER (weights linked, not copied) gets that
-`dual_chunk_attention_config` (original_max_position_embeddings = the model's trained length, so no
-scaling); all configurations are loaded in one process and run in interleaved rounds, timed as
+For each `chunk_size/local_size`, the loaded model's layers take that Dual Chunk Attention (no attention
+scaling); one model in one process runs every configuration in interleaved rounds, timed as
 benchmarks/bench_mlx.py times them: prefill = time to the first token, decode = the next tokens / their time.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TEXT = (ROOT / "cli.py").read_text() + (ROOT / "README.md").read_text()
 
 
-def run_all(configs: dict[str, str], dtype: str, n_prompt: int, n_decode: int, rounds: int) -> dict[str, list[dict]]:
-    """All configurations in one process (weights loaded once each), interleaved round by round."""
+def run_all(model: str, specs: dict[str, object], dtype: str, n_prompt: int, n_decode: int,
+            rounds: int) -> dict[str, list[dict]]:
+    """One model in memory; each configuration sets every layer's `dual_chunk` (None: plain attention) and
+    prefills afresh, in interleaved rounds."""
     sys.path.insert(0, str(ROOT))
     import numpy as np
 
@@ -33,11 +32,13 @@ def run_all(configs: dict[str, str], dtype: str, n_prompt: int, n_decode: int, r
     from qwen_mlx.mlx_backend import MLXBackend
     from qwen_mlx.tokenizer import Tokenizer
 
-    backends = {name: MLXBackend(prepare_model(folder), dtype) for name, folder in configs.items()}
-    ids = (Tokenizer.from_folder(next(iter(configs.values()))).encode(TEXT) * 8)[:n_prompt]
-    results: dict[str, list[dict]] = {name: [] for name in configs}
+    backend = MLXBackend(prepare_model(model), dtype)
+    ids = (Tokenizer.from_folder(model).encode(TEXT) * 8)[:n_prompt]
+    results: dict[str, list[dict]] = {name: [] for name in specs}
     for r in range(rounds):
-        for name, backend in backends.items():
+        for name, spec in specs.items():
+            for layer in backend.model.model.layers:
+                layer.self_attn.dual_chunk = spec
             backend.trim(0)
             session = Session(backend)
             t0 = time.perf_counter()
@@ -51,18 +52,6 @@ def run_all(configs: dict[str, str], dtype: str, n_prompt: int, n_decode: int, r
     return results
 
 
-def with_dca(model: Path, chunk: int, local: int, out: Path) -> Path:
-    out.mkdir()
-    for f in model.iterdir():
-        if f.name != "config.json":
-            (out / f.name).symlink_to(f.resolve())
-    config = json.loads((model / "config.json").read_text())
-    config["dual_chunk_attention_config"] = {"chunk_size": chunk, "local_size": local,
-                                             "original_max_position_embeddings": config["max_position_embeddings"]}
-    (out / "config.json").write_text(json.dumps(config))
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -72,12 +61,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--dtype", default="float32")
     a = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        configs = {"plain": a.model}
-        for spec in a.chunks.split(","):
-            chunk, local = (int(x) for x in spec.split("/"))
-            configs[f"DCA {chunk}/{local}"] = str(with_dca(Path(a.model), chunk, local, Path(tmp) / spec.replace("/", "-")))
-        results = run_all(configs, a.dtype, a.prompt_tokens, a.decode_tokens, a.rounds)
+    sys.path.insert(0, str(ROOT))
+    from qwen_mlx.dual_chunk import DualChunk
+
+    specs: dict[str, object] = {"plain": None}
+    for spec in a.chunks.split(","):
+        chunk, local = (int(x) for x in spec.split("/"))
+        specs[f"DCA {chunk}/{local}"] = DualChunk(chunk, local)
+    results = run_all(a.model, specs, a.dtype, a.prompt_tokens, a.decode_tokens, a.rounds)
     print(f"{platform.machine()} {platform.system()}, MLX {a.dtype}, prompt {a.prompt_tokens}, "
           f"decode {a.decode_tokens}, best of {a.rounds} interleaved rounds")
     print("| attention | prefill tok/s | decode tok/s |\n| --- | --- | --- |")
