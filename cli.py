@@ -3,7 +3,7 @@
     python cli.py chat --backend mlx [--model M]
     python cli.py generate --backend mlx --model M --prompt TEXT
     python cli.py info --model M
-    python cli.py convert --gguf FILE.gguf --out DIR
+    python cli.py convert --gguf FILE.gguf --out DIR      (or --model AWQ_OR_GPTQ_FOLDER --out DIR)
     python cli.py export-onnx --model M --out DIR
     python cli.py serve --backend mlx [--model M] [--port 8000]
     python cli.py attention --model M --prompt TEXT --out FILE.png|FILE.npz
@@ -243,7 +243,7 @@ def info(model):
     """Architecture, experts, total and active parameters by component, and memory per dtype."""
     from qwen_mlx.checkpoint import prepare_model
 
-    ckpt = prepare_model(model)
+    ckpt = prepare_model(model, gguf_blocks=True)  # a GGUF as the MLX backend runs it by default: blocks kept
     a = ckpt.args
     counts = a.parameter_counts()
     total, active = sum(counts.values()), a.active_parameters()
@@ -306,6 +306,9 @@ def _stored_quantization_rows(ckpt) -> None:
     from qwen_mlx.quant import describe
 
     print(f"  {'quantized':<12} {describe(ckpt.quantization)}")
+    origin = json.loads((ckpt.folder / "config.json").read_text(encoding="utf-8")).get("repacked_from")
+    if origin:  # an AWQ/GPTQ checkpoint (qwen_mlx/awq_gptq.py)
+        print(f"  {'repacked':<12} exactly, from {origin}")
     itemsize = {"U32": 4, "F32": 4, "F16": 2, "BF16": 2}
     stored = sum(math.prod(t.shape) * itemsize.get(t.dtype, 4) for t in ckpt.tensors.values())
     packed = sum(math.prod(t.shape) * 4 for t in ckpt.tensors.values() if t.dtype == "U32")
@@ -318,18 +321,20 @@ def _stored_quantization_rows(ckpt) -> None:
 
 @cli.command()
 @click.option("--gguf", "gguf_file", default=None, help="a GGUF file of architecture qwen2, qwen2moe, qwen3 or qwen3moe")
-@click.option("--model", default=None, help="with --quantize: the model to quantize (as everywhere: an HF folder, "
-              "a .gguf, a Hub id)")
+@click.option("--model", default=None, help="an AWQ/GPTQ folder to repack exactly, or with --quantize: the model to "
+              "quantize (as everywhere: an HF folder, a .gguf, a Hub id)")
 @click.option("--quantize", type=click.Choice(["4", "8"]), default=None,
               help="write an MLX affine-quantized folder (mlx-lm's layout) instead of a float one")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
               help="with --quantize: weights per scale and bias")
 @click.option("--out", required=True, help="the folder to write")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="write float weights of this dtype [default: float32; for --gguf alone, an MLX quantized "
+                   "folder keeping the GGUF's blocks that MLX holds exactly, the rest float32]")
 @click.option("--force", is_flag=True, help="replace a non-empty --out")
 def convert(gguf_file, model, quantize, group_size, out, dtype, force):
-    """Convert a Qwen GGUF (llama.cpp) into a Hugging Face folder, or (--quantize) any model into an MLX
-    quantized folder that mlx-lm loads."""
+    """Convert a Qwen GGUF (llama.cpp) into a Hugging Face folder, an AWQ/GPTQ folder into an MLX quantized
+    folder with the same codes, or (--quantize) any model into an MLX quantized folder that mlx-lm loads."""
     if quantize:
         from qwen_mlx.checkpoint import prepare_model
         from qwen_mlx.mlx_convert import quantize_folder
@@ -337,10 +342,16 @@ def convert(gguf_file, model, quantize, group_size, out, dtype, force):
         if (model is None) == (gguf_file is None):
             raise QwenError("convert --quantize needs exactly one of --model and --gguf")
         print(quantize_folder(prepare_model(model or gguf_file), Path(out), int(quantize), int(group_size),
-                              dtype, force))
+                              dtype or "float32", force))
         return
+    if model is not None and gguf_file is None:
+        from qwen_mlx.awq_gptq import folder_scheme, repack_folder
+
+        if Path(model).is_dir() and folder_scheme(Path(model)) is not None:
+            print(repack_folder(Path(model), Path(out), force))  # AWQ/GPTQ -> MLX affine, every code kept
+            return
     if gguf_file is None or model is not None:
-        raise QwenError("convert needs --gguf FILE (or --quantize 4|8 with --model M)")
+        raise QwenError("convert needs --gguf FILE, an AWQ/GPTQ --model folder, or --quantize 4|8 with --model M")
     from qwen_mlx.gguf_convert import convert_gguf
 
     path = convert_gguf(Path(gguf_file), Path(out), dtype=dtype, force=force)

@@ -166,7 +166,12 @@ def _build_model(ckpt: Checkpoint, path: Path, dtype: str, quantize: str | None,
     proto = trace(ckpt, dtype, opset)
     with _step("fusing sibling MatMuls, canonicalizing RMSNorm (export/optimize.py)"):
         optimize(proto)  # before quantizing: a fused q/k/v or gate/up MatMul is quantized as one
-    if quantize == "int4":
+    kept = 0
+    if quantize == "int4" and ckpt.quantization is not None:
+        from .stored_quant import stored_int4
+        with _step("MatMulNBits from the stored 4-bit codes, scales and zero points (export/stored_quant.py)"):
+            kept = stored_int4(proto, ckpt)  # AWQ/GPTQ: the publisher's quantization; what it kept float stays
+    if quantize == "int4" and not kept:
         with _step(f"quantizing MatMul weights to int4 (MatMulNBits, block {INT4_BLOCK_SIZE})"):
             proto = quantize_int4(proto)
     external = _weight_bytes(proto) > EXTERNAL_DATA_BYTES

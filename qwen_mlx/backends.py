@@ -55,7 +55,8 @@ def load(backend: str, model: str | None, dtype: str | None = None, quantize: st
 def _mlx(model: str | None, dtype: str | None, quantize: str | None) -> tuple[Backend, Path]:
     if quantize not in (None, "4", "8"):
         raise QwenError(f"--quantize for the mlx backend must be 4 or 8, got {quantize}")
-    ckpt = prepare_model(model)
+    # A GGUF keeps its exact blocks unless a --dtype or --quantize asks for other weights.
+    ckpt = prepare_model(model, gguf_blocks=dtype is None and quantize is None)
     try:
         from .mlx_backend import MLXBackend
     except ImportError as e:

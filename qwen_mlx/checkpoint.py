@@ -1,6 +1,7 @@
 """Finding a checkpoint and checking it before any weight is read.
 
-A model is named by a local HF folder, a `.gguf` file (converted once into the cache) or a Hub repo id
+A model is named by a local HF folder, a `.gguf` file (converted once into the cache: dequantized, or with
+the blocks MLX holds exactly kept for the MLX backend's default precision) or a Hub repo id
 (fetched with huggingface_hub: config, tokenizer and safetensors files only). Pure Python: both backends
 call `prepare_model`, then read the tensors with their own framework's lazy safetensors loader.
 """
@@ -44,9 +45,10 @@ class Checkpoint:
         return sorted({t.file for t in self.tensors.values()})
 
 
-def resolve_model(spec: str | None) -> Path:
+def resolve_model(spec: str | None, gguf_blocks: bool = False) -> Path:
     """Turn `--model` into a local folder. With no `--model`, the default Hub model is tried and, when
-    the Hub cannot be reached, the offline real checkpoint is built (once) and used instead."""
+    the Hub cannot be reached, the offline real checkpoint is built (once) and used instead. A `.gguf`
+    becomes a float32 folder, or with `gguf_blocks` an MLX quantized folder keeping its exact blocks."""
     if spec is None:
         try:
             return _from_hub(DEFAULT_MODEL)
@@ -58,15 +60,22 @@ def resolve_model(spec: str | None) -> Path:
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
         from .gguf_convert import cached_conversion
-        return cached_conversion(path)
+        return cached_conversion(path, None if gguf_blocks else "float32")
     if path.is_dir():
-        return path
+        return _repacked(path)
     if path.exists():
         raise QwenError(f"{spec}: not a model folder or a .gguf file")
     looks_like_repo = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and "\\" not in spec
     if not looks_like_repo or spec.lower().endswith(".gguf"):
         raise QwenError(f"{spec}: no such file or folder")
-    return _from_hub(spec)
+    return _repacked(_from_hub(spec))
+
+
+def _repacked(folder: Path) -> Path:
+    """An AWQ/GPTQ folder -> its MLX affine repack (made once, exactly, in the cache), which every backend
+    then reads; any other folder as it is."""
+    from .awq_gptq import cached_repack, folder_scheme
+    return cached_repack(folder) if folder_scheme(folder) is not None else folder
 
 
 def _from_hub(repo_id: str) -> Path:
@@ -133,9 +142,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
-def prepare_model(spec: str | None) -> Checkpoint:
+def prepare_model(spec: str | None, gguf_blocks: bool = False) -> Checkpoint:
     """Resolve, read the config and check every tensor's presence and shape before any compute."""
-    folder = resolve_model(spec)
+    folder = resolve_model(spec, gguf_blocks)
     args = ModelArgs.from_folder(folder)
     found: dict[str, TensorInfo] = {}
     for file in safetensors_files(folder):

@@ -1,10 +1,13 @@
-"""GGUF (architectures `qwen2`, `qwen2moe`, `qwen3`, `qwen3moe`) -> a standard Hugging Face folder.
+"""GGUF (architectures `qwen2`, `qwen2moe`, `qwen3`, `qwen3moe`) -> a standard Hugging Face folder, or an MLX
+quantized folder that keeps the GGUF's blocks where MLX holds them exactly (gguf_blocks).
 
 The folder holds config.json, generation_config.json, model.safetensors, tokenizer.json and
 tokenizer_config.json, and loads with transformers' `AutoModelForCausalLM.from_pretrained` (Qwen2, Qwen2-MoE,
 Qwen3 or Qwen3-MoE) as well as with this project's own loaders. GGUF stacks each layer's experts into one
 [X, out, in] tensor (`ffn_gate_exps`); they are written back one per expert, as HF checkpoints hold them. Weights are dequantized with the `gguf` package's own
-`gguf.quants.dequantize` (the code llama.cpp ships), so float32 output is exact.
+`gguf.quants.dequantize` (the code llama.cpp ships), so float32 output is exact. Kept blocks are repacked
+bit for bit into MLX's uint32 codes with float32 scales and biases (config.json `quantization`, as mlx-lm
+writes it), and load in this project's MLX backend and in `mlx_lm.load` alike.
 
 Deliberately free of torch and mlx: numpy, gguf and tokenizers only.
 """
@@ -17,13 +20,14 @@ import json
 import re
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from .dtypes import BYTES, DTYPES, SAFETENSORS, check_dtype
+from .dtypes import SAFETENSORS, check_dtype
 from .errors import QwenError
 from .files import check_output_folder, staged_folder
+from .gguf_blocks import GROUP_SIZE, KEPT, kept_bits, to_mlx
 from .paths import cache_dir
 from .progress import progress_bar
 
@@ -331,6 +335,15 @@ def _write_tokenizer(meta: dict[str, Any], folder: Path, model_max_length: int) 
 
 # ------------------------------------------------------------------------------------------------ tensors
 
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4}
+
+
+class Job(NamedTuple):
+    """Tensors written together: their (name, safetensors dtype, shape), and how to compute them."""
+    entries: list[tuple[str, str, tuple[int, ...]]]
+    run: Callable[[], list[np.ndarray]]
+
+
 
 def _hf_names(gguf_name: str, config: dict[str, Any]) -> list[tuple[str, int | None]]:
     """The HF tensor(s) one GGUF tensor becomes: [(name, None)], or [(expert j's name, j)] for a stack."""
@@ -370,35 +383,60 @@ def _cast(values: np.ndarray, dtype: str) -> np.ndarray:
     return rounded
 
 
-def _write_safetensors(plan: list[tuple[Any, str, tuple[int, ...], int | None]], path: Path, dtype: str,
-                       progress: bool) -> None:
-    """Stream one tensor at a time into a safetensors file, so peak memory is one dequantized tensor.
+def _float_job(tensor, name: str, shape: tuple[int, ...], expert: int | None, dtype: str) -> Job:
+    """One GGUF tensor (or one expert of a stack) dequantized by `gguf.quants.dequantize`, cast to `dtype`."""
+    def run() -> list[np.ndarray]:
+        from gguf.quants import dequantize
+
+        # GGUF lists dims fastest-first; `dequantize` returns numpy (row-major) order already. An expert is
+        # one row of its stack's leading axis, quantized blocks included (they never span experts).
+        data = tensor.data if expert is None else tensor.data[expert]
+        return [_cast(dequantize(data, tensor.tensor_type).reshape(shape), dtype)]
+    return Job([(name, SAFETENSORS[dtype], shape)], run)
+
+
+def _kept_job(tensor, module: str, shape: tuple[int, ...]) -> Job:
+    """One GGUF tensor whose blocks are MLX affine groups: packed codes, float32 scales and biases (gguf_blocks).
+    Rows go through in slices so a 150k-row embedding never unpacks all at once."""
+    bits = kept_bits(tensor.tensor_type)
+    *lead, n = shape
+    groups = n // GROUP_SIZE
+    entries = [(f"{module}.weight", "U32", (*lead, n * bits // 32)), (f"{module}.scales", "F32", (*lead, groups)),
+               (f"{module}.biases", "F32", (*lead, groups))]
+
+    def run() -> list[np.ndarray]:
+        data = np.asarray(tensor.data).reshape(-1, tensor.data.shape[-1])  # [rows, row bytes]
+        parts = [to_mlx(data[i:i + 8192], tensor.tensor_type) for i in range(0, data.shape[0], 8192)]
+        if any(p is None for p in parts):
+            raise QwenError(f"tensor {tensor.name!r} has non-finite block scales")
+        return [np.concatenate([p[k] for p in parts]).reshape(e[2]) for k, e in enumerate(entries)]
+    return Job(entries, run)
+
+
+def _write_safetensors(jobs: list[Job], path: Path, progress: bool) -> None:
+    """Stream the jobs' tensors into a safetensors file, so peak memory is one job's output.
 
     The header needs only names, shapes and dtypes, all known before any data is decoded. Writing the
     format directly (8-byte little-endian header length, JSON header, raw bytes) also gives bfloat16,
     which `safetensors.numpy` cannot express.
     """
-    from gguf.quants import dequantize
-
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for _, name, shape, _ in plan:
-        size = int(np.prod(shape)) * BYTES[dtype]
-        header[name] = {"dtype": SAFETENSORS[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
+    for job in jobs:
+        for name, code, shape in job.entries:
+            size = int(np.prod(shape)) * _ITEMSIZE[code]
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # keep the data 8-byte aligned
     with open(path, "wb") as sink:
         sink.write(len(encoded).to_bytes(8, "little"))
         sink.write(encoded)
-        items = progress_bar(plan, "converting tensors") if progress else plan
-        for tensor, _, shape, expert in items:
-            # GGUF lists dims fastest-first; `dequantize` returns numpy (row-major) order already. An expert
-            # is one row of its stack's leading axis, quantized blocks included (they never span experts).
-            data = tensor.data if expert is None else tensor.data[expert]
-            values = dequantize(data, tensor.tensor_type).reshape(shape)
-            sink.write(_cast(values, dtype).data)  # the array's own buffer: no extra copy
-            del values
+        for job in (progress_bar(jobs, "converting tensors") if progress else jobs):
+            for (name, code, shape), array in zip(job.entries, job.run(), strict=True):
+                if array.shape != shape or array.dtype.itemsize != _ITEMSIZE[code]:
+                    raise QwenError(f"internal error: {name} came out {array.dtype}{array.shape}, expected {code}{shape}")
+                sink.write(np.ascontiguousarray(array).data)  # the array's own buffer: no extra copy
         if sink.tell() != len(encoded) + 8 + offset:
             raise QwenError(f"internal error: wrote {sink.tell()} bytes to {path}, expected {len(encoded) + 8 + offset}")
 
@@ -413,12 +451,17 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def convert_gguf(
     gguf_path: str | Path,
     out_dir: str | Path,
-    dtype: str = "float32",
+    dtype: str | None = "float32",
     force: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Convert a Qwen GGUF into an HF folder at `out_dir` (returned); nothing half-written on failure."""
-    check_dtype(dtype)
+    """Convert a Qwen GGUF into a folder at `out_dir` (returned); nothing half-written on failure.
+
+    With a `dtype`, every tensor is dequantized to it: an HF folder. With dtype None, the blocks MLX holds
+    exactly (gguf_blocks.KEPT) stay quantized: an MLX affine folder in mlx-lm's layout (mixed bits as
+    per-module overrides), the rest float32. A GGUF with no such blocks gives the float32 folder."""
+    if dtype is not None:
+        check_dtype(dtype)
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     check_output_folder(out_dir, force)  # before the long work, not after it
 
@@ -429,7 +472,23 @@ def convert_gguf(
         raise QwenError(f"{gguf_path.name} has architecture {arch!r}; only {', '.join(map(repr, ARCHITECTURES))} "
                         "GGUFs can be converted")
     tensors = {t.name: t for t in reader.tensors}
-    config = _build_config(meta, tensors, dtype, arch)
+    config = _build_config(meta, tensors, dtype or "float32", arch)
+    plan = _plan(reader, config, arch)
+    jobs, quantized = _jobs(plan, dtype, config)
+    if quantized:
+        config["quantization"] = config["quantization_config"] = quantized
+
+    with staged_folder(out_dir, force) as staging:
+        tokens = _write_tokenizer(meta, staging, config["max_position_embeddings"])
+        _write_json(staging / "config.json", config)
+        _write_json(staging / "generation_config.json", _generation_config(meta, tokens))
+        _write_safetensors(jobs, staging / "model.safetensors", progress)
+        del reader, tensors, plan, jobs  # release the memory map before the swap
+    return out_dir
+
+
+def _plan(reader, config: dict[str, Any], arch: str) -> list[tuple[Any, str, tuple[int, ...], int | None]]:
+    """(GGUF tensor, HF name, HF shape, expert index or None) for every tensor, checked against the config."""
     expected = _expected_shapes(config)
     plan = []
     for tensor in reader.tensors:
@@ -449,14 +508,42 @@ def convert_gguf(
     missing = set(expected) - {name for _, name, _, _ in plan}
     if missing:
         raise QwenError(f"GGUF lacks {len(missing)} tensors of a {arch} model, e.g. {sorted(missing)[0]!r}")
+    return plan
 
-    with staged_folder(out_dir, force) as staging:
-        tokens = _write_tokenizer(meta, staging, config["max_position_embeddings"])
-        _write_json(staging / "config.json", config)
-        _write_json(staging / "generation_config.json", _generation_config(meta, tokens))
-        _write_safetensors(plan, staging / "model.safetensors", dtype, progress)
-        del reader, tensors, plan  # release the memory map before the swap
-    return out_dir
+
+def _jobs(plan: list[tuple[Any, str, tuple[int, ...], int | None]], dtype: str | None,
+          config: dict[str, Any]) -> tuple[list[Job], dict[str, Any] | None]:
+    """What to write, and the folder's `quantization` (None for a float folder). Kept: every matrix whose
+    GGUF type is in KEPT, an expert stack as one `mlp.switch_mlp.<proj>` [X, out, in] module as mlx-lm
+    stores it; the default bits are the commonest, others per-module overrides, float matrices `false`."""
+    def keep(tensor, name: str, shape: tuple[int, ...]) -> bool:
+        return (dtype is None and int(tensor.tensor_type) in KEPT and name.endswith(".weight") and "norm" not in name
+                and len(shape) == 2 and tuple(reversed(tensor.shape))[-2:] == shape)
+
+    if not any(keep(t, name, shape) for t, name, shape, _ in plan):
+        return [_float_job(t, name, shape, expert, dtype or "float32") for t, name, shape, expert in plan], None
+    config["torch_dtype"] = config["dtype"] = "float32"
+    jobs, bits, floats, stacks = [], {}, [], set()
+    for tensor, name, shape, expert in plan:
+        module = name.removesuffix(".weight")
+        if not keep(tensor, name, shape):
+            jobs.append(_float_job(tensor, name, shape, expert, "float32"))
+            if name.endswith(".weight") and "norm" not in name and len(shape) == 2:
+                floats.append(re.sub(r"\.experts\.\d+\.", ".switch_mlp.", module) if expert is not None else module)
+            continue
+        if expert is not None:  # the whole stack at once, the first time one of its experts comes by
+            module = re.sub(r"\.experts\.\d+\.", ".switch_mlp.", module)
+            if module in stacks:
+                continue
+            stacks.add(module)
+            shape = (int(tensor.shape[2]), *shape)
+        jobs.append(_kept_job(tensor, module, shape))
+        bits[module] = kept_bits(tensor.tensor_type)
+    default = max(sorted(set(bits.values())), key=list(bits.values()).count)
+    quantization: dict[str, Any] = {"group_size": GROUP_SIZE, "bits": default, "mode": "affine"}
+    quantization.update({m: {"group_size": GROUP_SIZE, "bits": b} for m, b in bits.items() if b != default})
+    quantization.update({m: False for m in dict.fromkeys(floats)})
+    return jobs, quantization
 
 
 @contextmanager
@@ -487,14 +574,16 @@ def _sha256(path: Path) -> str:
     return _SHA_MEMO[key]
 
 
-def cached_conversion(gguf_path: str | Path, dtype: str = "float32", progress: bool = True) -> Path:
-    """convert_gguf into cache_dir()/gguf/<sha256[:16]>-<dtype>/ once; later calls return that folder."""
-    check_dtype(dtype)
+def cached_conversion(gguf_path: str | Path, dtype: str | None = "float32", progress: bool = True) -> Path:
+    """convert_gguf into cache_dir()/gguf/<sha256[:16]>-<dtype>/ once (`-blocks` for dtype None: the blocks
+    MLX holds exactly kept); later calls return that folder."""
+    if dtype is not None:
+        check_dtype(dtype)
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise QwenError(f"GGUF file not found: {gguf_path}")
     root = cache_dir() / "gguf"
-    target = root / f"{_sha256(gguf_path)[:16]}-{dtype}"
+    target = root / f"{_sha256(gguf_path)[:16]}-{dtype or 'blocks'}"
     # The folder only ever appears by rename once complete, so its config.json means it is whole.
     if (target / "config.json").is_file():
         return target

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import pytest
+from tests.needs import unavailable
 
 CHROMIUM = os.environ.get("QWEN_MLX_CHROMIUM", "/usr/bin/chromium")
 # Headless, no GPU (so WebGPU has no adapter and pages run on wasm), nothing that phones home, and
@@ -18,13 +18,6 @@ CHROMIUM = os.environ.get("QWEN_MLX_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage"]
-
-
-def unavailable(reason: str) -> None:
-    """Skip on a developer's machine; fail in CI, which installs everything these tests need."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI must have it: .ci/run installs chromium, benchmarks/setup_peers.sh the rest)")
-    pytest.skip(reason)
 
 
 @contextmanager

@@ -12,7 +12,6 @@ MatMulNBits weight.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from pathlib import Path
 
@@ -21,22 +20,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import edge_runtimes as er  # noqa: E402  (standard library only at import time)
+from tests.needs import needs_peer  # noqa: E402
 
 N_TOKENS = 16
 # variant -> (tiny model, quantize, file)
 VARIANTS = {"fp32": ("gqa2-untied", None, "model.onnx"), "q4": ("gqa2-untied", "int4", "model_q4.onnx"),
             "q4-tied": ("gqa4-tied", "int4", "model_q4.onnx")}
 MODELS = sorted({model for model, _, _ in VARIANTS.values()})
-
-
-def skip_or_fail_without(runtime: str) -> None:
-    """A peer that is not installed: skipped here, a failure in CI (which installs them all first)."""
-    reason = er.missing_reason(runtime)
-    if reason is None:
-        return
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{runtime} is missing in CI: {reason}")
-    pytest.skip(reason)
 
 
 # ---- the helpers themselves (no peers needed) ------------------------------------------------------------
@@ -69,10 +59,10 @@ def test_missing_peer_fails_in_ci(monkeypatch, tmp_path):
     monkeypatch.setenv("QWEN_MLX_PEERS", str(tmp_path))
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="missing in CI"):
-        skip_or_fail_without("genai")
+        needs_peer("genai")
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="setup_peers.sh"):
-        skip_or_fail_without("genai")
+        needs_peer("genai")
 
 
 # ---- the export, through every peer ----------------------------------------------------------------------
@@ -128,7 +118,7 @@ def exports(tiny_hf, tmp_path_factory, prompts):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("runtime", er.PEER_RUNTIMES)
 def test_runtime_reproduces_our_greedy_tokens(runtime, variant, exports, prompts):
-    skip_or_fail_without(runtime)
+    needs_peer(runtime)
     texts, ids = prompts
     folder, ours = exports(variant)
     _, quantize, onnx_file = VARIANTS[variant]
@@ -185,7 +175,7 @@ def arch_exports(tmp_path_factory):
 @pytest.mark.parametrize("name,variant", ARCH_CASES)
 @pytest.mark.parametrize("runtime", er.PEER_RUNTIMES)
 def test_runtime_runs_every_architecture(runtime, name, variant, arch_exports):
-    skip_or_fail_without(runtime)
+    needs_peer(runtime)
     if runtime == "optimum" and name in OPTIMUM_CANNOT:
         pytest.skip(OPTIMUM_CANNOT[name])
     folder, texts, ids, ours = arch_exports(name, variant)
