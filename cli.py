@@ -263,6 +263,9 @@ def info(model):
             print(f"               shared expert {a.shared_expert_intermediate_size} wide, sigmoid-gated, on every token")
     print(f"vocabulary     {a.vocab_size}, embeddings {'tied' if a.tie_word_embeddings else 'untied'}")
     print(f"rope           {a.rope_type}, theta {a.rope_theta:g}; context {a.context_length}")
+    if a.dual_chunk is not None:
+        print(f"attention      {a.dual_chunk.describe()}: active, reaching the full {a.context_length} tokens "
+              f"with no relative position past {a.dual_chunk.chunk_size}")
     for cap, reason in a.context_caps():
         print(f"               context capped at {cap} by {reason}; config.json says "
               f"{a.max_position_embeddings}")

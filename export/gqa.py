@@ -40,9 +40,9 @@ def check_gqa_supported(args: ModelArgs) -> None:
         raise QwenError("--attention gqa: dynamic NTK RoPE scaling changes the frequencies with the sequence "
                         "length, and GroupQueryAttention reads a fixed cos/sin table; export with "
                         "--attention standard")
-    if args.extra.get("dual_chunk_attention_config"):
+    if args.dual_chunk is not None:  # export_onnx refuses it first; kept so the check stands on its own
         raise QwenError("--attention gqa: Dual Chunk Attention remaps positions per chunk, which "
-                        "GroupQueryAttention's rotary cannot express; export with --attention standard")
+                        "GroupQueryAttention's rotary cannot express")
     if args.head_dim % 16:  # onnxruntime's kernels (CPU included) refuse other head sizes at run time
         raise QwenError(f"--attention gqa: onnxruntime's GroupQueryAttention needs head_dim to be a multiple of "
                         f"16 (this model has {args.head_dim}); export with --attention standard")

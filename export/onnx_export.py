@@ -63,6 +63,10 @@ def export_onnx(ckpt: Checkpoint, out_dir: Path, dtype: str = "float32", quantiz
     "standard" (standard ONNX ops, exact for any padding and RoPE scaling) or "gqa" (com.microsoft
     GroupQueryAttention, onnxruntime-genai's builder form; export/gqa.py says what it cannot represent)."""
     dtype, quantize, opset = normalize_options(dtype, quantize, opset)
+    if ckpt.args.dual_chunk is not None:
+        raise QwenError("this model uses Dual Chunk Attention (config.json dual_chunk_attention_config), which "
+                        "the ONNX export does not carry: its graph would attend with plain RoPE and differ past "
+                        f"{ckpt.args.dual_chunk.plain_up_to} tokens; run it with the mlx or torch backend")
     attention = check_attention(attention)
     if attention == "gqa":
         from .gqa import check_gqa_supported
