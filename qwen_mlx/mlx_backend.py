@@ -110,8 +110,9 @@ class MLXBackend:
 
     def batched(self, max_batch: int):
         """This model as a continuous-batching backend (qwen_mlx.engine.mlx_batch), or None where batching
-        would change the math: dynamic NTK RoPE rescales by each sequence's own length."""
-        if self.args.rope_type == "dynamic":
+        would change the math: dynamic NTK RoPE rescales by each sequence's own length, and Dual Chunk
+        Attention cuts each sequence at its own chunk boundaries (one sequence at a time, served in turn)."""
+        if self.args.rope_type == "dynamic" or self.args.dual_chunk is not None:
             return None
         from .engine.mlx_batch import MLXBatch
         return MLXBatch(self, max_batch)

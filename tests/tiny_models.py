@@ -25,6 +25,11 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 # Not in the parity sweeps above: a shape they already cover, with room for a chat with tools (server tests).
 EXTRA_CONFIGS: dict[str, dict[str, Any]] = {
     "long-context": dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+    # Dual Chunk Attention with chunks of 12 tokens (16 - 4) and logits sharpened past 32 tokens: a prompt
+    # of ~60 tokens crosses several chunk boundaries (tests/test_dca.py; HF ignores the field).
+    "dca": dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                dual_chunk_attention_config={"chunk_size": 16, "local_size": 4,
+                                             "original_max_position_embeddings": 32}),
 }
 
 # The other architectures (tests/test_architectures.py). MoE: several expert counts and top-k, the shared
