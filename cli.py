@@ -288,6 +288,9 @@ def info(model):
             print(f"               shared expert {a.shared_expert_intermediate_size} wide, sigmoid-gated, on every token")
     print(f"vocabulary     {a.vocab_size}, embeddings {'tied' if a.tie_word_embeddings else 'untied'}")
     print(f"rope           {a.rope_type}, theta {a.rope_theta:g}; context {a.context_length}")
+    if a.dual_chunk is not None:
+        print(f"attention      {a.dual_chunk.describe()}: active, reaching the full {a.context_length} tokens "
+              f"with no relative position past {a.dual_chunk.chunk_size}")
     for cap, reason in a.context_caps():
         print(f"               context capped at {cap} by {reason}; config.json says "
               f"{a.max_position_embeddings}")
@@ -386,8 +389,13 @@ def convert(gguf_file, model, quantize, group_size, out, dtype, force):
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--quantize", type=click.Choice(["int4"]), default=None, help="MatMulNBits int4 weights")
 @click.option("--opset", type=int, default=None)
+@click.option("--attention", type=click.Choice(["standard", "gqa"]), default="standard", show_default=True,
+              help="standard ONNX ops (exact for any padding and RoPE scaling) or one com.microsoft "
+                   "GroupQueryAttention per layer (onnxruntime-genai's form; no left padding, no dynamic RoPE)")
+@click.option("--moe", type=click.Choice(["fused", "standard"]), default="fused", show_default=True,
+              help="MoE experts as onnxruntime's com.microsoft MoE/QMoE op (fused) or standard ONNX ops")
 @click.option("--force", is_flag=True, help="replace a non-empty --out")
-def export_onnx_cmd(model, out, dtype, quantize, opset, force):
+def export_onnx_cmd(model, out, dtype, quantize, opset, force, attention, moe):
     """Export to an ONNX folder that onnxruntime-genai, transformers.js and optimum load as is."""
     from qwen_mlx.checkpoint import prepare_model
 
@@ -395,7 +403,7 @@ def export_onnx_cmd(model, out, dtype, quantize, opset, force):
     from export.onnx_export import export_onnx
 
     ckpt = prepare_model(model)
-    print(export_onnx(ckpt, Path(out), dtype, quantize, opset, force))
+    print(export_onnx(ckpt, Path(out), dtype, quantize, opset, force, attention=attention, moe=moe))
 
 
 @cli.command()

@@ -76,7 +76,8 @@ class MlxLm:
 
 
 def measure(runners: dict, rounds: int) -> dict:
-    """name -> (prefill tok/s, decode tok/s) medians over rounds, the runners' order alternating per round."""
+    """name -> (prefill tok/s, decode tok/s) medians over rounds, the runners' order alternating per round;
+    prints each round's figures and the first runner's ratio to the second in that round."""
     out: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
     names = list(runners)
     for name in names:  # one warm-up each (compiles kernels, faults pages in)
@@ -85,6 +86,10 @@ def measure(runners: dict, rounds: int) -> dict:
         for name in (names if r % 2 == 0 else names[::-1]):
             prefill, decode = runners[name].run()
             out[name].append((len(PROMPT) / prefill, DECODE / decode))
+        (p0, d0), (p1, d1) = out[names[0]][-1], out[names[1]][-1]
+        print(f"round {r + 1}: {names[0]} {p0:.1f} / {d0:.2f}, {names[1]} {p1:.1f} / {d1:.2f} tok/s "
+              f"(prefill / decode); ratio prefill {p0 / p1:.2f}x, decode {d0 / d1:.2f}x; "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
     return {name: (statistics.median(p for p, _ in v), statistics.median(d for _, d in v)) for name, v in out.items()}
 
 

@@ -17,6 +17,11 @@ prefill tok/s = prompt tokens / (start -> first token); decode tok/s = (n - 1) /
 --ours-q4 given twice (say, an export made before a change and one after) adds rows for each, named by folder.
 --rounds R runs the whole list of rows R times in turn (row 1, row 2, ..., row 1, row 2, ...), so that a busy
 spell of a shared machine falls on every row alike; each row shows its best over all rounds.
+--interleaved keeps one process per row loaded for the whole run (onnxruntime-genai and our backend rows
+only) and times one generation per row per round, rows taking turns (the order reversed every other round);
+the table shows median / best over the rounds and each row's ratio to the genai builder int4 row at the same
+thread count. --threads 1,2 runs every such row once per intra-op thread count (genai's default is 1).
+--ours-q4-gqa DIR adds our `export-onnx --attention gqa` int4 folder beside the standard one.
 "model MB" is the size of the model file and its external data, as a runtime loads them.
 Peer exports are cached under --peer-models (default /work/peer_models); our exports are made with
 `python cli.py export-onnx` into the same place when --ours-* is not given and /tmp/real_onnx_* is absent.
@@ -164,6 +169,74 @@ def versions() -> str:
     return ", ".join(f"{k} {v}" for k, v in out.items())
 
 
+def interleaved(args, hf: Path, rows: list, errors: dict) -> int:
+    """--interleaved: PersistentRow per (row, thread count), `args.rounds` rounds in turn; prints the table."""
+    import statistics
+
+    texts, prompt_ids = er.reference_prompts(hf, [PROMPT], chat=True)
+    ids, n_prompt = prompt_ids[0], len(prompt_ids[0])
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [None]
+    live: dict[str, er.PersistentRow] = {}
+    failed: dict[str, str] = {}
+    for label, runtime, folder, onnx_file, quantize in rows:
+        for threads in thread_counts:
+            name = label + (f", {threads} thread{'s' if threads > 1 else ''}" if threads else "")
+            if folder is None:
+                failed[name] = errors[label]
+                continue
+            log(f"loading {name} ({folder}) ...")
+            try:
+                live[name] = er.PersistentRow(runtime, folder, ids, args.n, onnx_file=onnx_file, quantize=quantize,
+                                              min_new_tokens=args.n, warmup=args.warmup, threads=threads)
+            except RuntimeError as error:
+                failed[name] = str(error).strip().splitlines()[-1][:160]
+    loads = []
+    try:
+        for round_ in range(args.rounds):
+            order = list(live.items()) if round_ % 2 == 0 else list(reversed(live.items()))
+            for name, row in order:
+                t = row.round()
+                log(f"round {round_ + 1}/{args.rounds} {name}: prefill {n_prompt / t['prefill_s']:.1f}, "
+                    f"decode {t['decode_tokens'] / t['decode_s']:.1f} tok/s")
+            loads.append(round(os.getloadavg()[0], 2))
+    finally:
+        for row in live.values():
+            row.close()
+
+    def rates(row: er.PersistentRow) -> tuple[list[float], list[float]]:
+        return ([n_prompt / t["prefill_s"] for t in row.result.timings],
+                [t["decode_tokens"] / t["decode_s"] for t in row.result.timings])
+
+    print(f"\n**Machine:** {machine()}  ")
+    print(f"**Versions:** {versions()}  ")
+    print(f"**Workload:** prompt {n_prompt} tokens (chat template), greedy decode of {args.n} tokens (EOS "
+          f"suppressed), untimed {args.warmup}-token warm-up; one process per row loaded once, {args.rounds} rounds "
+          f"of one generation per row in turn (order reversed every other round); median / best; load average "
+          f"after each round: {', '.join(map(str, loads))}.\n")
+    print("| model / runtime | prefill tok/s | decode tok/s | prefill / builder | decode / builder | tokens = first row |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    first = next(iter(live.values()), None)
+    for name, row in live.items():
+        prefill, decode = rates(row)
+        threads = name.rsplit(", ", 1)[-1] if ", " in name and "thread" in name else ""
+        base = next((r for k, r in live.items() if k.startswith("genai builder int4") and k.endswith(threads)), None)
+        ratio = ["-", "-"]
+        if base is not None:
+            bp, bd = rates(base)
+            ratio = [f"{statistics.median(prefill) / statistics.median(bp):.3f}",
+                     f"{statistics.median(decode) / statistics.median(bd):.3f}"]
+        same = "yes" if row.result.tokens[0] == first.result.tokens[0] else "no"
+        print(f"| {name} | {statistics.median(prefill):.1f} / {max(prefill):.1f} | "
+              f"{statistics.median(decode):.1f} / {max(decode):.1f} | {ratio[0]} | {ratio[1]} | {same} |")
+    for name, error in failed.items():
+        print(f"| {name} | - | - | - | - | failed: {error} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({name: dict(timings=row.result.timings, tokens=row.result.tokens,
+                                                          load_s=row.result.load_s, info=row.result.info)
+                                               for name, row in live.items()}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hf", help="HF folder of the real checkpoint (default: python -m qwen_mlx.real_checkpoint)")
@@ -179,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated row labels (substrings) to run")
     ap.add_argument("--transformersjs", action="store_true", help="also run transformers.js on our exports")
     ap.add_argument("--json", help="write the raw results here")
+    ap.add_argument("--ours-q4-gqa", help="our int4 export made with --attention gqa (rows 'int4 gqa')")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="persistent process per row, one timed generation per row per round, rows in turn")
+    ap.add_argument("--threads", help="comma-separated intra-op thread counts for genai/ours rows (e.g. 1,2)")
     args = ap.parse_args(argv)
 
     hf = Path(args.hf or er.real_checkpoint_folder())
@@ -208,10 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     runtimes = [("onnxruntime-genai", "genai"), ("our OnnxBackend", "ours")]
     if args.transformersjs:
         runtimes.append(("transformers.js (node)", "transformersjs"))
+    if args.ours_q4_gqa:
+        ours_q4["int4 gqa"] = lambda: Path(args.ours_q4_gqa)
     for name, runtime in runtimes:
         add(f"our export fp32 + {name}", runtime, ours_fp32)
         for tag, make in ours_q4.items():
             add(f"our export {tag} + {name}", runtime, make, "model_q4.onnx", "int4")
+    if args.interleaved:
+        return interleaved(args, hf, [r for r in rows if r[1] in ("genai", "ours")], errors)
     if args.prepare_only:
         for label, _, folder, _, _ in rows:
             print(f"{label}: {folder or errors.get(label)}")

@@ -5,7 +5,8 @@ interleaved rounds.
 
     python benchmarks/bench_onnx_moe.py [--hidden 1024] [--experts 60] [--top-k 4] [--inter 704] [--rounds 7]
 
-Decode is 1 token, prefill 64 tokens per call. The com.microsoft graph takes the same weights: gate and up
+Decode is 1 token, prefill 64 tokens per call. `--int4` adds both graphs quantized as `export-onnx --quantize
+int4` does it (standard: GatherBlockQuantized experts; fused: QMoE, 4-bit blocks of 32, int8 activations). The com.microsoft graph takes the same weights: gate and up
 interleaved per expert ([X, 2I, H], swiglu_fusion=1, the only layout its CPU kernel takes; SwiGLU with
 alpha 1 and beta 0 is SiLU(gate) * up), down [X, H, I]; it does its own softmax and top-k on the router
 logits (normalize_routing_weights = norm_topk_prob).
@@ -71,6 +72,17 @@ def fused_graph(block, hidden: int, path: Path) -> None:
     onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
 
 
+def int4_graph(src: Path, path: Path) -> None:
+    """`src` quantized as export-onnx --quantize int4 does it (export/quantize.py): a standard graph's expert
+    Gathers -> GatherBlockQuantized, a fused graph's MoE -> QMoE (export/moe_onnx.py)."""
+    import onnx
+
+    from export.quantize import quantize_int4
+
+    proto = quantize_int4(onnx.load(str(src)))
+    onnx.save_model(proto, str(path), save_as_external_data=True, location=path.name + ".data")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=1024)
@@ -79,6 +91,7 @@ def main() -> None:
     p.add_argument("--inter", type=int, default=704)
     p.add_argument("--norm-topk-prob", action="store_true")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--int4", action="store_true", help="also both graphs quantized to int4 as export-onnx does")
     a = p.parse_args()
     import onnxruntime as ort
     import torch
@@ -98,10 +111,15 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     standard_graph(block, a.hidden, tmp / "standard.onnx")
     fused_graph(block, a.hidden, tmp / "fused.onnx")
+    names = ["standard", "fused"]
+    if a.int4:
+        for name in ("standard", "fused"):
+            int4_graph(tmp / f"{name}.onnx", tmp / f"{name}-int4.onnx")
+        names += ["standard-int4", "fused-int4"]
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
     sessions = {name: ort.InferenceSession(str(tmp / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
-                for name in ("standard", "fused")}
+                for name in names}
     rng = np.random.default_rng(0)
     inputs = {n: rng.standard_normal((1, n, a.hidden)).astype(np.float32) for n in (1, 64)}
     with torch.no_grad():
@@ -109,10 +127,11 @@ def main() -> None:
             want = block(torch.from_numpy(x)).numpy()
             for name, s in sessions.items():
                 got = s.run(None, {"x": x})[0]
-                print(f"{name:8} {n:3} tokens: max |diff| vs the torch twin {np.abs(got - want).max():.2e}")
+                print(f"{name:13} {n:3} tokens: max |diff| vs the torch twin {np.abs(got - want).max():.2e} "
+                      f"(largest output {np.abs(want).max():.2e})")
     times: dict[tuple[str, int], list[float]] = {(name, n): [] for name in sessions for n in inputs}
     for r in range(a.rounds):
-        for name in (list(sessions) if r % 2 == 0 else list(sessions)[::-1]):
+        for name in (names if r % 2 == 0 else names[::-1]):
             for n, x in inputs.items():
                 reps = 10 if n == 1 else 2
                 t = time.perf_counter()

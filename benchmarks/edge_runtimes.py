@@ -128,6 +128,53 @@ def _run_worker(command: list[str], request: dict, runtime: str, timeout: float,
     return result
 
 
+class PersistentRow:
+    """One runtime on one folder, loaded once in its own process, timed a generation at a time on request:
+    rows of a benchmark take turns (row 1, row 2, ..., row 1, ...) while each keeps its warm session, so
+    a busy spell of a shared machine falls on every row alike without reloading a model per round."""
+
+    def __init__(self, runtime: str, folder: str | Path, prompt_ids: list[int], n: int, *, onnx_file: str = "model.onnx",
+                 quantize: str | None = None, min_new_tokens: int = 0, warmup: int = 0, threads: int | None = None):
+        if runtime not in ("genai", "ours"):
+            raise ValueError(f"persistent rows run genai or ours, not {runtime}")
+        request = dict(folder=str(Path(folder).resolve()), prompt_ids=[prompt_ids], n=n, onnx_file=onnx_file,
+                       quantize=quantize, min_new_tokens=min_new_tokens, warmup=warmup, threads=threads,
+                       persistent=True)
+        python = sys.executable if runtime == "ours" else str(peer_python(runtime))
+        env = {**os.environ, **({"PYTHONPATH": str(REPO)} if runtime == "ours" else {})}
+        self.runtime = runtime
+        self.proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--worker", runtime], env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        ready = self._reply()
+        self.result = RunResult(runtime, True, load_s=ready.get("load_s", 0.0), info=ready.get("info", {}))
+
+    def _reply(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                data = json.loads(line)
+                if "error" in data:
+                    raise RuntimeError(data["error"])
+                return data
+        raise RuntimeError(f"{self.runtime} worker exited ({self.proc.wait()})")
+
+    def round(self) -> dict:
+        """One timed generation; its timing is appended to self.result and returned."""
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        data = self._reply()
+        self.result.tokens += data["tokens"]
+        self.result.timings += data["timings"]
+        self.result.peak_rss_mb = max(self.result.peak_rss_mb, data["peak_rss_mb"])
+        return data["timings"][0]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
 def run_runtime(runtime: str, folder: str | Path, prompt_ids: list[list[int]], n: int, *,
                 texts: list[str] | None = None, onnx_file: str = "model.onnx", dtype: str = "float32",
                 quantize: str | None = None, min_new_tokens: int = 0, warmup: int = 0,
@@ -292,7 +339,10 @@ def _worker_genai(req: dict) -> dict:
 
     folder = req["folder"]
     t0 = time.perf_counter()
-    model = og.Model(folder)
+    config = og.Config(folder)
+    if req.get("threads"):  # genai's default is 1 intra-op thread
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": req["threads"]}}}}))
+    model = og.Model(config)
     load_s = time.perf_counter() - t0
     prompt_ids = None
     if req.get("texts"):
@@ -339,7 +389,7 @@ def _worker_ours(req: dict) -> dict:
 
     folder = Path(req["folder"])
     t0 = time.perf_counter()
-    backend = OnnxBackend(folder, req.get("dtype"), req.get("quantize"))
+    backend = OnnxBackend(folder, req.get("dtype"), req.get("quantize"), threads=req.get("threads"))
     load_s = time.perf_counter() - t0
     eos = _eos_ids(folder)
 
@@ -371,6 +421,14 @@ def _worker_ours(req: dict) -> dict:
 def _loop(req: dict, load_s: float, prompt_ids: list[list[int]] | None, generate: Any, info: dict) -> dict:
     if req.get("warmup"):
         generate(req["prompt_ids"][0], req["warmup"], req["warmup"])
+    if req.get("persistent"):  # PersistentRow: one line per round on stdin, one result line each on stdout
+        print(json.dumps(dict(ready=True, load_s=load_s, prompt_ids=prompt_ids, info=info)), flush=True)
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            out, timing = generate(req["prompt_ids"][0], req["n"], req.get("min_new_tokens") or 0)
+            print(json.dumps(dict(tokens=[out], timings=[timing], peak_rss_mb=_peak_rss_mb())), flush=True)
+        return dict(tokens=[], timings=[], load_s=load_s, peak_rss_mb=_peak_rss_mb(), info=info)
     tokens, timings = [], []
     for ids in req["prompt_ids"]:
         out, timing = generate(ids, req["n"], req.get("min_new_tokens") or 0)
@@ -384,7 +442,7 @@ WORKERS = dict(hf=_worker_hf, ours=_worker_ours, genai=_worker_genai, optimum=_w
 
 
 def _worker_main(kind: str) -> int:
-    req = json.loads(sys.stdin.read())
+    req = json.loads(sys.stdin.readline())  # one line: a persistent worker reads its rounds after it
     try:
         result = WORKERS[kind](req)
     except BaseException as error:  # reported as data, so the table can show it

@@ -6,6 +6,8 @@ cache: ONNX graphs cannot hold state, so the KV cache is explicit tensors in (`p
 (`presents`), and the attention mask and position ids are inputs, which is how left-padded batches work.
 The routed experts gather the selected experts' stacked matrices (`weight[indices]`, an ONNX Gather) and
 multiply by them: standard ONNX ops that read k experts per token, never all of them.
+A `dual_chunk_attention_config` swaps each layer's attention for Dual Chunk Attention (qwen_mlx/dual_chunk.py;
+the code: export/dual_chunk_attention.py); the ONNX export refuses such a model.
 Shapes: B batch, L new tokens, P cached tokens, T = P + L, H heads, K kv heads, G = H / K, D head_dim,
 E hidden size, V vocabulary, X experts, k experts per token, I an MLP's intermediate size.
 """
@@ -25,6 +27,7 @@ from qwen_mlx.errors import QwenError
 from qwen_mlx.progress import progress_bar
 from qwen_mlx.quant import dequantize, module_params
 
+from .dual_chunk_attention import dual_chunk_attention, dual_chunk_tables
 from .onnx_format import DTYPES  # the dtypes the twin is traced in
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -99,6 +102,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(D, eps=args.rms_norm_eps)
             self.k_norm = RMSNorm(D, eps=args.rms_norm_eps)
         self.rope = RoPE(args)
+        # Dual Chunk Attention (qwen_mlx/dual_chunk.py): `cos_sin` is then the model's DualChunkTables.
+        self.dual_chunk = args.dual_chunk
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 past: KV) -> tuple[torch.Tensor, KV]:
@@ -110,6 +115,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)                                  # B H L D, B K L D
         v = self.v_proj(x).reshape(B, L, K, D).transpose(1, 2)                       # B K L D
+        if self.dual_chunk is not None:
+            o, present = dual_chunk_attention(self.rope, q, k, v, mask, cos_sin, past, self.scale)
+            return self.o_proj(o.transpose(1, 2).reshape(B, L, H * D)), present
         q = self.rope(q, *cos_sin)
         k = self.rope(k, *cos_sin)
         k = torch.cat([past[0], k], dim=2)                                           # B K T D
@@ -249,7 +257,11 @@ class Qwen2Model(nn.Module):
         h = self.embed_tokens(input_ids)                                              # B L E
         mask = attention_bias(attention_mask, input_ids.shape[1])
         # Every layer's RoPE is the same: compute cos/sin once rather than once per layer in the graph.
-        cos_sin = self.layers[0].self_attn.rope.cos_sin(position_ids, h.dtype)
+        attn = self.layers[0].self_attn
+        if attn.dual_chunk is not None:
+            cos_sin = dual_chunk_tables(attn.dual_chunk, attn.rope, position_ids, attention_mask, h.dtype)
+        else:
+            cos_sin = attn.rope.cos_sin(position_ids, h.dtype)
         presents = []
         for layer, past in zip(self.layers, past_key_values):
             h, present = layer(h, mask, cos_sin, past)

@@ -107,8 +107,12 @@ class OnnxBackend:
             raise QwenError(f"{self.path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
         self.provider = self.session.get_providers()[0]
         self.on_cuda = self.provider == "CUDAExecutionProvider"
-        self.inputs, self.outputs = io_names(self.args.num_hidden_layers)
         types = {i.name: i.type for i in self.session.get_inputs()}
+        # The `--attention gqa` graph (GroupQueryAttention) takes no position_ids: it derives them from the
+        # mask, assuming every row's tokens start its cache (one sequence here, so always true).
+        self.fused_attention = "position_ids" not in types
+        self.inputs, self.outputs = io_names(self.args.num_hidden_layers, position_ids=not self.fused_attention)
+        self.past_names = self.inputs[-2 * self.args.num_hidden_layers:]
         missing = [n for n in self.inputs if n not in types]
         if missing:
             raise QwenError(f"{self.path}: not a qwen-mlx style decoder graph (inputs missing: {missing[:3]})")
@@ -131,12 +135,13 @@ class OnnxBackend:
             return self._forward_cuda(tokens)
         P, L = self.cache_length, len(tokens)
         feed = {"input_ids": np.array([list(tokens)], np.int64),
-                "attention_mask": np.ones((1, P + L), np.int64),
-                "position_ids": np.arange(P, P + L, dtype=np.int64)[None]}
+                "attention_mask": np.ones((1, P + L), np.int64)}
+        if not self.fused_attention:
+            feed["position_ids"] = np.arange(P, P + L, dtype=np.int64)[None]
         # Plain run on the CPU: the numpy presents are fed back as they are (no copy). IO binding with
         # OrtValues measured slower here (int4 decode 52.7 vs 57.5 tok/s, interleaved): the per-step
         # binding calls cost more than the conversions they save.
-        feed.update(zip(self.inputs[3:], self.past))
+        feed.update(zip(self.past_names, self.past))
         logits, *self.past = self.session.run(self.outputs, feed)
         self._length = P + L
         return logits[0, -1].astype(np.float32)
@@ -167,12 +172,14 @@ class OnnxBackend:
         b.bind_cpu_input("input_ids", ids)
         if P + L <= self._window:
             b.bind_input("attention_mask", "cuda", 0, np.int64, [1, P + L], self._ones.data_ptr())
-            b.bind_input("position_ids", "cuda", 0, np.int64, [1, L], self._positions.data_ptr() + 8 * P)
+            if not self.fused_attention:
+                b.bind_input("position_ids", "cuda", 0, np.int64, [1, L], self._positions.data_ptr() + 8 * P)
         else:  # past the context the buffers were sized for (the loop refuses that before it gets here)
             mask, positions = np.ones((1, P + L), np.int64), np.arange(P, P + L, dtype=np.int64)[None]
             b.bind_cpu_input("attention_mask", mask)
-            b.bind_cpu_input("position_ids", positions)
-        for name, value in zip(self.inputs[3:], self.past):
+            if not self.fused_attention:
+                b.bind_cpu_input("position_ids", positions)
+        for name, value in zip(self.past_names, self.past):
             if isinstance(value, np.ndarray):  # the empty cache of a first step
                 b.bind_cpu_input(name, value)
             else:
@@ -213,7 +220,7 @@ class OnnxBackend:
 
     def trim(self, length: int) -> None:
         if not self.past or length <= 0:
-            self.past, self._length = [self._empty() for _ in self.inputs[3:]], 0
+            self.past, self._length = [self._empty() for _ in self.past_names], 0
             return
         if length >= self._length:
             return
@@ -226,8 +233,10 @@ class OnnxBackend:
     def batched(self, max_batch: int):
         """This graph as a continuous-batching backend (export.onnx_batch), or None for the serial path:
         on CUDA, where the one sequence's cache stays on the device (IO binding), and where batching
-        would change the math (dynamic NTK RoPE rescales by the longest position in the batch)."""
-        if self.on_cuda or self.args.rope_type == "dynamic":
+        would change the math (dynamic NTK RoPE rescales by the longest position in the batch; the
+        `--attention gqa` graph reads each row's positions and valid keys from the start of its cache, which
+        the batch's left padding breaks: export/gqa.py)."""
+        if self.on_cuda or self.args.rope_type == "dynamic" or self.fused_attention:
             return None
         from .onnx_batch import OnnxBatch
         return OnnxBatch(self, max_batch)

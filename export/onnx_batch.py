@@ -51,7 +51,7 @@ class OnnxBatch:
         self.args = backend.args
         self.device = backend.device
         self.max_batch = max_batch
-        self.past_names, self.outputs = backend.inputs[3:], backend.outputs
+        self.past_names, self.outputs = backend.past_names, backend.outputs
         self.kv_shape = (self.args.num_key_value_heads, self.args.head_dim)
         self.rows: list[OnnxSeq] = []
         self.past: Layers = []   # B K T D each

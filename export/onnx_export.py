@@ -2,7 +2,8 @@
 
 The PyTorch twin (export/model.py) is traced with torch.onnx's dynamo exporter: it names the inputs and
 outputs as given, keeps head counts and head_dim static and batch / sequence / past dynamic, and folds
-each Linear's weight transpose into one initializer. Then: readable initializer and axis names, optional
+each Linear's weight transpose into one initializer (with `attention="gqa"`, each layer's attention core is
+one com.microsoft GroupQueryAttention instead: export/gqa.py). Then: readable initializer and axis names, optional
 int4 weight quantization by onnxruntime's own MatMulNBits quantizer (a tied embedding stays one table, int4
 at both ends: export/quantize.py), weights to external data above the protobuf limit, the side files
 (config, generation config, tokenizer with its chat template, genai config), and a check of the result on
@@ -28,9 +29,9 @@ from qwen_mlx.checkpoint import Checkpoint, read_generation_config
 from qwen_mlx.errors import QwenError
 from qwen_mlx.files import staged_folder
 
-from .onnx_format import io_names, model_filename, normalize_options
+from .onnx_format import DEFAULT_MOE_GRAPH, MOE_GRAPHS, check_attention, io_names, model_filename, normalize_options
 from .onnx_validate import validate_export
-from .optimize import optimize
+from .optimize import fuse_skip_rms_norm, optimize, pack_gqa_qkv
 from .quantize import INT4_BLOCK_SIZE, quantize_int4
 
 # Weights above this go to `<model>.onnx_data`. The protobuf limit (2 GiB) forces it for float32, and it pays
@@ -56,9 +57,25 @@ def _step(what: str) -> Iterator[None]:
 
 
 def export_onnx(ckpt: Checkpoint, out_dir: Path, dtype: str = "float32", quantize: str | None = None,
-                opset: int | None = None, force: bool = False, validate: bool = True) -> Path:
-    """Write the ONNX folder `out_dir`; returns the path of the .onnx model file in it."""
+                opset: int | None = None, force: bool = False, validate: bool = True,
+                attention: str = "standard", moe: str = DEFAULT_MOE_GRAPH) -> Path:
+    """Write the ONNX folder `out_dir`; returns the path of the .onnx model file in it. `attention`:
+    "standard" (standard ONNX ops, exact for any padding and RoPE scaling) or "gqa" (com.microsoft
+    GroupQueryAttention, onnxruntime-genai's builder form; export/gqa.py says what it cannot represent). `moe`:
+    the routed experts as onnxruntime's com.microsoft MoE/QMoE op ("fused") or standard ops ("standard");
+    see export/moe_onnx.py."""
     dtype, quantize, opset = normalize_options(dtype, quantize, opset)
+    if moe not in MOE_GRAPHS:
+        raise QwenError(f"unknown MoE graph {moe!r} (choose from {', '.join(MOE_GRAPHS)})")
+    if ckpt.args.dual_chunk is not None:
+        raise QwenError("this model uses Dual Chunk Attention (config.json dual_chunk_attention_config), which "
+                        "the ONNX export does not carry: its graph would attend with plain RoPE and differ past "
+                        f"{ckpt.args.dual_chunk.plain_up_to} tokens; run it with the mlx or torch backend")
+    attention = check_attention(attention)
+    if attention == "gqa":
+        from .gqa import check_gqa_supported
+
+        check_gqa_supported(ckpt.args)  # before any work
     out_dir = Path(out_dir).expanduser().absolute()
     source = ckpt.folder.resolve()
     if out_dir.resolve() == source or source.is_relative_to(out_dir.resolve()):
@@ -66,8 +83,8 @@ def export_onnx(ckpt: Checkpoint, out_dir: Path, dtype: str = "float32", quantiz
     name = model_filename(dtype, quantize)
     with staged_folder(out_dir, force) as staging:
         (staging / "onnx").mkdir()
-        external = _build_model(ckpt, staging / "onnx" / name, dtype, quantize, opset)
-        write_side_files(ckpt, staging, f"onnx/{name}", dtype, quantize, external)
+        external = _build_model(ckpt, staging / "onnx" / name, dtype, quantize, opset, attention, moe)
+        write_side_files(ckpt, staging, f"onnx/{name}", dtype, quantize, external, attention)
         if validate:
             with _step("checking the ONNX model against the PyTorch twin"):
                 validate_export(ckpt, staging, dtype, quantize)
@@ -76,15 +93,25 @@ def export_onnx(ckpt: Checkpoint, out_dir: Path, dtype: str = "float32", quantiz
 
 # ---- the graph -----------------------------------------------------------------------------------------
 
-def trace(ckpt: Checkpoint, dtype: str, opset: int):
-    """Trace the twin with the dynamo exporter -> onnx ModelProto (weights in memory)."""
+def trace(ckpt: Checkpoint, dtype: str, opset: int, attention: str = "standard", moe: str = DEFAULT_MOE_GRAPH):
+    """Trace the twin with the dynamo exporter -> onnx ModelProto (weights in memory); `attention` and `moe`
+    as export_onnx."""
     import onnx_ir as ir
     import torch
 
     from .model import load_model
+    from .moe_onnx import CUSTOM_TRANSLATIONS, fuse_moe_blocks
 
     with _step(f"loading the PyTorch twin ({dtype})"):
         model = load_model(ckpt, dtype)
+    translations = {}
+    if moe == "fused" and fuse_moe_blocks(model):
+        translations.update(CUSTOM_TRANSLATIONS)
+    if attention == "gqa":
+        from .gqa import GQAForCausalLM, translation_table
+
+        model = GQAForCausalLM(model)
+        translations.update(translation_table())
     a = ckpt.args
     # Example sizes above 1: torch.export specializes dimensions whose example size is 0 or 1.
     B, L, P = 2, 3, 4
@@ -94,18 +121,19 @@ def trace(ckpt: Checkpoint, dtype: str, opset: int):
     past = [(torch.zeros(kv_shape, dtype=dtype_), torch.zeros(kv_shape, dtype=dtype_))
             for _ in range(a.num_hidden_layers)]
     example = (torch.zeros((B, L), dtype=torch.int64), torch.ones((B, P + L), dtype=torch.int64),
-               torch.arange(P, P + L).repeat(B, 1), past)
+               *([torch.arange(P, P + L).repeat(B, 1)] if attention == "standard" else []), past)
     Dim = torch.export.Dim
     batch, seq, past_len = Dim("batch"), Dim("sequence"), Dim("past_sequence")
     dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: Dim.AUTO},
-               "position_ids": {0: batch, 1: seq},
+               **({"position_ids": {0: batch, 1: seq}} if attention == "standard" else {}),
                "past_key_values": [({0: batch, 2: past_len}, {0: batch, 2: past_len}) for _ in past]}
-    inputs, outputs = io_names(a.num_hidden_layers)
+    inputs, outputs = io_names(a.num_hidden_layers, position_ids=attention == "standard")
     with _step("tracing the twin to ONNX (torch.onnx dynamo exporter)"), \
             contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, example, dynamo=True, input_names=inputs, output_names=outputs,
-                                    dynamic_shapes=dynamic, opset_version=opset, optimize=True, verbose=False)
+                                    dynamic_shapes=dynamic, opset_version=opset, optimize=True, verbose=False,
+                                    custom_translation_table=translations or None)
     del model
     with _step("serializing the graph"):
         proto = ir.to_proto(program.model)
@@ -155,13 +183,17 @@ def _weight_bytes(proto) -> int:
                for t in proto.graph.initializer)
 
 
-def _build_model(ckpt: Checkpoint, path: Path, dtype: str, quantize: str | None, opset: int) -> bool:
+def _build_model(ckpt: Checkpoint, path: Path, dtype: str, quantize: str | None, opset: int,
+                 attention: str = "standard", moe: str = DEFAULT_MOE_GRAPH) -> bool:
     """Trace (+ quantize) and save to `path`; returns whether the weights went to external data."""
     import onnx
 
-    proto = trace(ckpt, dtype, opset)
+    proto = trace(ckpt, dtype, opset, attention, moe)
     with _step("fusing sibling MatMuls, canonicalizing RMSNorm (export/optimize.py)"):
         optimize(proto)  # before quantizing: a fused q/k/v or gate/up MatMul is quantized as one
+        if attention == "gqa":  # the builder's form: packed q/k/v into the op, residual Adds inside the norms
+            pack_gqa_qkv(proto.graph)
+            fuse_skip_rms_norm(proto.graph)
     kept = 0
     if quantize == "int4" and ckpt.quantization is not None:
         from .stored_quant import stored_int4
@@ -197,7 +229,7 @@ def _token_ids(value) -> list[int]:
 
 
 def write_side_files(ckpt: Checkpoint, folder: Path, model_file: str, dtype: str, quantize: str | None,
-                     external: bool) -> None:
+                     external: bool, attention: str = "standard") -> None:
     """config.json, generation_config.json, tokenizer files and genai_config.json next to onnx/."""
     src = ckpt.folder
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
@@ -214,7 +246,7 @@ def write_side_files(ckpt: Checkpoint, folder: Path, model_file: str, dtype: str
     if generation:
         _dump(folder / "generation_config.json", generation)
     _write_tokenizer(src, folder)
-    _dump(folder / "genai_config.json", genai_config(ckpt, config, generation, model_file))
+    _dump(folder / "genai_config.json", genai_config(ckpt, config, generation, model_file, attention))
 
 
 def _write_tokenizer(src: Path, folder: Path) -> None:
@@ -234,8 +266,10 @@ def _write_tokenizer(src: Path, folder: Path) -> None:
     _dump(folder / "tokenizer_config.json", tok_config)
 
 
-def genai_config(ckpt: Checkpoint, config: dict, generation: dict, model_file: str) -> dict:
+def genai_config(ckpt: Checkpoint, config: dict, generation: dict, model_file: str,
+                 attention: str = "standard") -> dict:
     """onnxruntime-genai's genai_config.json, with the keys its builder (0.18) writes for a decoder."""
+    gqa = attention == "gqa"
     a = ckpt.args
     eos = _token_ids(generation.get("eos_token_id")) or _token_ids(config.get("eos_token_id"))
     pad = (_token_ids(generation.get("pad_token_id")) or _token_ids(config.get("pad_token_id")) or eos or [0])[0]
@@ -250,7 +284,8 @@ def genai_config(ckpt: Checkpoint, config: dict, generation: dict, model_file: s
                 "head_size": a.head_dim,
                 "hidden_size": a.hidden_size,
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           **({} if gqa else {"position_ids": "position_ids"}),
+                           "past_key_names": "past_key_values.%d.key",
                            "past_value_names": "past_key_values.%d.value"},
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                             "present_value_names": "present.%d.value"},
@@ -275,8 +310,10 @@ def genai_config(ckpt: Checkpoint, config: dict, generation: dict, model_file: s
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            # The graph concatenates past and new keys into a new present: no shared buffer.
-            "past_present_share_buffer": False,
+            # The standard graph concatenates past and new keys into a new present: no shared buffer.
+            # GroupQueryAttention writes the new keys into the past's buffer in place (genai then
+            # allocates each past at max_length once), as the builder's graph does.
+            "past_present_share_buffer": gqa,
             "repetition_penalty": float(generation.get("repetition_penalty", 1.0)),
             "temperature": float(generation.get("temperature", 1.0)),
             "top_k": int(generation.get("top_k") or 50),

@@ -10,13 +10,18 @@ from qwen_mlx.errors import QwenError
 
 DTYPES = ("float32", "float16")  # of qwen_mlx.dtypes.DTYPES, those onnxruntime runs on every provider
 QUANTIZATIONS = ("int4",)
+ATTENTIONS = ("standard", "gqa")  # standard ONNX ops (the default) or com.microsoft GroupQueryAttention
 DEFAULT_OPSET = 18  # the dynamo exporter's lowest; MatMulNBits lives in com.microsoft, outside it
 MIN_OPSET = 18
+# The routed experts' graph (export/moe_onnx.py): onnxruntime's com.microsoft MoE / QMoE op, or standard ops.
+MOE_GRAPHS = ("fused", "standard")
+DEFAULT_MOE_GRAPH = "fused"
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    """The names optimum, onnxruntime-genai and transformers.js share, in the graph's order."""
-    inputs = ["input_ids", "attention_mask", "position_ids"]
+def io_names(num_layers: int, position_ids: bool = True) -> tuple[list[str], list[str]]:
+    """The names optimum, onnxruntime-genai and transformers.js share, in the graph's order. The
+    `--attention gqa` graph has no position_ids (GroupQueryAttention derives positions from the mask)."""
+    inputs = ["input_ids", "attention_mask"] + (["position_ids"] if position_ids else [])
     outputs = ["logits"]
     for i in range(num_layers):
         inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
@@ -45,4 +50,11 @@ def normalize_options(dtype: str | None, quantize: str | int | None, opset: int 
     return dtype, quantize, opset
 
 
-__all__ = ["DTYPES", "QUANTIZATIONS", "DEFAULT_OPSET", "MIN_OPSET", "io_names", "model_filename", "normalize_options"]
+def check_attention(attention: str | None) -> str:
+    attention = (attention or "standard").lower()
+    if attention not in ATTENTIONS:
+        raise QwenError(f"unknown attention form {attention!r} for the ONNX export (choose from {', '.join(ATTENTIONS)})")
+    return attention
+
+
+__all__ = ["DTYPES", "QUANTIZATIONS", "ATTENTIONS", "check_attention", "MOE_GRAPHS", "DEFAULT_MOE_GRAPH", "DEFAULT_OPSET", "MIN_OPSET", "io_names", "model_filename", "normalize_options"]

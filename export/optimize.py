@@ -214,4 +214,115 @@ def _plan_group(nodes, inits, consumers, graph_outputs, taken):
     return new_nodes, gone, dead, new_inits
 
 
-__all__ = ["optimize", "fuse_sibling_matmuls", "canonicalize_rms_norm", "ROUTER_WEIGHTS"]
+# ---- GroupQueryAttention: packed q/k/v -------------------------------------------------------------------
+
+def pack_gqa_qkv(graph) -> int:
+    """GroupQueryAttention(Split(qkv) -> q, k, v, ...) -> GroupQueryAttention(qkv, "", "", ...): the op takes
+    q/k/v packed along the last axis [B, L, (H + 2K) * D] (as the builder feeds it), so the Split after the
+    fused q/k/v MatMul goes. Only where the Split's three outputs feed that one node, in order. Returns the
+    number of nodes packed."""
+    producers, consumers = _producers(graph), _consumers(graph)
+    outputs = {o.name for o in graph.output}
+    dead, sizes, packed = set(), set(), 0
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft" or len(node.input) < 3:
+            continue
+        split = producers.get(node.input[0])
+        if split is None or split.op_type != "Split" or list(split.output) != list(node.input[:3]):
+            continue
+        axis = [a.i for a in split.attribute if a.name == "axis"]
+        if axis not in ([-1], [2]) or any(len(consumers[o]) != 1 or o in outputs for o in split.output):
+            continue
+        node.input[0], node.input[1], node.input[2] = split.input[0], "", ""
+        dead.add(id(split))
+        sizes |= {name for name in split.input[1:] if len(consumers.get(name, [])) == 1}
+        packed += 1
+    for i in reversed(range(len(graph.node))):
+        if id(graph.node[i]) in dead:
+            del graph.node[i]
+    for i in reversed(range(len(graph.initializer))):  # the Splits' size constants
+        if graph.initializer[i].name in sizes:
+            del graph.initializer[i]
+    return packed
+
+
+# ---- residual Add + RMSNorm -> SkipSimplifiedLayerNormalization ----------------------------------------------
+
+def _constant(graph, name: str):
+    from onnx import numpy_helper
+
+    for t in graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    return None
+
+
+def fuse_skip_rms_norm(graph) -> int:
+    """Add(x, y) -> s; RMSNorm(s) = weight * s / Sqrt(ReduceMean(s^2, -1) + eps) (the form canonicalize_rms_norm
+    leaves, float32 throughout: no Casts) -> one com.microsoft SkipSimplifiedLayerNormalization(x, y, weight)
+    with outputs [normed, "", "", s], as the builder writes each layer's two norms. onnxruntime fuses the
+    norm alone at load (SimplifiedLayerNormalization) but not the residual Add into it. For the gqa form;
+    returns the number of norms fused."""
+    from onnx import helper
+
+    producers, consumers = _producers(graph), _consumers(graph)
+    outputs = {o.name for o in graph.output}
+    inits = {t.name for t in graph.initializer}
+
+    def only(name: str, op_type: str):
+        users = consumers.get(name, [])
+        if len(users) != 1 or name in outputs or users[0].op_type != op_type or users[0].domain not in ("", "ai.onnx"):
+            return None
+        return users[0]
+
+    plans = []
+    for div in graph.node:
+        if div.op_type != "Div" or div.domain not in ("", "ai.onnx"):
+            continue
+        s, q = div.input
+        sqrt = producers.get(q)
+        add_eps = producers.get(sqrt.input[0]) if sqrt is not None and sqrt.op_type == "Sqrt" else None
+        mean = producers.get(add_eps.input[0]) if add_eps is not None and add_eps.op_type == "Add" else None
+        power = producers.get(mean.input[0]) if mean is not None and mean.op_type == "ReduceMean" else None
+        residual = producers.get(s)
+        mul = only(div.output[0], "Mul")
+        if power is None or power.op_type != "Pow" or power.input[0] != s or mul is None \
+                or residual is None or residual.op_type != "Add" or residual.domain not in ("", "ai.onnx") \
+                or s in outputs or any(n in inits for n in residual.input):
+            continue
+        weight = mul.input[0] if mul.input[1] == div.output[0] else mul.input[1]
+        exponent, axes, eps = (_constant(graph, n) for n in (power.input[1], mean.input[1], add_eps.input[1]))
+        keepdims = [a.i for a in mean.attribute if a.name == "keepdims"] or [1]
+        if weight not in inits or exponent is None or float(exponent) != 2.0 or axes is None \
+                or axes.reshape(-1).tolist() != [-1] or keepdims != [1] or eps is None or eps.size != 1:
+            continue
+        if any(only(n.output[0], nxt) is None for n, nxt in ((power, "ReduceMean"), (mean, "Add"), (add_eps, "Sqrt"),
+                                                            (sqrt, "Div"))):
+            continue
+        if {id(u) for u in consumers[s]} & {id(power), id(div)} != {id(power), id(div)}:
+            continue
+        fused = helper.make_node("SkipSimplifiedLayerNormalization", [*residual.input, weight],
+                                 [mul.output[0], "", "", s], name=f"{mul.name or weight}.SkipSimplifiedLayerNorm",
+                                 domain="com.microsoft", epsilon=float(eps.reshape(-1)[0]))
+        plans.append((residual, fused, [residual, power, mean, add_eps, sqrt, div, mul]))
+    if not plans:
+        return 0
+    from onnx import NodeProto
+
+    at = {id(residual): fused for residual, fused, _ in plans}
+    gone = {id(n) for _, _, nodes in plans for n in nodes}
+    order = []
+    for node in graph.node:
+        if id(node) in at:  # where the residual Add was: x and y exist there, every reader of s comes later
+            order.append(at[id(node)])
+        if id(node) not in gone:
+            copy = NodeProto()
+            copy.CopyFrom(node)
+            order.append(copy)
+    del graph.node[:]
+    graph.node.extend(order)
+    return len(plans)
+
+
+__all__ = ["optimize", "fuse_sibling_matmuls", "canonicalize_rms_norm", "pack_gqa_qkv", "fuse_skip_rms_norm",
+           "ROUTER_WEIGHTS"]

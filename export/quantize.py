@@ -38,14 +38,17 @@ class TiedHead:
 
 def quantize_int4(proto):
     """MatMul weights -> MatMulNBits (4 bits, block 32, symmetric, int8 activations on CPU: accuracy_level
-    4, as onnxruntime-genai's builder does for int4), the tied lm_head and embedding included. MoE experts,
+    4, as onnxruntime-genai's builder does for int4), the tied lm_head and embedding included. Fused MoE
+    experts (a com.microsoft MoE node) become QMoE (export/moe_onnx.py); standard-op experts,
     gathered from [X, out, in] stacks, become GatherBlockQuantized (int4 along `in`, block 32), so a token
     reads its k experts in 4 bits. An untied embedding's Gather and the MoE routers stay float (a router
     picks the experts and is ~0.1% of the weights)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    from .moe_onnx import quantize_moe_int4
     from .optimize import ROUTER_WEIGHTS
 
+    quantize_moe_int4(proto.graph)  # fused experts (com.microsoft MoE) -> QMoE, 4-bit in blocks of 32
     tied = untie_lm_head(proto.graph)
     ranks = {t.name: len(t.dims) for t in proto.graph.initializer}
     experts = any(_is_plain(n, "Gather") and ranks.get(n.input[0]) == 3 for n in proto.graph.node)

@@ -54,8 +54,9 @@ class TorchBackend:
 
     def batched(self, max_batch: int):
         """This model as a continuous-batching backend (export.torch_batch), or None where batching would
-        change the math: dynamic NTK RoPE rescales by the longest position in the batch."""
-        if self.args.rope_type == "dynamic":
+        change the math: dynamic NTK RoPE rescales by the longest position in the batch; Dual Chunk
+        Attention runs one sequence at a time, as on MLX."""
+        if self.args.rope_type == "dynamic" or self.args.dual_chunk is not None:
             return None
         from .torch_batch import TorchBatch
         return TorchBatch(self, max_batch)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .dual_chunk import DualChunk
 from .errors import QwenError
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
@@ -92,7 +93,7 @@ class ModelArgs:
                             f"(supported: {', '.join(ROPE_TYPES)})")
         if self.rope_type != "default" and not float(self.rope_scaling.get("factor") or 0) > 0:
             raise QwenError(f"config.json: rope scaling {self.rope_type!r} needs a positive 'factor'")
-        self.context_caps()  # a malformed dual_chunk_attention_config is refused at load, not at token 1
+        self._check_dual_chunk()  # a malformed dual_chunk_attention_config is refused at load, not at token 1
         if self.hidden_act != "silu":
             raise QwenError(f"config.json: hidden_act {self.hidden_act!r} is not supported (Qwen uses 'silu')")
         self._check_moe()
@@ -172,6 +173,20 @@ class ModelArgs:
         return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
 
     @property
+    def dual_chunk(self) -> DualChunk | None:
+        """Dual Chunk Attention (qwen_mlx/dual_chunk.py), when config.json asks for it."""
+        value = self.extra.get("dual_chunk_attention_config")
+        return None if value is None else DualChunk.from_config(value)
+
+    def _check_dual_chunk(self) -> None:
+        if self.dual_chunk is not None and self.rope_type == "dynamic":
+            # DCA never rotates past chunk_size, while dynamic NTK grows its base with the sequence length:
+            # no implementation defines which length the remapped positions should take it from.
+            raise QwenError("config.json: dual_chunk_attention_config with dynamic rope scaling is not supported "
+                            "(dynamic NTK follows the sequence length, which Dual Chunk Attention's positions "
+                            "never reach); remove one of the two")
+
+    @property
     def sliding_layers(self) -> list[int]:
         """Layers HF runs with a sliding-window mask: those `layer_types` names, else each model type's rule
         (qwen2/qwen3: layers >= max_window_layers; qwen2_moe: even layers below it; qwen3_moe: all)."""
@@ -236,25 +251,11 @@ class ModelArgs:
         past `cap` tokens.
 
         - A sliding window changes results only past `sliding_window` tokens.
-        - Dual Chunk Attention (the -1M models' `dual_chunk_attention_config`) equals plain attention while
-          the whole sequence fits in one chunk and the trained positions (`chunk_size`,
-          `original_max_position_embeddings`); past that it remaps positions, which plain RoPE does not.
         """
         caps = []
         if self.sliding_layers:
             caps.append((int(self.sliding_window), f"sliding window of {self.sliding_window} tokens "
                                                    "(not implemented: the context stops where it would slide)"))
-        dca = self.extra.get("dual_chunk_attention_config")
-        if dca:
-            if not isinstance(dca, dict):
-                raise QwenError("config.json: dual_chunk_attention_config must be an object")
-            limits = [int(dca[k]) for k in ("chunk_size", "original_max_position_embeddings")
-                      if isinstance(dca.get(k), int) and not isinstance(dca.get(k), bool) and dca[k] > 0]
-            if not limits:
-                raise QwenError("config.json: dual_chunk_attention_config needs a positive chunk_size or "
-                                "original_max_position_embeddings")
-            caps.append((min(limits), "Dual Chunk Attention (not implemented yet: plain attention is exact "
-                                      f"only up to {min(limits)} tokens)"))
         return caps
 
     def rope_frequencies(self, seq_len: int | None = None) -> tuple[np.ndarray, float]:

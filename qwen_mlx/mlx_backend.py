@@ -87,6 +87,8 @@ class MLXBackend:
     def __init__(self, ckpt: Checkpoint, dtype: str | None = None, quantize: int | None = None,
                  kv_bits: int | None = None, kv_group_size: int = KV_GROUP_SIZE):
         check_kv_bits(kv_bits, kv_group_size, ckpt.args.head_dim)  # before loading the weights
+        if kv_bits and ckpt.args.dual_chunk is not None:
+            raise QwenError("--kv-bits does not work with Dual Chunk Attention yet (it reads a float cache)")
         self.args = ckpt.args
         self.dtype = dtype or default_dtype()
         self.quantize = quantize
@@ -115,8 +117,9 @@ class MLXBackend:
 
     def batched(self, max_batch: int):
         """This model as a continuous-batching backend (qwen_mlx.engine.mlx_batch), or None where batching
-        would change the math: dynamic NTK RoPE rescales by each sequence's own length."""
-        if self.args.rope_type == "dynamic":
+        would change the math: dynamic NTK RoPE rescales by each sequence's own length, and Dual Chunk
+        Attention cuts each sequence at its own chunk boundaries (one sequence at a time, served in turn)."""
+        if self.args.rope_type == "dynamic" or self.args.dual_chunk is not None:
             return None
         if self.kv_bits:  # the batch's left-padded cache is float: one sequence at a time on this cache
             return None

@@ -4,6 +4,8 @@ The four architectures are one decoder with a few flags from `ModelArgs`: `qkv_h
 `qk_norm` (Qwen3's per-head RMSNorm of q and k before RoPE) and, per layer, `is_moe_layer` (a
 SparseMoeBlock of routed experts, with Qwen2-MoE's gated shared expert, in place of the dense MLP).
 export/model.py is its PyTorch twin, class for class and name for name: diff the two files.
+A `dual_chunk_attention_config` swaps each layer's attention for Dual Chunk Attention once the sequence outgrows
+its plain prefix (qwen_mlx/dual_chunk.py; the code: qwen_mlx/dual_chunk_attention.py).
 Shapes: B batch, L new tokens, T cached + new tokens, H heads, K kv heads, D head_dim, E hidden size,
 X experts, k experts per token, I an MLP's intermediate size.
 """
@@ -18,6 +20,7 @@ import mlx.nn as nn
 
 from .config import ModelArgs
 from .kv_quant import KV_GROUP_SIZE, QuantizedKVCache, quantized_attention
+from .dual_chunk_attention import dual_chunk_attention
 
 
 class KVCache:
@@ -90,6 +93,8 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
             self.k_norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
         self.rope = RoPE(args)
+        # Dual Chunk Attention (qwen_mlx/dual_chunk.py): taken once the sequence outgrows its plain prefix.
+        self.dual_chunk = args.dual_chunk
         # Attention maps (qwen_mlx/attention_maps.py): when set, called with the probabilities B H L T that
         # the fused kernel computes but does not return. A callable, not a list: nn.Module would adopt a list.
         self.on_weights: Callable[[mx.array], None] | None = None
@@ -102,6 +107,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)                       # B H L D, B K L D
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # B K L D
+        if self.dual_chunk is not None and cache.offset + L > self.dual_chunk.plain_up_to:
+            o = dual_chunk_attention(self.dual_chunk, self.rope, q, k, v, cache, self.scale, self.on_weights)
+            return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
         q = self.rope(q, cache.offset)
         k = self.rope(k, cache.offset)
         k, v = cache.update(k, v)                                                     # B K T D

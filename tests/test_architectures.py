@@ -340,12 +340,16 @@ def test_twin_reads_only_the_routed_experts(tiny_model):
 # ---- ONNX: one float32 export per architecture, and int4 experts -------------------------------------
 
 ONNX_CONFIGS = ["qwen2moe-shared", "qwen3-bias-tied", "qwen3moe-q64"]  # qwen2: tests/test_onnx_export.py
+# The MoE graph each is exported with: the default (com.microsoft MoE, export/moe_onnx.py) on the model with a
+# shared expert, standard ops on the other; one trace each.
+ONNX_MOE_GRAPH = {"qwen2moe-shared": "fused", "qwen3-bias-tied": "fused", "qwen3moe-q64": "standard"}
 
 
 @pytest.fixture(scope="module")
 def onnx_exports(tiny_model, tmp_path_factory) -> dict[str, Path]:
-    """name -> export folder (float32, validated against the twin by export_onnx itself). The int4 variant
-    of qwen3moe-q64 is quantized from the same traced graph (quantize_int4), saving a second trace."""
+    """name -> export folder (float32, validated against the twin by export_onnx itself). The int4 variants
+    of qwen3moe-q64 (GatherBlockQuantized experts) and qwen2moe-shared (QMoE) are quantized from the same
+    traced graphs (quantize_int4), saving a second trace."""
     import onnx
 
     from export.onnx_export import export_onnx, quantize_int4
@@ -353,9 +357,10 @@ def onnx_exports(tiny_model, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("arch-onnx")
     out = {name: root / name for name in ONNX_CONFIGS}
     for name in ONNX_CONFIGS:
-        export_onnx(prepare_model(str(tiny_model(name))), out[name])
-    q4 = quantize_int4(onnx.load(str(out["qwen3moe-q64"] / "onnx/model.onnx")))
-    onnx.save_model(q4, str(out["qwen3moe-q64"] / "onnx/model_q4.onnx"))
+        export_onnx(prepare_model(str(tiny_model(name))), out[name], moe=ONNX_MOE_GRAPH[name])
+    for name in ("qwen3moe-q64", "qwen2moe-shared"):
+        q4 = quantize_int4(onnx.load(str(out[name] / "onnx/model.onnx")))
+        onnx.save_model(q4, str(out[name] / "onnx/model_q4.onnx"))
     return out
 
 
@@ -458,6 +463,94 @@ def test_onnx_int4_covers_the_experts(onnx_exports, tiny_model):
     np.testing.assert_allclose(logits(plain), logits(model), atol=1e-5)
     result = validate_export(prepare_model(str(tiny_model("qwen3moe-q64"))), folder, "float32", "int4")
     assert result["greedy_agreement"] >= 0.5
+
+
+def test_onnx_fused_moe_graph(onnx_exports):
+    """--moe fused (the default): each MoE layer's routed experts are one com.microsoft MoE node reading the
+    router's logits, gate/up interleaved [X, 2I, E] and down [X, E, I]; the shared expert and its sigmoid
+    gate stay standard ops; no TopK or expert Gather is left."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(onnx_exports["qwen2moe-shared"] / "onnx/model.onnx"))
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    moes = [n for n in model.graph.node if n.op_type == "MoE"]
+    assert [n.domain for n in moes] == ["com.microsoft"] * 2
+    attrs = {a.name: helper.get_attribute_value(a) for a in moes[0].attribute}
+    assert (attrs["k"], attrs["activation_type"], attrs["swiglu_fusion"], attrs["normalize_routing_weights"]) == \
+        (2, b"swiglu", 1, 0)
+    assert inits[moes[0].input[2]] == [4, 64, 48] and inits[moes[0].input[4]] == [4, 48, 32]
+    assert not [n for n in model.graph.node if n.op_type == "Gather" and len(inits.get(n.input[0], [])) == 3]
+    assert not [n for n in model.graph.node if n.op_type == "TopK"]
+    assert any(n.op_type == "Sigmoid" for n in model.graph.node)  # the shared expert's gate, outside the op
+
+
+def test_onnx_int4_fused_experts_are_qmoe(onnx_exports, tiny_model):
+    """int4 of the fused graph: each MoE node becomes QMoE with 4-bit experts (blocks of 16 here: hidden 48
+    is no multiple of 32). onnxruntime's QMoE computes exactly the float MoE op on our own decoding of the
+    codes (float activations: no accuracy_level, which onnxruntime 1.30 refuses), with
+    the full softmax as router_weights since norm_topk_prob is off; the model's logits stay within
+    export_onnx's int4 bound of the float twin's (greedy agreement is not asked of this random 48-wide model,
+    whose 4-bit rounding flips near-tied tokens: 44% measured)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from export.moe_onnx import dequantize_block_int4
+    from export.onnx_validate import TOLERANCE, measure_export
+
+    folder = onnx_exports["qwen2moe-shared"]
+    model = onnx.load(str(folder / "onnx/model_q4.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    qmoes = [n for n in model.graph.node if n.op_type == "QMoE"]
+    assert len(qmoes) == 2 and not [n for n in model.graph.node if n.op_type == "MoE"]
+    decoded = onnx.ModelProto()
+    decoded.CopyFrom(model)
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "QMoE":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert (attrs["expert_weight_bits"], attrs["block_size"]) == (4, 16) and "accuracy_level" not in attrs
+        assert node.input[14] and inits[node.input[2]].dtype == np.uint8
+        w1 = dequantize_block_int4(inits[node.input[2]], inits[node.input[3]])
+        w2 = dequantize_block_int4(inits[node.input[5]], inits[node.input[6]])
+        names = [node.input[2] + "_decoded", node.input[5] + "_decoded"]
+        decoded.graph.initializer.extend([numpy_helper.from_array(w1, names[0]), numpy_helper.from_array(w2, names[1])])
+        keep = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()
+                if k in ("k", "activation_type", "swiglu_fusion", "activation_alpha", "activation_beta",
+                         "normalize_routing_weights")}
+        decoded.graph.node[i].CopyFrom(helper.make_node("MoE", [node.input[0], node.input[1], names[0], "", names[1]],
+                                                        list(node.output), domain="com.microsoft", **keep))
+
+    def logits(proto) -> np.ndarray:
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        feed = {"input_ids": np.array([PROMPT[:9]], np.int64), "attention_mask": np.ones((1, 9), np.int64),
+                "position_ids": np.arange(9)[None]}
+        for inp in session.get_inputs()[3:]:
+            feed[inp.name] = np.zeros((1, inp.shape[1], 0, inp.shape[3]), np.float32)
+        return session.run(["logits"], feed)[0]
+
+    np.testing.assert_allclose(logits(model), logits(decoded), atol=1e-4)
+    result = measure_export(prepare_model(str(tiny_model("qwen2moe-shared"))), folder, "float32", "int4")
+    assert result["relative_diff"] <= TOLERANCE["int4"][0]
+
+
+def test_quantize_block_int4_round_trip():
+    """Our 4-bit coding: within one step of the weight everywhere (the largest magnitude maps to -8, so its
+    opposite clips at +7), most within half a step, and each block's extreme exact."""
+    from export.moe_onnx import dequantize_block_int4, qmoe_block_size, quantize_block_int4
+
+    w = np.random.default_rng(1).standard_normal((3, 8, 64)).astype(np.float32)
+    codes, scales = quantize_block_int4(w, 32)
+    assert codes.shape == (3, 8, 32) and scales.shape == (3, 8, 2)
+    back = dequantize_block_int4(codes, scales)
+    step = np.repeat(np.abs(scales), 32, axis=-1)
+    assert np.all(np.abs(back - w) <= step + 1e-6) and np.mean(np.abs(back - w) <= step / 2 + 1e-6) > 0.98
+    peak = np.abs(w.reshape(3, 8, 2, 32)).max(-1)
+    np.testing.assert_allclose(np.abs(back.reshape(3, 8, 2, 32)).max(-1), peak, rtol=1e-6)
+    assert (qmoe_block_size(1024, 704), qmoe_block_size(48, 32)) == (32, 16)
+    with pytest.raises(ValueError, match="--moe standard"):
+        qmoe_block_size(24, 40)
 
 
 # ---- GGUF: tiny GGUFs written from the tiny HF models with gguf's own writer and tensor-name map -------

@@ -222,13 +222,16 @@ def test_a_failed_chat_turn_keeps_the_conversation(tiny_model, monkeypatch):
     assert held[:len(prompt)].tolist() == prompt
 
 
-def test_info_and_generate_name_the_dual_chunk_cap(tiny_model, tmp_path):
-    folder = _copy(tiny_model("gqa2-untied"), tmp_path)
-    config = json.loads((folder / "config.json").read_text())
-    config["dual_chunk_attention_config"] = {"chunk_size": 16, "local_size": 4,
-                                             "original_max_position_embeddings": 256}
-    (folder / "config.json").write_text(json.dumps(config))
-    r = run("info", "--model", str(folder))
-    assert r.returncode == 0 and "context 16" in r.stdout and "Dual Chunk Attention" in r.stdout, r.stdout
-    r = run("generate", "--model", str(folder), "--raw", "--prompt", "word " * 40, "--max-tokens", "2")
-    assert r.returncode == 2 and "capped by Dual Chunk Attention" in r.stderr, r.stderr
+def test_dual_chunk_attention_runs_says_so_and_is_not_exported(tiny_model, tmp_path):
+    """A config with dual_chunk_attention_config (chunks of 12 tokens): `info` says DCA is active and the
+    whole context it reaches; `generate` runs a prompt across several chunks; the ONNX export refuses."""
+    folder = str(tiny_model("dca"))
+    r = run("info", "--model", folder)
+    assert r.returncode == 0 and "context 1024" in r.stdout, r.stdout
+    assert "Dual Chunk Attention: chunks of 12 tokens" in r.stdout and "active" in r.stdout, r.stdout
+    r = run("generate", "--model", folder, "--raw", "--prompt", "word " * 40, "--max-tokens", "4",
+            "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    r = run("export-onnx", "--model", folder, "--out", str(tmp_path / "onnx"))
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Dual Chunk Attention" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "onnx").exists()

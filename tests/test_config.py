@@ -63,16 +63,19 @@ DCA_1M = dict(max_position_embeddings=1010000, rope_theta=1e7,
                                            "original_max_position_embeddings": 262144})
 
 
-def test_dual_chunk_attention_caps_the_context_and_says_so():
-    """Regression (issue 7): the field was ignored and `info` promised 1,010,000 tokens of plain RoPE."""
+def test_dual_chunk_attention_reaches_the_full_context():
+    """Dual Chunk Attention runs (qwen_mlx/dual_chunk.py): no cap; a malformed config is refused at load."""
     args = ModelArgs.from_dict(dict(BASE, **DCA_1M))
-    assert args.context_length == 262144
-    [(cap, reason)] = args.context_caps()
-    assert cap == 262144 and "Dual Chunk Attention" in reason
-    smaller = dict(DCA_1M, dual_chunk_attention_config={"chunk_size": 1000, "original_max_position_embeddings": 4096})
-    assert ModelArgs.from_dict(dict(BASE, **smaller)).context_length == 1000
-    with pytest.raises(QwenError, match="dual_chunk_attention_config"):
-        ModelArgs.from_dict(dict(BASE, dual_chunk_attention_config={"local_size": 8}))
+    assert args.context_length == 1010000 and args.context_caps() == []
+    dc = args.dual_chunk
+    assert (dc.chunk_len, dc.inter_position, dc.plain_up_to) == (253952, 262144, 253952)
+    assert dc.scaling([0, 262143, 4 * 262144 - 1]).tolist() == pytest.approx([1, 1, 0.1 * np.log(4) + 1])
+    assert ModelArgs.from_dict(BASE).dual_chunk is None
+    for bad in ({"local_size": 8}, {"chunk_size": 8, "local_size": 8}, {"chunk_size": 16, "local_size": -1}, [1]):
+        with pytest.raises(QwenError, match="dual_chunk_attention_config"):
+            ModelArgs.from_dict(dict(BASE, dual_chunk_attention_config=bad))
+    with pytest.raises(QwenError, match="dynamic"):
+        ModelArgs.from_dict(dict(BASE, **DCA_1M, rope_scaling={"type": "dynamic", "factor": 2.0}))
 
 
 def test_weight_shapes_and_parameter_counts():

@@ -135,9 +135,13 @@ def test_runtime_reproduces_our_greedy_tokens(runtime, variant, exports, prompts
 
 # ---- the other architectures: Qwen2-MoE, Qwen3, Qwen3-MoE ---------------------------------------------
 
-# (tiny config, variant). The MoE graphs are standard ops (Gather of stacked experts + MatMul), int4 experts
-# onnxruntime's GatherBlockQuantized.
-ARCH_CASES = [("qwen2moe-shared", "fp32"), ("qwen3moe-norm", "fp32"), ("qwen3moe-norm", "q4"), ("qwen3-untied", "fp32")]
+# (tiny config, variant, MoE graph). "fused" (export-onnx's default): the routed experts are onnxruntime's
+# com.microsoft MoE op, QMoE in int4; "standard": Gather of stacked experts + MatMul, int4 experts
+# GatherBlockQuantized (export/moe_onnx.py).
+# qwen2moe-shared's int4 QMoE takes the router_weights input (no norm_topk_prob) and blocks of 16.
+ARCH_CASES = [("qwen2moe-shared", "fp32", "fused"), ("qwen2moe-shared", "q4", "fused"),
+              ("qwen2moe-shared", "fp32", "standard"), ("qwen3moe-norm", "fp32", "fused"),
+              ("qwen3-untied", "fp32", "fused")]
 # optimum-onnx 0.1's ORTModelForCausalLM sizes the empty past it feeds from hidden_size / num_attention_heads
 # (ignoring an explicit head_dim) and, for model types outside its list (qwen2_moe), from num_attention_heads
 # instead of num_key_value_heads: exports whose shapes differ from those are refused by onnxruntime.
@@ -155,30 +159,30 @@ def arch_exports(tmp_path_factory):
     base = tmp_path_factory.mktemp("arch-edge")
     cache: dict = {}
 
-    def get(name: str, variant: str):
-        if (name, variant) not in cache:
+    def get(name: str, variant: str, moe: str):
+        if (name, variant, moe) not in cache:
             hf = base / name
             if not hf.exists():
                 write_tiny_model(hf, name)
             texts, ids = er.reference_prompts(hf, ["hello world", "def f(x): return x"], chat=True)
             _, quantize, onnx_file = VARIANTS[variant]  # the variant's precision, on this architecture
-            folder = base / f"{name}-{variant}"
-            export_onnx(prepare_model(str(hf)), folder, quantize=quantize, validate=False)
+            folder = base / f"{name}-{variant}-{moe}"
+            export_onnx(prepare_model(str(hf)), folder, quantize=quantize, validate=False, moe=moe)
             ours = er.run_runtime("ours", folder, ids, N_TOKENS, texts=texts, onnx_file=onnx_file, quantize=quantize)
             assert ours.ok, f"our ONNX backend failed on {folder}:\n{ours.error}"
-            cache[name, variant] = folder, texts, ids, ours
-        return cache[name, variant]
+            cache[name, variant, moe] = folder, texts, ids, ours
+        return cache[name, variant, moe]
 
     return get
 
 
-@pytest.mark.parametrize("name,variant", ARCH_CASES)
+@pytest.mark.parametrize("name,variant,moe", ARCH_CASES)
 @pytest.mark.parametrize("runtime", er.PEER_RUNTIMES)
-def test_runtime_runs_every_architecture(runtime, name, variant, arch_exports):
+def test_runtime_runs_every_architecture(runtime, name, variant, moe, arch_exports):
     needs_peer(runtime)
     if runtime == "optimum" and name in OPTIMUM_CANNOT:
         pytest.skip(OPTIMUM_CANNOT[name])
-    folder, texts, ids, ours = arch_exports(name, variant)
+    folder, texts, ids, ours = arch_exports(name, variant, moe)
     _, quantize, onnx_file = VARIANTS[variant]
     result = er.run_runtime(runtime, folder, ids, N_TOKENS, texts=texts, onnx_file=onnx_file, quantize=quantize,
                             timeout=600)

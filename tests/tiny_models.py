@@ -27,6 +27,11 @@ EXTRA_CONFIGS: dict[str, dict[str, Any]] = {
     "long-context": dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
     # head_dim 64, the real models' and mlx-lm's default KV group size (tests/test_kv_cache_quant.py)
     "kv-head64": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024),
+    # Dual Chunk Attention with chunks of 12 tokens (16 - 4) and logits sharpened past 32 tokens: a prompt
+    # of ~60 tokens crosses several chunk boundaries (tests/test_dca.py; HF ignores the field).
+    "dca": dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                dual_chunk_attention_config={"chunk_size": 16, "local_size": 4,
+                                             "original_max_position_embeddings": 32}),
 }
 
 # The other architectures (tests/test_architectures.py). MoE: several expert counts and top-k, the shared
