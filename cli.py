@@ -73,7 +73,7 @@ def run_options(f):
 
 
 def kv_options(f):
-    """--kv-bits / --kv-group-size (mlx): the KV cache stored quantized (qwen_mlx/kv_quant.py)."""
+    """--kv-bits / --kv-group-size (mlx): the KV cache stored quantized (qwen_mlx/quant/kv_cache.py)."""
     f = click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
                      help="with --kv-bits: features of a key or value vector per scale and bias")(f)
     return click.option("--kv-bits", type=click.Choice(["4", "8"]), default=None,
@@ -328,11 +328,11 @@ def _stored_quantization_rows(ckpt) -> None:
     them (packed codes kept; scales, biases and float tensors in the load dtype)."""
     import math
 
-    from qwen_mlx.quant import describe
+    from qwen_mlx.quant.affine import describe
 
     print(f"  {'quantized':<12} {describe(ckpt.quantization)}")
     origin = json.loads((ckpt.folder / "config.json").read_text(encoding="utf-8")).get("repacked_from")
-    if origin:  # an AWQ/GPTQ checkpoint (qwen_mlx/awq_gptq.py)
+    if origin:  # an AWQ/GPTQ checkpoint (qwen_mlx/quant/awq_gptq.py)
         print(f"  {'repacked':<12} exactly, from {origin}")
     itemsize = {"U32": 4, "F32": 4, "F16": 2, "BF16": 2}
     stored = sum(math.prod(t.shape) * itemsize.get(t.dtype, 4) for t in ckpt.tensors.values())
@@ -362,7 +362,7 @@ def convert(gguf_file, model, quantize, group_size, out, dtype, force):
     folder with the same codes, or (--quantize) any model into an MLX quantized folder that mlx-lm loads."""
     if quantize:
         from qwen_mlx.checkpoint import prepare_model
-        from qwen_mlx.mlx_convert import quantize_folder
+        from qwen_mlx.quant.mlx_convert import quantize_folder
 
         if (model is None) == (gguf_file is None):
             raise QwenError("convert --quantize needs exactly one of --model and --gguf")
@@ -370,7 +370,7 @@ def convert(gguf_file, model, quantize, group_size, out, dtype, force):
                               dtype or "float32", force))
         return
     if model is not None and gguf_file is None:
-        from qwen_mlx.awq_gptq import folder_scheme, repack_folder
+        from qwen_mlx.quant.awq_gptq import folder_scheme, repack_folder
 
         if Path(model).is_dir() and folder_scheme(Path(model)) is not None:
             print(repack_folder(Path(model), Path(out), force))  # AWQ/GPTQ -> MLX affine, every code kept

@@ -1,4 +1,4 @@
-"""How exactly AWQ/GPTQ weights survive: ours (qwen_mlx/awq_gptq.py), mlx-lm's own AWQ loader, and the int4
+"""How exactly AWQ/GPTQ weights survive: ours (qwen_mlx/quant/awq_gptq.py), mlx-lm's own AWQ loader, and the int4
 ONNX export (the stored codes as MatMulNBits, or onnxruntime's quantizer run over the dequantized weights).
 
     PYTHONPATH=$PWD python benchmarks/awq_gptq_exactness.py [--onnx]

@@ -25,7 +25,7 @@ from qwen_mlx.config import ModelArgs
 from qwen_mlx.dtypes import check_dtype
 from qwen_mlx.errors import QwenError
 from qwen_mlx.progress import progress_bar
-from qwen_mlx.quant import dequantize, module_params
+from qwen_mlx.quant.affine import dequantize, module_params
 
 from .dual_chunk_attention import dual_chunk_attention, dual_chunk_tables
 from .onnx_format import DTYPES  # the dtypes the twin is traced in
@@ -327,7 +327,7 @@ def load_model(ckpt: Checkpoint, dtype: str = "float32", device: str | torch.dev
 
 def _dequantized(state: dict[str, torch.Tensor], ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     """An mlx-lm quantized folder's tensors as float32 HF keys: each packed weight dequantized exactly
-    (scales * q + biases, qwen_mlx.quant), mlx-lm's stacked `switch_mlp` experts split back per expert."""
+    (scales * q + biases, qwen_mlx.quant.affine), mlx-lm's stacked `switch_mlp` experts split back per expert."""
     for scales_key in [k for k in state if k.endswith(".scales")]:
         module = scales_key.removesuffix(".scales")
         w = dequantize(state[module + ".weight"].numpy(), state.pop(scales_key).float().numpy(),

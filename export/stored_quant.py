@@ -1,6 +1,6 @@
 """The publisher's own 4-bit codes in the int4 ONNX export: MatMulNBits with the stored zero points.
 
-A checkpoint stored 4-bit with integer zero points (AWQ/GPTQ repacked by qwen_mlx.awq_gptq, where MLX's
+A checkpoint stored 4-bit with integer zero points (AWQ/GPTQ repacked by qwen_mlx.quant.awq_gptq, where MLX's
 biases are -zero * scale) reaches the twin dequantized exactly, scale * (q - zero) in float32. Handing that
 to onnxruntime's int4 quantizer would round it a second time into other codes. Instead each traced MatMul
 whose weight is such a module, or a fused q/k/v or gate/up of modules with the same group size, becomes
@@ -17,7 +17,7 @@ import re
 import numpy as np
 
 from qwen_mlx.checkpoint import Checkpoint
-from qwen_mlx.quant import module_params
+from qwen_mlx.quant.affine import module_params
 
 BITS = 4
 

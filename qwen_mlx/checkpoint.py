@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .config import ModelArgs
 from .errors import QwenError
-from .quant import module_params, quantized_shapes, read_quantization
+from .quant.affine import module_params, quantized_shapes, read_quantization
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "merges.txt", "vocab.json"]
@@ -74,7 +74,7 @@ def resolve_model(spec: str | None, gguf_blocks: bool = False) -> Path:
 def _repacked(folder: Path) -> Path:
     """An AWQ/GPTQ folder -> its MLX affine repack (made once, exactly, in the cache), which every backend
     then reads; any other folder as it is."""
-    from .awq_gptq import cached_repack, folder_scheme
+    from .quant.awq_gptq import cached_repack, folder_scheme
     return cached_repack(folder) if folder_scheme(folder) is not None else folder
 
 

@@ -1,5 +1,5 @@
 """GGUF (architectures `qwen2`, `qwen2moe`, `qwen3`, `qwen3moe`) -> a standard Hugging Face folder, or an MLX
-quantized folder that keeps the GGUF's blocks where MLX holds them exactly (gguf_blocks).
+quantized folder that keeps the GGUF's blocks where MLX holds them exactly (qwen_mlx/quant/gguf_blocks.py).
 
 The folder holds config.json, generation_config.json, model.safetensors, tokenizer.json and
 tokenizer_config.json, and loads with transformers' `AutoModelForCausalLM.from_pretrained` (Qwen2, Qwen2-MoE,
@@ -27,7 +27,7 @@ import numpy as np
 from .dtypes import SAFETENSORS, check_dtype
 from .errors import QwenError
 from .files import check_output_folder, staged_folder
-from .gguf_blocks import GROUP_SIZE, KEPT, kept_bits, to_mlx
+from .quant.gguf_blocks import GROUP_SIZE, KEPT, kept_bits, to_mlx
 from .paths import cache_dir
 from .progress import progress_bar
 
@@ -396,7 +396,7 @@ def _float_job(tensor, name: str, shape: tuple[int, ...], expert: int | None, dt
 
 
 def _kept_job(tensor, module: str, shape: tuple[int, ...]) -> Job:
-    """One GGUF tensor whose blocks are MLX affine groups: packed codes, float32 scales and biases (gguf_blocks).
+    """One GGUF tensor whose blocks are MLX affine groups: packed codes, float32 scales and biases (quant.gguf_blocks).
     Rows go through in slices so a 150k-row embedding never unpacks all at once."""
     bits = kept_bits(tensor.tensor_type)
     *lead, n = shape

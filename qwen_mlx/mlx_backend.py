@@ -11,10 +11,10 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .dtypes import check_dtype
 from .errors import QwenError
-from .kv_quant import KV_GROUP_SIZE, check_kv_bits
+from .quant.kv_cache import KV_GROUP_SIZE, check_kv_bits
 from .model import Qwen2ForCausalLM, stack_experts
 from .progress import progress_bar
-from .quant import module_params
+from .quant.affine import module_params
 
 QUANT_GROUP_SIZE = 64
 

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelArgs
-from .kv_quant import KV_GROUP_SIZE, QuantizedKVCache, quantized_attention
+from .quant.kv_cache import KV_GROUP_SIZE, QuantizedKVCache, quantized_attention
 from .dual_chunk_attention import dual_chunk_attention
 
 
@@ -304,7 +304,7 @@ class Qwen2ForCausalLM(nn.Module):
         return self.lm_head(h)
 
     def make_cache(self, kv_bits: int | None = None, kv_group_size: int = KV_GROUP_SIZE) -> list[KVCache | QuantizedKVCache]:
-        """One cache per layer; with `kv_bits`, keys and values are stored quantized (qwen_mlx/kv_quant.py)."""
+        """One cache per layer; with `kv_bits`, keys and values are stored quantized (qwen_mlx/quant/kv_cache.py)."""
         if kv_bits:
             return [QuantizedKVCache(kv_bits, kv_group_size) for _ in self.model.layers]
         return [KVCache() for _ in self.model.layers]

@@ -5,7 +5,7 @@ metadata naming what the numbers are only valid for: the model (sha256 of config
 files' safetensors headers, so another checkpoint or a re-export is caught without hashing gigabytes), the
 dtype and weight quantization, the tokenizer (sha256 of tokenizer.json), and the token ids themselves.
 MLX backend only: the cache is MLX arrays in the layout of qwen_mlx.model.KVCache. The file is always float;
-a run with `--kv-bits` quantizes it on load (qwen_mlx/kv_quant.py).
+a run with `--kv-bits` quantizes it on load (qwen_mlx/quant/kv_cache.py).
 """
 
 from __future__ import annotations

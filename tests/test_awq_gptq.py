@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from qwen_mlx.awq_gptq import AWQ_ORDER
+from qwen_mlx.quant.awq_gptq import AWQ_ORDER
 from tests.needs import er, needs_peer
 from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.errors import QwenError

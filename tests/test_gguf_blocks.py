@@ -1,4 +1,4 @@
-"""GGUF blocks kept (qwen_mlx.gguf_blocks): llama.cpp's affine block formats held as MLX quantized layers.
+"""GGUF blocks kept (qwen_mlx.quant.gguf_blocks): llama.cpp's affine block formats held as MLX quantized layers.
 
 Independent reference: `gguf.quants.dequantize` (the llama.cpp project's numpy code). Blocks of the types
 gguf-py can write (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) come from `gguf.quants.quantize`; gguf-py has no K-quant
@@ -20,10 +20,10 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.errors import QwenError
-from qwen_mlx.gguf_blocks import KEPT, to_mlx
+from qwen_mlx.quant.gguf_blocks import KEPT, to_mlx
 from qwen_mlx.gguf_convert import convert_gguf
 from qwen_mlx.mlx_backend import MLXBackend
-from qwen_mlx.quant import QuantParams, dequantize as our_dequantize
+from qwen_mlx.quant.affine import QuantParams, dequantize as our_dequantize
 from tests.test_gguf_convert import CHAT_TEMPLATE, tiny_vocab
 
 KEPT_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K]

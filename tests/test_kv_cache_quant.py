@@ -47,7 +47,7 @@ def _steps(model, cache, chunks):
 def test_quantized_attention_equals_attention_over_dequantized_values(tiny_model, name, bits, group):
     """Prefill in a long chunk (dequantize + fused kernel on a CPU), short chunks (the quantized matmuls on
     a GPU, dequantize on a CPU) and single-token steps (quantized matmuls, query heads folded per kv head)."""
-    from qwen_mlx.kv_quant import QuantizedKVCache
+    from qwen_mlx.quant.kv_cache import QuantizedKVCache
 
     model = _loaded(tiny_model(name)).backend.model
     chunks = [DOC[:260], DOC[260:263], *[[t] for t in DOC[263:300]]]
@@ -65,7 +65,7 @@ def test_masked_rows_match_the_fused_kernel():
     paths, against the fused kernel over the dequantized keys and values."""
     import mlx.core as mx
 
-    from qwen_mlx.kv_quant import quantized_attention
+    from qwen_mlx.quant.kv_cache import quantized_attention
 
     mx.random.seed(0)
     B, H, K, T, D = 2, 4, 2, 40, 64

@@ -14,7 +14,7 @@ import pytest
 from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.errors import QwenError
 from qwen_mlx.mlx_backend import MLXBackend
-from qwen_mlx.quant import QuantParams, dequantize
+from qwen_mlx.quant.affine import QuantParams, dequantize
 
 # (tiny model, bits, group size): dense tied, dense untied with only its 128-wide o_proj quantizable (a
 # folder mixing float and quantized layers), and MoE experts (mlx-lm's stacked switch_mlp,

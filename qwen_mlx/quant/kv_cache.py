@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .errors import QwenError
+from ..errors import QwenError
 
 KV_BITS = (4, 8)
 KV_GROUP_SIZE = 64  # mlx-lm's default for kv_group_size

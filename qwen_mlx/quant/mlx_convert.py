@@ -15,11 +15,11 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .checkpoint import Checkpoint
-from .errors import QwenError
-from .files import staged_folder
-from .mlx_backend import load_model
-from .quant import GROUP_SIZES
+from ..checkpoint import Checkpoint
+from ..errors import QwenError
+from ..files import staged_folder
+from ..mlx_backend import load_model
+from .affine import GROUP_SIZES
 
 # Files mlx-lm (and this project) read besides the weights and config.json: tokenizer, chat template,
 # generation defaults. Weight indexes and pickles are never copied.

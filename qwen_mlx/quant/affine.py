@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import QwenError
+from ..errors import QwenError
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)

@@ -1,4 +1,4 @@
-"""AWQ and GPTQ checkpoints repacked exactly into MLX affine quantization (qwen_mlx.quant's layout).
+"""AWQ and GPTQ checkpoints repacked exactly into MLX affine quantization (qwen_mlx.quant.affine's layout).
 
 Both formats store b-bit codes q, per-group scales s and integer zero points z: w = s * (q - z). MLX stores
 w = scales * q + biases per contiguous group of inputs, so scales = s and biases = -z * s. Both are kept in
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import QwenError
+from ..errors import QwenError
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's pack order: word slot i holds column AWQ_ORDER[i] of 8
 AWQ_REVERSE = tuple(int(i) for i in np.argsort(AWQ_ORDER))  # column j sits in slot AWQ_REVERSE[j]
@@ -203,9 +203,9 @@ def repack_folder(src: Path, out: Path, force: bool = False) -> Path:
     """Write `out`: an mlx_lm-layout quantized folder holding exactly the AWQ/GPTQ folder `src`'s weights."""
     import mlx.core as mx  # the I/O only: safetensors with bf16 tensors, which numpy cannot hold
 
-    from .checkpoint import read_safetensors_header, safetensors_files
-    from .config import ModelArgs
-    from .files import staged_folder
+    from ..checkpoint import read_safetensors_header, safetensors_files
+    from ..config import ModelArgs
+    from ..files import staged_folder
     from .mlx_convert import SKIPPED, _mlx_lm_keys
 
     src = Path(src)
@@ -306,8 +306,8 @@ def _stack_experts(weights: dict[str, Any], groups: dict[str, int], src: Path) -
 def cached_repack(src: Path) -> Path:
     """repack_folder into cache_dir()/awq_gptq/<key>/ once; the key hashes the source's path, file sizes
     and modification times (not its bytes: a 7B checkpoint would take a minute to hash)."""
-    from .gguf_convert import file_lock
-    from .paths import cache_dir
+    from ..gguf_convert import file_lock
+    from ..paths import cache_dir
 
     src = Path(src).resolve()
     stamp = [REPACK_VERSION, str(src)] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns)

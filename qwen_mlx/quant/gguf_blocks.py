@@ -20,7 +20,7 @@ Q6_K (and Q2_K, Q3_K) scale 16-element sub-blocks; MLX's smallest group is 32, s
 (to float32, exactly `gguf.quants.dequantize`'s values), as are the rarer formats (IQ*, TQ*).
 
 Pure numpy: no MLX, no torch. Codes are packed as MLX does: one little-endian bit stream per row in uint32
-words (so 5-bit codes straddle words), as `qwen_mlx.quant.dequantize` reads it.
+words (so 5-bit codes straddle words), as `qwen_mlx.quant.affine.dequantize` reads it.
 """
 
 from __future__ import annotations
