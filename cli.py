@@ -386,8 +386,13 @@ def convert(gguf_file, model, quantize, group_size, out, dtype, force):
 @cli.command("export-onnx")
 @model_option
 @click.option("--out", required=True, help="the export folder to write")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
-@click.option("--quantize", type=click.Choice(["int4"]), default=None, help="MatMulNBits int4 weights")
+@click.option("--dtypes", default=None, metavar="LIST",
+              help="the files to write, by transformers.js' dtype names: comma-separated of fp32, fp16, q8, int8, "
+                   "uint8, q4, q4f16, or all [default: fp32,fp16,q8,q4,q4f16]")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None,
+              help="one file only: float32 (model.onnx) or float16 weights (model_fp16.onnx)")
+@click.option("--quantize", type=click.Choice(["int4"]), default=None,
+              help="one file only: MatMulNBits int4 weights (model_q4.onnx, model_q4f16.onnx with --dtype float16)")
 @click.option("--opset", type=int, default=None)
 @click.option("--attention", type=click.Choice(["standard", "gqa"]), default="standard", show_default=True,
               help="standard ONNX ops (exact for any padding and RoPE scaling) or one com.microsoft "
@@ -395,15 +400,23 @@ def convert(gguf_file, model, quantize, group_size, out, dtype, force):
 @click.option("--moe", type=click.Choice(["fused", "standard"]), default="fused", show_default=True,
               help="MoE experts as onnxruntime's com.microsoft MoE/QMoE op (fused) or standard ONNX ops")
 @click.option("--force", is_flag=True, help="replace a non-empty --out")
-def export_onnx_cmd(model, out, dtype, quantize, opset, force, attention, moe):
+def export_onnx_cmd(model, out, dtypes, dtype, quantize, opset, force, attention, moe):
     """Export to an ONNX folder that onnxruntime-genai, transformers.js and optimum load as is."""
     from qwen_mlx.checkpoint import prepare_model
 
     export.require("export-onnx")
-    from export.onnx_export import export_onnx
+    from export.onnx_export import export_onnx_variants
+    from export.onnx_format import DEFAULT_VARIANTS, parse_variants
 
+    if dtypes is not None and (dtype or quantize):
+        raise QwenError("--dtypes names every file to write; --dtype/--quantize name a single one: use one or the other")
+    variants = parse_variants(dtypes) if dtypes is not None else None  # checked before loading the model
+    if variants is None and not (dtype or quantize):
+        variants = list(DEFAULT_VARIANTS)
     ckpt = prepare_model(model)
-    print(export_onnx(ckpt, Path(out), dtype, quantize, opset, force, attention=attention, moe=moe))
+    for path in export_onnx_variants(ckpt, Path(out), variants, dtype or "float32", quantize, opset, force,
+                                     attention=attention, moe=moe):
+        print(path)
 
 
 @cli.command()

@@ -45,7 +45,9 @@ DEFAULT_PROMPTS = (
 )
 # Which file of an export folder each (dtype, quantize) means; transformers.js names them by its `dtype`.
 ONNX_FILES = {("float32", None): "model.onnx", ("float16", None): "model_fp16.onnx", ("float32", "int4"): "model_q4.onnx"}
-TJS_DTYPES = {"model.onnx": "fp32", "model_fp16.onnx": "fp16", "model_q4.onnx": "q4", "model_q4f16.onnx": "q4f16"}
+# The whole set (export/onnx_format.py VARIANT_FILES), written out here: this file imports only the stdlib.
+TJS_DTYPES = {"model.onnx": "fp32", "model_fp16.onnx": "fp16", "model_quantized.onnx": "q8", "model_int8.onnx": "int8",
+              "model_uint8.onnx": "uint8", "model_q4.onnx": "q4", "model_q4f16.onnx": "q4f16"}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -340,6 +342,10 @@ def _worker_genai(req: dict) -> dict:
     folder = req["folder"]
     t0 = time.perf_counter()
     config = og.Config(folder)
+    configured = json.loads((Path(folder) / "genai_config.json").read_text())["model"]["decoder"]["filename"]
+    wanted = f"onnx/{req['onnx_file']}" if req.get("onnx_file") else configured
+    if wanted != configured and (Path(folder) / wanted).is_file():  # another file of the set (q4f16 beside q4)
+        config.overlay(json.dumps({"model": {"decoder": {"filename": wanted}}}))
     if req.get("threads"):  # genai's default is 1 intra-op thread
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": req["threads"]}}}}))
     model = og.Model(config)
@@ -389,7 +395,9 @@ def _worker_ours(req: dict) -> dict:
 
     folder = Path(req["folder"])
     t0 = time.perf_counter()
-    backend = OnnxBackend(folder, req.get("dtype"), req.get("quantize"), threads=req.get("threads"))
+    variant = TJS_DTYPES.get(req.get("onnx_file") or "")  # the file compared, named as transformers.js does
+    backend = (OnnxBackend(folder, variant=variant, threads=req.get("threads")) if variant else
+               OnnxBackend(folder, req.get("dtype"), req.get("quantize"), threads=req.get("threads")))
     load_s = time.perf_counter() - t0
     eos = _eos_ids(folder)
 

@@ -19,30 +19,41 @@ from qwen_mlx.config import ModelArgs
 from qwen_mlx.errors import QwenError
 from qwen_mlx.generate import process_peak_rss_gb
 
-from .onnx_format import DTYPES, io_names, model_filename, normalize_options
+from .onnx_format import DTYPES, VARIANT_FILES, io_names, model_filename, normalize_options, parse_variants
 
-# The variant picked when the caller names none: the most accurate first.
-PREFERENCE = ("model.onnx", "model_fp16.onnx", "model_q4.onnx", "model_q4f16.onnx")
+# The file picked when the caller names none: the most accurate first (the order of their quality on the real
+# checkpoint, docs/BENCHMARKS.md), so a folder of the whole set runs its float32 reference.
+PREFERENCE = ("fp32", "fp16", "q4", "q4f16", "uint8", "q8", "int8")
 NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-def find_model(folder: Path, dtype: str | None, quantize: str | None) -> Path:
-    """The .onnx file of `folder` (its onnx/ subfolder, or the folder itself) for dtype/quantize."""
+def find_model(folder: Path, dtype: str | None = None, quantize: str | None = None,
+               variant: str | None = None) -> Path:
+    """The .onnx file of `folder` (its onnx/ subfolder, or the folder itself): the one `variant` names
+    (transformers.js' dtype: fp32, fp16, q8, int8, uint8, q4, q4f16), else the one dtype/quantize name, else
+    the first of PREFERENCE there."""
     if not folder.is_dir():
         raise QwenError(f"{folder}: no such folder")
     found = {p.name: p for d in (folder / "onnx", folder) if d.is_dir() for p in sorted(d.glob("*.onnx"))}
     if not found:
         raise QwenError(f"{folder}: no ONNX model (expected onnx/model.onnx; create one with `export`)")
-    if dtype is None and quantize is None:
-        for name in PREFERENCE:
+    if variant is not None:
+        if dtype is not None or quantize is not None:
+            raise QwenError("name the ONNX file by its dtype (fp32, q8, q4, ...) or by --dtype/--quantize, not both")
+        if "," in variant or variant.strip().lower() == "all":
+            raise QwenError(f"name one ONNX dtype to run, not {variant!r}")
+        variant = parse_variants(variant)[0]
+        name, what = VARIANT_FILES[variant], f"dtype {variant}"
+    elif dtype is None and quantize is None:
+        for name in (VARIANT_FILES[v] for v in PREFERENCE):
             if name in found:
                 return found[name]
         return next(iter(found.values()))
-    dtype, quantize, _ = normalize_options(dtype, quantize, None)
-    name = model_filename(dtype, quantize)
+    else:
+        dtype, quantize, _ = normalize_options(dtype, quantize, None)
+        name, what = model_filename(dtype, quantize), f"dtype {dtype}" + (f", {quantize}" if quantize else "")
     if name not in found:
-        raise QwenError(f"{folder}: no {name} for dtype {dtype}" + (f", {quantize}" if quantize else "")
-                        + f" (found {', '.join(sorted(found))})")
+        raise QwenError(f"{folder}: no {name} for {what} (found {', '.join(sorted(found))})")
     return found[name]
 
 
@@ -84,11 +95,13 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, folder: Path, dtype: str | None = None, quantize: str | None = None,
-                 provider: str | None = None, threads: int | None = None, spinning: bool | None = None):
+                 provider: str | None = None, threads: int | None = None, spinning: bool | None = None,
+                 variant: str | None = None):
         import onnxruntime as ort
 
         folder = Path(folder)
-        self.path = find_model(folder, dtype, quantize)
+        self.path = find_model(folder, dtype, quantize, variant)
+        self.variant = next((v for v, name in VARIANT_FILES.items() if name == self.path.name), None)
         self.args = ModelArgs.from_folder(folder if (folder / "config.json").is_file() else self.path.parent.parent)
         if provider is None:
             provider = "CUDAExecutionProvider" if cuda_usable() else "CPUExecutionProvider"
@@ -118,9 +131,9 @@ class OnnxBackend:
             raise QwenError(f"{self.path}: not a qwen-mlx style decoder graph (inputs missing: {missing[:3]})")
         self.kv_dtype = NP_TYPES[types["past_key_values.0.key"]]
         self.logits_dtype = NP_TYPES[{o.name: o.type for o in self.session.get_outputs()}["logits"]]
-        variant = np.dtype(self.kv_dtype).name
-        quant = ", int4" if "q4" in self.path.name else ""
-        self.device = f"onnxruntime {self.provider}, {variant}{quant}"
+        precision = np.dtype(self.kv_dtype).name
+        weights = {"q4": ", int4", "q4f16": ", int4", "q8": ", 8-bit", "int8": ", int8", "uint8": ", uint8"}
+        self.device = f"onnxruntime {self.provider}, {precision}{weights.get(self.variant, '')}"
         self.past: list = []
         if self.on_cuda:
             self._init_cuda()

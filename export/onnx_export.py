@@ -23,16 +23,17 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from qwen_mlx.checkpoint import Checkpoint, read_generation_config
 from qwen_mlx.errors import QwenError
 from qwen_mlx.files import staged_folder
 
-from .onnx_format import DEFAULT_MOE_GRAPH, MOE_GRAPHS, check_attention, io_names, model_filename, normalize_options
+from .onnx_format import (BASE_DTYPE, DEFAULT_MOE_GRAPH, EIGHT_BIT, MOE_GRAPHS, QUANTIZATION, VARIANT_FILES,
+                          check_attention, io_names, normalize_options, parse_variants, variant_of)
 from .onnx_validate import validate_export
 from .optimize import fuse_skip_rms_norm, optimize, pack_gqa_qkv
-from .quantize import INT4_BLOCK_SIZE, quantize_int4
+from .quantize import INT4_BLOCK_SIZE, eight_bit_weights, quantize_8bit, quantize_int4
 
 # Weights above this go to `<model>.onnx_data`. The protobuf limit (2 GiB) forces it for float32, and it pays
 # below that too: onnxruntime parses an inline 850 MB int4 protobuf into a second copy in memory (peak RSS
@@ -58,13 +59,30 @@ def _step(what: str) -> Iterator[None]:
 
 def export_onnx(ckpt: Checkpoint, out_dir: Path, dtype: str = "float32", quantize: str | None = None,
                 opset: int | None = None, force: bool = False, validate: bool = True,
-                attention: str = "standard", moe: str = DEFAULT_MOE_GRAPH) -> Path:
-    """Write the ONNX folder `out_dir`; returns the path of the .onnx model file in it. `attention`:
-    "standard" (standard ONNX ops, exact for any padding and RoPE scaling) or "gqa" (com.microsoft
+                attention: str = "standard", moe: str = DEFAULT_MOE_GRAPH, variants: Sequence[str] | None = None) -> Path:
+    """Write the ONNX folder `out_dir`; returns the path of the (first) .onnx model file in it. `variants`:
+    names of transformers.js' set to write in one run (fp32, fp16, q8, int8, uint8, q4, q4f16: see
+    export_onnx_variants); without it, the one file `dtype` and `quantize` name (float32 / float16, int4).
+    `attention`: "standard" (standard ONNX ops, exact for any padding and RoPE scaling) or "gqa" (com.microsoft
     GroupQueryAttention, onnxruntime-genai's builder form; export/gqa.py says what it cannot represent). `moe`:
     the routed experts as onnxruntime's com.microsoft MoE/QMoE op ("fused") or standard ops ("standard");
     see export/moe_onnx.py."""
+    return export_onnx_variants(ckpt, out_dir, variants, dtype, quantize, opset, force, validate, attention, moe)[0]
+
+
+def export_onnx_variants(ckpt: Checkpoint, out_dir: Path, variants: Sequence[str] | str | None = None,
+                         dtype: str = "float32", quantize: str | None = None, opset: int | None = None,
+                         force: bool = False, validate: bool = True, attention: str = "standard",
+                         moe: str = DEFAULT_MOE_GRAPH) -> list[Path]:
+    """Write every file of `variants` (see export_onnx) into one folder, all or nothing; returns their paths.
+    One trace per float dtype: fp32, q8, int8, uint8 and q4 come from the float32 graph, fp16 and q4f16 from
+    the float16 one; each file is checked against the twin (TOLERANCE in export/onnx_validate.py)."""
     dtype, quantize, opset = normalize_options(dtype, quantize, opset)
+    if variants is None:
+        variants = [variant_of(dtype, quantize)]
+    elif dtype != "float32" or quantize is not None:
+        raise QwenError("name the files either by a list of ONNX dtypes (--dtypes) or by --dtype/--quantize, not both")
+    variants = parse_variants(variants)
     if moe not in MOE_GRAPHS:
         raise QwenError(f"unknown MoE graph {moe!r} (choose from {', '.join(MOE_GRAPHS)})")
     if ckpt.args.dual_chunk is not None:
@@ -76,19 +94,23 @@ def export_onnx(ckpt: Checkpoint, out_dir: Path, dtype: str = "float32", quantiz
         from .gqa import check_gqa_supported
 
         check_gqa_supported(ckpt.args)  # before any work
+    eight_bit = [v for v in variants if v in EIGHT_BIT]
+    if eight_bit and ckpt.args.num_experts and moe == "fused":
+        raise QwenError(f"{', '.join(eight_bit)}: the 8-bit ONNX variants cannot hold the fused MoE experts "
+                        "(onnxruntime's dynamic quantizer leaves com.microsoft MoE float32); export q4 / q4f16 "
+                        "(QMoE), or pass --moe standard")
     out_dir = Path(out_dir).expanduser().absolute()
     source = ckpt.folder.resolve()
     if out_dir.resolve() == source or source.is_relative_to(out_dir.resolve()):
         raise QwenError(f"{out_dir}: refusing to export over the checkpoint being exported")
-    name = model_filename(dtype, quantize)
     with staged_folder(out_dir, force) as staging:
         (staging / "onnx").mkdir()
-        external = _build_model(ckpt, staging / "onnx" / name, dtype, quantize, opset, attention, moe)
-        write_side_files(ckpt, staging, f"onnx/{name}", dtype, quantize, external, attention)
+        external = write_variants(ckpt, staging / "onnx", variants, opset, attention, moe)
+        write_side_files(ckpt, staging, external, attention)
         if validate:
-            with _step("checking the ONNX model against the PyTorch twin"):
-                validate_export(ckpt, staging, dtype, quantize)
-    return out_dir / "onnx" / name
+            with _step("checking every ONNX file against the PyTorch twin"):
+                validate_export(ckpt, staging, variants=variants)
+    return [out_dir / "onnx" / VARIANT_FILES[v] for v in variants]
 
 
 # ---- the graph -----------------------------------------------------------------------------------------
@@ -183,25 +205,84 @@ def _weight_bytes(proto) -> int:
                for t in proto.graph.initializer)
 
 
-def _build_model(ckpt: Checkpoint, path: Path, dtype: str, quantize: str | None, opset: int,
-                 attention: str = "standard", moe: str = DEFAULT_MOE_GRAPH) -> bool:
-    """Trace (+ quantize) and save to `path`; returns whether the weights went to external data."""
+def write_variants(ckpt: Checkpoint, onnx_dir: Path, variants: Sequence[str], opset: int,
+                   attention: str = "standard", moe: str = DEFAULT_MOE_GRAPH) -> dict[str, bool]:
+    """Trace once per float dtype the set needs and write each variant's file into `onnx_dir`, one at a time
+    (the real 0.5B model's float32 graph is 2.5 GB in memory, and the 8-bit quantizer needs ~3x that): a
+    float variant is the graph itself; a quantized one is made from the float graph saved on disk (reloaded
+    for each, since the quantizers rewrite the graph in place), and files with the same weights are quantized
+    once. Returns {variant: whether its weights went to external data}."""
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
+    external: dict[str, bool] = {}
+    for base in ("float32", "float16"):
+        members = [v for v in variants if BASE_DTYPE[v] == base]
+        if not members:
+            continue
+        proto = _float_graph(ckpt, base, opset, attention, moe)
+        derived = [v for v in members if QUANTIZATION[v] is not None]
+        # Variants whose weights come out identical (q8 is int8 or uint8, by the graph's ops) share one run.
+        transforms: dict[str, list[str]] = {}
+        for v in derived:
+            transform = QUANTIZATION[v] if QUANTIZATION[v] == "int4" else eight_bit_weights(proto, v)
+            transforms.setdefault(transform, []).append(v)
+        plain = [v for v in members if QUANTIZATION[v] is None]
+        source = None
+        if plain:
+            source = onnx_dir / VARIANT_FILES[plain[0]]
+            external[plain[0]] = _save(proto, source)
+        elif len(transforms) > 1:
+            source = onnx_dir / f".{base}-graph.onnx"  # scratch: removed below, never in the result
+            _save(proto, source)
+        for transform, names in transforms.items():
+            if source is not None:
+                del proto
+                proto = onnx.load(str(source))
+            proto = _quantized(ckpt, proto, transform)
+            for i, v in enumerate(names):
+                if i and external[names[i - 1]]:  # saving moved the weights out of `proto`: read them back
+                    load_external_data_for_model(proto, str(onnx_dir))
+                external[v] = _save(proto, onnx_dir / VARIANT_FILES[v])
+        del proto
+        if source is not None and not plain:
+            for scratch in onnx_dir.glob(f"{source.name}*"):
+                scratch.unlink()
+    return external
+
+
+def _float_graph(ckpt: Checkpoint, dtype: str, opset: int, attention: str, moe: str):
+    """The traced graph of one float dtype, optimized (export/optimize.py)."""
     proto = trace(ckpt, dtype, opset, attention, moe)
     with _step("fusing sibling MatMuls, canonicalizing RMSNorm (export/optimize.py)"):
         optimize(proto)  # before quantizing: a fused q/k/v or gate/up MatMul is quantized as one
         if attention == "gqa":  # the builder's form: packed q/k/v into the op, residual Adds inside the norms
             pack_gqa_qkv(proto.graph)
             fuse_skip_rms_norm(proto.graph)
+    return proto
+
+
+def _quantized(ckpt: Checkpoint, proto, transform: str):
+    """`proto` with its weights in int4 (MatMulNBits) or 8 bits ("int8" / "uint8" weights, MatMulInteger)."""
+    if transform != "int4":
+        with _step(f"quantizing MatMul weights to {transform} (onnxruntime's dynamic quantizer, per tensor)"):
+            return quantize_8bit(proto, transform)
     kept = 0
-    if quantize == "int4" and ckpt.quantization is not None:
+    if ckpt.quantization is not None:
         from .stored_quant import stored_int4
         with _step("MatMulNBits from the stored 4-bit codes, scales and zero points (export/stored_quant.py)"):
             kept = stored_int4(proto, ckpt)  # AWQ/GPTQ: the publisher's quantization; what it kept float stays
-    if quantize == "int4" and not kept:
+    if not kept:
         with _step(f"quantizing MatMul weights to int4 (MatMulNBits, block {INT4_BLOCK_SIZE})"):
             proto = quantize_int4(proto)
+    return proto
+
+
+def _save(proto, path: Path) -> bool:
+    """Save and check `proto` at `path`; returns whether the weights went to external data (then they are
+    no longer in `proto`)."""
+    import onnx
+
     external = _weight_bytes(proto) > EXTERNAL_DATA_BYTES
     with _step(f"writing {path.name}" + (f" + {path.name}_data" if external else "")):
         onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
@@ -209,7 +290,7 @@ def _build_model(ckpt: Checkpoint, path: Path, dtype: str, quantize: str | None,
         onnx.checker.check_model(str(path))  # by path: works past 2 GB with external data
     umask = os.umask(0)
     os.umask(umask)
-    for written in path.parent.iterdir():  # onnx creates the data file 0600: make it as readable as the rest
+    for written in path.parent.glob(f"{path.name}*"):  # onnx creates the data file 0600: as readable as the rest
         os.chmod(written, 0o666 & ~umask)
     return external
 
@@ -228,25 +309,49 @@ def _token_ids(value) -> list[int]:
     return []
 
 
-def write_side_files(ckpt: Checkpoint, folder: Path, model_file: str, dtype: str, quantize: str | None,
-                     external: bool, attention: str = "standard") -> None:
-    """config.json, generation_config.json, tokenizer files and genai_config.json next to onnx/."""
+# The file onnxruntime-genai is pointed at, first present: int4 is what it runs fastest on a CPU (its own
+# builder's habit), then the float32 reference; 8-bit MatMulInteger graphs last.
+GENAI_PREFERENCE = ("q4", "fp32", "q4f16", "fp16", "uint8", "q8", "int8")
+# transformers.js' default file per device when config.json names no dtype: fp32 (Node CPU, WebGPU) and q8
+# (the browser's wasm backend).
+TJS_DEVICE_DEFAULTS = ("fp32", "q8")
+
+
+def transformers_js_config(external: dict[str, bool]) -> dict:
+    """config.json's `transformers.js_config` for the files written ({variant: external data?}):
+    - `dtype`: left out when every device's default file is there (so each device loads its own default);
+      else the first file of the set present, so that a plain from_pretrained finds a file;
+    - `kv_cache_dtype`: float16 for the fp16 / q4f16 graphs (their cache inputs are float16);
+    - `use_external_data_format`: true when every file keeps its weights in `<file>_data`, else a map of
+      the files that do (transformers.js 3.x reads the boolean, 4.x a map keyed by file name too)."""
+    config: dict = {}
+    if not all(v in external for v in TJS_DEVICE_DEFAULTS):
+        config["dtype"] = next(iter(external))
+    half = {v: "float16" for v in ("fp16", "q4f16") if v in external}
+    if half:
+        config["kv_cache_dtype"] = half
+    if all(external.values()):
+        config["use_external_data_format"] = True
+    elif any(external.values()):
+        config["use_external_data_format"] = {VARIANT_FILES[v]: True for v, ext in external.items() if ext}
+    return config
+
+
+def write_side_files(ckpt: Checkpoint, folder: Path, external: dict[str, bool], attention: str = "standard") -> None:
+    """config.json, generation_config.json, tokenizer files and genai_config.json next to onnx/, for the
+    files `external` names ({variant: whether its weights are in external data}, in the set's order)."""
     src = ckpt.folder
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    js_dtype = {"model.onnx": "fp32", "model_fp16.onnx": "fp16", "model_q4.onnx": "q4",
-                "model_q4f16.onnx": "q4f16"}[Path(model_file).name]
-    js_config: dict = {"dtype": js_dtype}  # the variant transformers.js loads by default
-    if dtype == "float16":
-        js_config["kv_cache_dtype"] = {js_dtype: "float16"}
-    if external:
-        js_config["use_external_data_format"] = True
-    config["transformers.js_config"] = js_config
+    external = {v: external[v] for v in VARIANT_FILES if v in external}
+    config["transformers.js_config"] = transformers_js_config(external)
     _dump(folder / "config.json", config)
     generation = read_generation_config(src)
     if generation:
         _dump(folder / "generation_config.json", generation)
     _write_tokenizer(src, folder)
-    _dump(folder / "genai_config.json", genai_config(ckpt, config, generation, model_file, attention))
+    genai_file = next(v for v in GENAI_PREFERENCE if v in external)
+    _dump(folder / "genai_config.json",
+          genai_config(ckpt, config, generation, f"onnx/{VARIANT_FILES[genai_file]}", attention))
 
 
 def _write_tokenizer(src: Path, folder: Path) -> None:

@@ -12,13 +12,21 @@ import numpy as np
 from qwen_mlx.checkpoint import Checkpoint
 from qwen_mlx.errors import QwenError
 
-from .onnx_format import model_filename
+from .onnx_format import EIGHT_BIT, VARIANT_FILES, variant_of
 
 # (max |logit diff| relative to the largest logit, greedy agreement required) against the float32 twin.
-# fp32 differs only by summation order (measured ~2e-6 on tiny models). fp16 and int4 bounds are measured
-# values with a wide margin (tiny random models: fp16 2e-3 / 100%, int4 0.46 / 89%, the worst case, as
-# random weights quantize badly): they catch a broken export, not a slightly lossy one.
-TOLERANCE = {"float32": (2e-4, 1.0), "float16": (2e-2, 0.75), "int4": (0.75, 0.5)}
+# fp32 differs only by summation order (measured ~2e-6 on tiny models). fp16, int4 and 8-bit bounds are
+# measured values with a wide margin (tiny random models: fp16 2e-3 / 100%, int4 0.46 / 89%, the worst
+# case, as random weights quantize badly; 8-bit: see EIGHT_BIT_TOLERANCE): they catch a broken export, not a
+# slightly lossy one.
+TOLERANCE = {"float32": (2e-4, 1.0), "float16": (2e-2, 0.75), "int4": (0.75, 0.5), "8bit": (0.5, 0.5)}
+
+
+def tolerance_key(variant: str) -> str:
+    """Which TOLERANCE row a file of the set is held to."""
+    if variant in EIGHT_BIT:
+        return "8bit"
+    return {"fp32": "float32", "fp16": "float16", "q4": "int4", "q4f16": "int4"}[variant]
 
 
 def _validation_prompt(ckpt: Checkpoint) -> list[int]:
@@ -52,44 +60,63 @@ def compare(reference: list[np.ndarray], other: list[np.ndarray]) -> dict:
     return {"max_abs_diff": diff, "relative_diff": diff / scale, "greedy_agreement": agree}
 
 
-def measure_export(ckpt: Checkpoint, folder: Path, dtype: str, quantize: str | None, steps: int = 8) -> dict:
-    """Run the export on onnxruntime beside the float32 twin (and MLX when importable) on a prompt plus
-    `steps` cached decode steps; print the figures on stderr and return them (see compare)."""
-    from .onnx_backend import OnnxBackend
+def twin_reference(ckpt: Checkpoint, steps: int = 8) -> tuple[list[int], list[int], list[np.ndarray]]:
+    """The float32 twin on the validation prompt and `steps` of its own greedy continuation: (prompt, the
+    continuation's tokens, the logits after the prompt and after each token). Every file is fed the same."""
     from .torch_backend import TorchBackend
 
     prompt = _validation_prompt(ckpt)
     twin = TorchBackend(ckpt, "float32")
     reference = [twin.forward(prompt)]
     tokens = []
-    for _ in range(steps):  # the twin's own greedy continuation, then every backend is fed the same tokens
+    for _ in range(steps):
         tokens.append(int(np.argmax(reference[-1])))
         reference.append(twin.forward(tokens[-1:]))
     del twin
-    onnx_backend = OnnxBackend(folder, dtype, quantize)
-    result = compare(reference, teacher_forced_logits(onnx_backend, prompt, tokens))
-    result["device"] = onnx_backend.device
-    del onnx_backend
-    print(f"validate: onnx ({model_filename(dtype, quantize)}) vs torch float32 on {len(prompt)} prompt tokens + "
-          f"{steps} steps: max |logit diff| {result['max_abs_diff']:.3g} (relative {result['relative_diff']:.3g}), "
-          f"greedy agreement {result['greedy_agreement']:.0%}", file=sys.stderr)
-    mlx = _mlx_figures(ckpt, prompt, tokens, reference)
-    if mlx:
-        result["mlx"] = mlx
-        print(f"validate: mlx float32 vs torch float32: max |logit diff| {mlx['max_abs_diff']:.3g}, "
-              f"greedy agreement {mlx['greedy_agreement']:.0%}", file=sys.stderr)
-    return result
+    return prompt, tokens, reference
 
 
-def validate_export(ckpt: Checkpoint, folder: Path, dtype: str, quantize: str | None, steps: int = 8) -> dict:
-    """measure_export, then QwenError when outside TOLERANCE."""
-    result = measure_export(ckpt, folder, dtype, quantize, steps)
-    max_rel, min_agree = TOLERANCE["int4" if quantize else dtype]
-    if result["relative_diff"] > max_rel or result["greedy_agreement"] < min_agree:
-        raise QwenError(f"the exported model does not match the PyTorch twin: relative logit diff "
-                        f"{result['relative_diff']:.3g} (allowed {max_rel:g}), greedy agreement "
-                        f"{result['greedy_agreement']:.0%} (required {min_agree:.0%}); nothing was written")
-    return result
+def measure_export(ckpt: Checkpoint, folder: Path, dtype: str = "float32", quantize: str | None = None,
+                   steps: int = 8, variants: list[str] | None = None, mlx: bool = True) -> dict:
+    """Run the export's files (`variants`, names of onnx_format.VARIANTS; default the one dtype/quantize
+    names) on onnxruntime beside the float32 twin (and MLX when importable) on a prompt plus `steps` cached
+    decode steps; print the figures on stderr and return them (see compare): one file's figures, or
+    {variant: figures} when `variants` is given."""
+    from .onnx_backend import OnnxBackend
+
+    names = variants or [variant_of(dtype, quantize)]
+    prompt, tokens, reference = twin_reference(ckpt, steps)
+    results = {}
+    for variant in names:
+        onnx_backend = OnnxBackend(folder, variant=variant)
+        result = compare(reference, teacher_forced_logits(onnx_backend, prompt, tokens))
+        result["device"] = onnx_backend.device
+        del onnx_backend
+        print(f"validate: onnx ({VARIANT_FILES[variant]}) vs torch float32 on {len(prompt)} prompt tokens + "
+              f"{steps} steps: max |logit diff| {result['max_abs_diff']:.3g} (relative "
+              f"{result['relative_diff']:.3g}), greedy agreement {result['greedy_agreement']:.0%}", file=sys.stderr)
+        results[variant] = result
+    figures = _mlx_figures(ckpt, prompt, tokens, reference) if mlx else None
+    if figures:
+        print(f"validate: mlx float32 vs torch float32: max |logit diff| {figures['max_abs_diff']:.3g}, "
+              f"greedy agreement {figures['greedy_agreement']:.0%}", file=sys.stderr)
+        for result in results.values():
+            result["mlx"] = figures
+    return results if variants else results[names[0]]
+
+
+def validate_export(ckpt: Checkpoint, folder: Path, dtype: str = "float32", quantize: str | None = None,
+                    steps: int = 8, variants: list[str] | None = None) -> dict:
+    """measure_export, then QwenError when a file is outside its TOLERANCE."""
+    names = variants or [variant_of(dtype, quantize)]
+    results = measure_export(ckpt, folder, steps=steps, variants=names)
+    for variant, result in results.items():
+        max_rel, min_agree = TOLERANCE[tolerance_key(variant)]
+        if result["relative_diff"] > max_rel or result["greedy_agreement"] < min_agree:
+            raise QwenError(f"the exported {VARIANT_FILES[variant]} does not match the PyTorch twin: relative logit "
+                            f"diff {result['relative_diff']:.3g} (allowed {max_rel:g}), greedy agreement "
+                            f"{result['greedy_agreement']:.0%} (required {min_agree:.0%}); nothing was written")
+    return results if variants else results[names[0]]
 
 
 def _mlx_figures(ckpt: Checkpoint, prompt: list[int], tokens: list[int], reference: list[np.ndarray]) -> dict | None:

@@ -1,4 +1,12 @@
-"""int4 weights for the traced decoder, by onnxruntime's own MatMulNBits quantizer, tied embeddings kept tied.
+"""int4 and 8-bit weights for the traced decoder, by onnxruntime's own quantizers, tied embeddings kept tied.
+
+8 bits (transformers.js' q8 / int8 / uint8 files, `quantize_8bit`): onnxruntime's dynamic quantizer with the
+settings of transformers.js' conversion script (scripts/quantize.py there): IntegerOps mode, per-tensor
+scales, no reduced range, constant-B MatMuls -> MatMulInteger after DynamicQuantizeLinear on the activations,
+the embedding Gather on a uint8 table. A tied lm_head is given its own weight first (as below), so it runs as
+MatMulInteger too, and the Gather then reads that one table through a Transpose: stored once, in 8 bits.
+
+int4 (`quantize_int4`):
 
 The quantizer rewrites only MatMuls whose B is a plain initializer. A tied lm_head reads the embedding table
 through a Transpose, so it would stay float32 and keep the float32 table alive for the Gather too: for
@@ -66,6 +74,92 @@ def quantize_int4(proto):
     if tied is not None:
         tie_quantized_embedding(proto.graph, tied)
     return proto
+
+
+# ---- 8 bits: onnxruntime's dynamic quantizer, as transformers.js runs it --------------------------------
+
+# Weight types by name: q8 is transformers.js' pick per graph (`eight_bit_weights`), int8 / uint8 are fixed.
+WEIGHT_TYPES = {"int8": "QInt8", "uint8": "QUInt8"}
+# transformers.js' QUINT8_OPS: graphs with these take uint8 weights for q8 (onnxruntime-web lacks int8
+# ConvInteger; genai-style attention ops run faster with uint8), every other graph int8.
+QUINT8_OPS = ("Conv", "GroupQueryAttention", "MultiHeadAttention")
+
+
+def eight_bit_weights(proto, variant: str) -> str:
+    """"int8" or "uint8": the weight type of the q8 / int8 / uint8 file for this graph."""
+    if variant != "q8":
+        return variant
+    ops = {n.op_type for n in proto.graph.node}
+    return "uint8" if ops & set(QUINT8_OPS) else "int8"
+
+
+def quantize_8bit(proto, weights: str):
+    """Constant-B MatMuls -> MatMulInteger with per-tensor 8-bit weights (`weights`: "int8", symmetric, or
+    "uint8", asymmetric) and the embedding table -> uint8, by onnxruntime's ONNXQuantizer with transformers.js'
+    settings. Refuses graphs whose weights it would leave float: the fused MoE experts (com.microsoft MoE)."""
+    from onnxruntime.quantization import QuantizationMode, QuantType
+    from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+    from qwen_mlx.errors import QwenError
+
+    if any(n.op_type == "MoE" for n in proto.graph.node):
+        raise QwenError("8-bit ONNX variants (q8, int8, uint8) cannot hold the fused MoE experts: onnxruntime's "
+                        "dynamic quantizer does not rewrite com.microsoft MoE, so they would stay float32; export "
+                        "q4 / q4f16 (QMoE), or pass --moe standard")
+    tied = untie_lm_head(proto.graph)
+    keep_float = [n.name for n in proto.graph.node
+                  if tied is not None and _is_plain(n, "Gather") and n.input[0] == tied.embedding]
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
+    quantizer = ONNXQuantizer(proto, False, False, mode=QuantizationMode.IntegerOps, static=False,
+                              weight_qType=getattr(QuantType, WEIGHT_TYPES[weights]),
+                              activation_qType=QuantType.QUInt8,  # dynamic activations are uint8 only
+                              tensors_range=None, nodes_to_quantize=[], nodes_to_exclude=keep_float,
+                              op_types_to_quantize=set(IntegerOpsRegistry.keys()),
+                              extra_options=dict(EnableSubgraph=True, MatMulConstBOnly=True))
+    quantizer.quantize_model()
+    proto = quantizer.model.model
+    if tied is not None:
+        tie_8bit_embedding(proto.graph, tied)
+    return proto
+
+
+def tie_8bit_embedding(graph, tied: TiedHead) -> None:
+    """Gather(E) -> DequantizeLinear(Gather(Transpose(E.T quantized))) with the lm_head's scale and zero
+    point, then drop the float table E: one 8-bit table serves both ends (onnxruntime folds the Transpose of
+    an initializer at load)."""
+    from onnx import helper
+
+    names = {t.name for t in graph.initializer}
+    packed, scale, zero = (f"{tied.weight}{suffix}" for suffix in ("_quantized", "_scale", "_zero_point"))
+    if not {packed, scale, zero} <= names:
+        raise RuntimeError(f"the tied lm_head ({tied.weight}) was not quantized to 8 bits")
+    rows = f"{tied.embedding}.8bit"
+    order, done = [], False
+    for node in list(graph.node):
+        if _is_plain(node, "Gather") and node.input[0] == tied.embedding:
+            if not done:
+                order.append(helper.make_node("Transpose", [packed], [rows], name=f"{tied.embedding}.Transpose",
+                                              perm=[1, 0]))
+                done = True
+            order.append(helper.make_node("Gather", [rows, node.input[1]], [f"{node.output[0]}.8bit"],
+                                          name=f"{node.name}.8bit", axis=0))
+            order.append(helper.make_node("DequantizeLinear", [f"{node.output[0]}.8bit", scale, zero],
+                                          [node.output[0]], name=f"{node.name}.Dequantize"))
+        else:
+            order.append(node)
+    if not done:
+        raise RuntimeError(f"no Gather reads {tied.embedding}")
+    copies = []
+    for node in order:  # the graph's own nodes are cleared below: keep copies
+        copy = type(node)()
+        copy.CopyFrom(node)
+        copies.append(copy)
+    del graph.node[:]
+    graph.node.extend(copies)
+    for i in reversed(range(len(graph.initializer))):
+        if graph.initializer[i].name == tied.embedding:
+            del graph.initializer[i]
 
 
 # ---- before quantizing: give the tied head a weight of its own ------------------------------------------
@@ -159,4 +253,4 @@ def tie_quantized_embedding(graph, tied: TiedHead) -> None:
             del graph.initializer[i]
 
 
-__all__ = ["quantize_int4", "untie_lm_head", "tie_quantized_embedding", "INT4_BLOCK_SIZE"]
+__all__ = ["quantize_8bit", "eight_bit_weights", "quantize_int4", "untie_lm_head", "tie_quantized_embedding", "INT4_BLOCK_SIZE"]

@@ -281,7 +281,8 @@ def int4_from_float32_export(fp32_dir: Path, out_dir: Path) -> tuple[Path, float
 
     import onnx
 
-    from export.onnx_export import model_filename, quantize_int4
+    from export.onnx_format import model_filename
+    from export.quantize import quantize_int4
 
     t = time.perf_counter()
     proto = quantize_int4(onnx.load(str(Path(fp32_dir) / "onnx" / model_filename("float32", None))))
