@@ -44,6 +44,9 @@ MODEL_OPTIONS = [
                  help="weights and activations [default: float32 on a CPU, bfloat16 on a GPU]"),
     click.option("--quantize", type=click.Choice(["4", "8", "int4"]), default=None,
                  help="mlx: 4- or 8-bit affine weights (group 64); onnx: run the int4 export"),
+    click.option("--onnx-dtype", type=click.Choice(["fp32", "fp16", "q8", "int8", "uint8", "q4", "q4f16"]),
+                 default=None, help="onnx: the export folder's file to run, by transformers.js' dtype name "
+                                    "[default: the most accurate there: fp32, fp16, q4, q4f16, uint8, q8, int8]"),
 ]
 
 
@@ -102,7 +105,8 @@ def _thinking_switch(loaded, no_think: bool) -> None:
     loaded.tokenizer.template_kwargs["enable_thinking"] = False
 
 
-def _prepare(backend, model, dtype, quantize, max_tokens, stop=(), kv_bits=None, kv_group_size="64", **sampling):
+def _prepare(backend, model, dtype, quantize, max_tokens, stop=(), kv_bits=None, kv_group_size="64", onnx_dtype=None,
+             **sampling):
     """Check the flags before loading anything, then load the backend and the sampling defaults."""
     from qwen_mlx.backends import load
     from qwen_mlx.generate import check_stop_strings
@@ -112,7 +116,7 @@ def _prepare(backend, model, dtype, quantize, max_tokens, stop=(), kv_bits=None,
         raise QwenError(f"--max-tokens must be >= 0, got {max_tokens}")
     check_stop_strings(stop)
     SamplingParams(**{k: v for k, v in sampling.items() if v is not None})  # validate the flags early
-    loaded = load(backend, model, dtype, quantize, **_kv(kv_bits, kv_group_size))
+    loaded = load(backend, model, dtype, quantize, **_kv(kv_bits, kv_group_size), onnx_dtype=onnx_dtype)
     params = SamplingParams.from_generation_config(loaded.generation_config, **sampling)
     return loaded, params
 
@@ -146,13 +150,14 @@ def cli():
 @NO_THINK
 @PROMPT_CACHE
 @kv_options
-def chat(backend, model, dtype, quantize, max_tokens, stop, system, no_think, prompt_cache, kv_bits, kv_group_size,
-         **sampling):
+def chat(backend, model, dtype, quantize, onnx_dtype, max_tokens, stop, system, no_think, prompt_cache, kv_bits,
+         kv_group_size, **sampling):
     """Multi-turn chat in the terminal, replies streamed."""
     from qwen_mlx.chat import run_chat
 
     _check_prompt_cache_backend(prompt_cache, backend)
-    loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, kv_bits, kv_group_size, **sampling)
+    loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, kv_bits, kv_group_size, onnx_dtype,
+                              **sampling)
     _thinking_switch(loaded, no_think)
     session = None
     if prompt_cache:
@@ -173,8 +178,8 @@ def chat(backend, model, dtype, quantize, max_tokens, stop, system, no_think, pr
 @NO_THINK
 @PROMPT_CACHE
 @kv_options
-def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, system, no_think, prompt_cache,
-             kv_bits, kv_group_size, **sampling):
+def generate(backend, model, dtype, quantize, onnx_dtype, max_tokens, stop, prompt, raw, system, no_think,
+             prompt_cache, kv_bits, kv_group_size, **sampling):
     """One reply to one prompt: the text on stdout, a JSON stats line last on stderr."""
     from qwen_mlx.engine import local_engine, stream_generate
     from qwen_mlx.generate import GenerationStats
@@ -182,7 +187,8 @@ def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, sys
     if prompt == "-":
         prompt = sys.stdin.read()
     _check_prompt_cache_backend(prompt_cache, backend)
-    loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, kv_bits, kv_group_size, **sampling)
+    loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, kv_bits, kv_group_size, onnx_dtype,
+                              **sampling)
     _thinking_switch(loaded, no_think and not raw)
     session, cached = _prompt_cache(loaded, prompt_cache) if prompt_cache else (None, None)
     if cached is not None and system is None and not raw:
@@ -211,7 +217,7 @@ def generate(backend, model, dtype, quantize, max_tokens, stop, prompt, raw, sys
 @click.option("--raw", is_flag=True,
               help="cache the text as is [default: as the chat's system message, which chat/generate reuse]")
 @click.option("--out", required=True, help="the cache file to write (safetensors)")
-def cache_prompt(backend, model, dtype, quantize, doc, raw, out):
+def cache_prompt(backend, model, dtype, quantize, onnx_dtype, doc, raw, out):
     """Prefill a long document once and save its KV cache for `chat` / `generate --prompt-cache` (mlx)."""
     from qwen_mlx.backends import load
     from qwen_mlx.prompt_cache import save_prompt_cache
@@ -221,7 +227,7 @@ def cache_prompt(backend, model, dtype, quantize, doc, raw, out):
         text = sys.stdin.read() if doc == "-" else Path(doc).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise QwenError(f"cannot read --file {doc}: {e}") from None
-    loaded = load(backend, model, dtype, quantize)
+    loaded = load(backend, model, dtype, quantize, onnx_dtype=onnx_dtype)
     tok = loaded.tokenizer
     ids = tok.encode(text) if raw else tok.encode_chat([{"role": "system", "content": text}], add_generation_prompt=False)
     save_prompt_cache(Path(out), loaded, ids, system=None if raw else text)
@@ -241,7 +247,7 @@ def cache_prompt(backend, model, dtype, quantize, doc, raw, out):
               help="seconds in-flight requests get to finish after Ctrl-C / SIGTERM")
 @NO_THINK
 @kv_options
-def serve(backend, model, dtype, quantize, host, port, max_batch, max_queue, max_tokens, api_key, grace, no_think,
+def serve(backend, model, dtype, quantize, onnx_dtype, host, port, max_batch, max_queue, max_tokens, api_key, grace, no_think,
           kv_bits, kv_group_size):
     """An OpenAI-compatible HTTP server (chat, completions, streaming) with continuous batching."""
     from qwen_mlx.serve import require_extra, serve as run_server
@@ -256,7 +262,7 @@ def serve(backend, model, dtype, quantize, host, port, max_batch, max_queue, max
                         "with --kv-bits requests are served one at a time on a quantized cache")
     from qwen_mlx.backends import load
 
-    loaded = load(backend, model, dtype, quantize, **_kv(kv_bits, kv_group_size))
+    loaded = load(backend, model, dtype, quantize, **_kv(kv_bits, kv_group_size), onnx_dtype=onnx_dtype)
     _thinking_switch(loaded, no_think)  # the default; a request's chat_template_kwargs can still say otherwise
     run_server(loaded, host, port, max_batch=max_batch, api_key=api_key, max_queue=max_queue,
                max_tokens=max_tokens, grace=grace)

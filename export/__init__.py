@@ -34,12 +34,12 @@ def _torch(model: str | None, dtype: str | None, quantize: str | None):
     return TorchBackend(ckpt, dtype or "float32"), ckpt.folder
 
 
-def _onnx(model: str | None, dtype: str | None, quantize: str | None):
+def _onnx(model: str | None, dtype: str | None, quantize: str | None, onnx_dtype: str | None = None):
     require("the onnx backend")
     from .onnx_backend import OnnxBackend
 
     folder: Path = resolve_model(model)
-    return OnnxBackend(folder, dtype, "int4" if quantize == "4" else quantize), folder
+    return OnnxBackend(folder, dtype, "int4" if quantize == "4" else quantize, variant=onnx_dtype), folder
 
 
 register("torch", _torch)

@@ -40,19 +40,23 @@ class LoadedModel:
 
 
 def load(backend: str, model: str | None, dtype: str | None = None, quantize: str | None = None,
-         kv_bits: int | None = None, kv_group_size: int = 64) -> LoadedModel:
+         kv_bits: int | None = None, kv_group_size: int = 64, onnx_dtype: str | None = None) -> LoadedModel:
     """`mlx` and `torch` read a safetensors checkpoint; `onnx` reads a folder written by `export-onnx`.
-    `kv_bits` (mlx only) stores the KV cache quantized, `kv_group_size` features per scale and bias."""
+    `kv_bits` (mlx only) stores the KV cache quantized, `kv_group_size` features per scale and bias.
+    `onnx_dtype` (onnx only) picks the folder's file by transformers.js' dtype name (fp32, q8, q4, ...)."""
     if kv_bits is not None and backend != "mlx":
         raise QwenError(f"--kv-bits works with the mlx backend only (its cache stores quantized keys and values "
                         f"and attends with quantized matmuls); the {backend} backend keeps a float cache")
+    if onnx_dtype is not None and backend != "onnx":
+        raise QwenError(f"--onnx-dtype picks a file of an ONNX export folder: it needs --backend onnx, not {backend}")
     factory = _REGISTRY.get(backend)
     if factory is None:
         if backend in _PROVIDED_BY:
             raise QwenError(f"the {backend} backend lives in the `{_PROVIDED_BY[backend]}` package: "
                             f"`import {_PROVIDED_BY[backend]}` registers it (cli.py does)")
         raise QwenError(f"unknown backend {backend!r} (choose from {', '.join(names())})")
-    impl, folder = factory(model, dtype, quantize, *((kv_bits, kv_group_size) if kv_bits is not None else ()))
+    impl, folder = factory(model, dtype, quantize, *((kv_bits, kv_group_size) if kv_bits is not None else ()),
+                           **({"onnx_dtype": onnx_dtype} if onnx_dtype is not None else {}))
     tokenizer = Tokenizer.from_folder(folder)
     return LoadedModel(impl, tokenizer, read_generation_config(folder), folder)
 
