@@ -65,9 +65,22 @@ def tiny_onnx(tiny_model, tmp_path_factory: pytest.TempPathFactory):
     def get(name: str) -> Path:
         if name not in built:
             out = tmp_path_factory.mktemp(f"onnx-{name}") / "export"
-            r = run("export-onnx", "--model", str(tiny_model(name)), "--out", str(out))
+            r = run("export-onnx", "--model", str(tiny_model(name)), "--out", str(out), "--dtypes", "fp32")
             assert r.returncode == 0, r.stderr
             built[name] = out
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_set(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole dtype set (`export-onnx --dtypes all`: fp32, fp16, q8, int8, uint8, q4, q4f16) of
+    tiny_model("gqa2-untied") in one folder, each file validated by the exporter: one run per session
+    (~1 min on 2 cores: two traces, five quantizations, seven checks)."""
+    from tests.test_cli import run
+
+    out = tmp_path_factory.mktemp("onnx-set") / "export"
+    r = run("export-onnx", "--model", str(tiny_model("gqa2-untied")), "--out", str(out), "--dtypes", "all")
+    assert r.returncode == 0, r.stderr
+    return out
