@@ -159,6 +159,27 @@ def test_page_reproduces_our_greedy_tokens_tiny(browser, tiny_export, tmp_path):
     assert shot.stat().st_size > 1000
 
 
+def test_page_loads_the_dtype_set_with_the_wasm_default(browser, tiny_model, tiny_onnx_set):
+    """`export-onnx --dtypes all` (tests/conftest.py): with no dtype in the URL the page takes transformers.js'
+    wasm default, q8 (model_quantized.onnx), and replies. Token for token it is compared on uint8: onnxruntime's
+    AVX2 kernel for uint8 activations x int8 weights (q8 here) adds pairs in saturating 16 bits on CPUs without
+    VNNI (this one), WebAssembly does not, so on q8 the two drift apart within a few tokens of a random model;
+    uint8 weights take an exact path on both."""
+    hf = tiny_model("gqa2-untied")
+    prompt = "hello world"
+    texts, ids = er.reference_prompts(hf, [prompt], chat=True)
+    ours = er.run_runtime("ours", tiny_onnx_set, ids, N_TOKENS, texts=texts, onnx_file="model_uint8.onnx")
+    assert ours.ok, f"our ONNX backend failed on {tiny_onnx_set}:\n{ours.error}"
+    with serving(tiny_onnx_set) as base:
+        default = chat_in_page(browser, base, dict(model=tiny_onnx_set.name, device="wasm", prompt=prompt,
+                                                   max_new_tokens=N_TOKENS))
+        uint8 = chat_in_page(browser, base, dict(model=tiny_onnx_set.name, dtype="uint8", device="wasm",
+                                                 prompt=prompt, max_new_tokens=N_TOKENS))
+    assert default["dtype"] == "q8" and default["promptIds"] == ids[0] and 1 <= len(default["tokens"]) <= N_TOKENS
+    assert uint8["dtype"] == "uint8"
+    assert_same_greedy_tokens(uint8, ours, ids[0], hf)
+
+
 FAKE_WEBGPU = "Object.defineProperty(navigator, 'gpu', {value: {requestAdapter: async () => ({})}})"
 
 

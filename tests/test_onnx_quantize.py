@@ -91,3 +91,46 @@ def test_untied_graph_keeps_its_gather() -> None:
     assert ops == ["Gather", "MatMulNBits"]
     assert [t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT and list(t.dims) == [V, 64]] == \
         ["model.embed_tokens.weight"]
+
+
+# ---- 8 bits (q8 / int8 / uint8): onnxruntime's dynamic quantizer, the tied table kept once ---------------
+
+@pytest.mark.parametrize("weights", ["int8", "uint8"])
+def test_8bit_tied_table_stored_once_and_read_the_same_by_both_ends(weights: str) -> None:
+    from export.quantize import quantize_8bit
+
+    proto, table = tied_graph(64)
+    graph = quantize_8bit(proto, weights).graph
+    ops = [n.op_type for n in graph.node]
+    assert "MatMulInteger" in ops and "MatMul" not in ops, ops  # the head runs in 8 bits too
+    big = [t for t in graph.initializer if np.prod(t.dims) >= V * 64]
+    assert [t.name for t in big] == ["model.embed_tokens.weight.T_quantized"]  # one table, no float copy
+    assert big[0].data_type == (TensorProto.INT8 if weights == "int8" else TensorProto.UINT8)
+    # Row i of the gathered table is column i of the head's weight: logits of the identity read it back.
+    # (the head's activations are quantized too: rows of the identity are exact in uint8)
+    embedding, logits = run(proto_of(graph), np.arange(V), np.eye(64, dtype=np.float32))
+    np.testing.assert_allclose(embedding, logits.T, atol=1e-5)
+    step = (np.abs(table).max() * 2) / 255  # per-tensor: one step over the whole range
+    assert np.abs(embedding - table).max() <= step
+    rng = np.random.default_rng(1)
+    ids, h = rng.integers(0, V, 7), rng.normal(0, 1, (5, 64)).astype(np.float32)
+    got_embedding, got_logits = run(proto_of(graph), ids, h)
+    np.testing.assert_allclose(got_embedding, table[ids], atol=step)
+    assert np.abs(got_logits - h @ table.T).max() < 0.05 * np.abs(h @ table.T).max()
+
+
+def proto_of(graph):
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def test_q8_weights_follow_transformers_js() -> None:
+    """q8 (model_quantized.onnx) is int8 weights unless the graph has the ops transformers.js' script gives
+    uint8 weights (Conv, GroupQueryAttention, MultiHeadAttention)."""
+    from export.quantize import eight_bit_weights
+
+    proto, _ = tied_graph(64)
+    assert eight_bit_weights(proto, "q8") == "int8"
+    assert eight_bit_weights(proto, "uint8") == "uint8"
+    proto.graph.node.append(helper.make_node("GroupQueryAttention", ["h"], ["x"], domain="com.microsoft"))
+    assert eight_bit_weights(proto, "q8") == "uint8"
+    assert eight_bit_weights(proto, "int8") == "int8"
