@@ -247,8 +247,8 @@ def cache_prompt(backend, model, dtype, quantize, onnx_dtype, doc, raw, out):
               help="seconds in-flight requests get to finish after Ctrl-C / SIGTERM")
 @NO_THINK
 @kv_options
-def serve(backend, model, dtype, quantize, onnx_dtype, host, port, max_batch, max_queue, max_tokens, api_key, grace, no_think,
-          kv_bits, kv_group_size):
+def serve(backend, model, dtype, quantize, onnx_dtype, host, port, max_batch, max_queue, max_tokens, api_key, grace,
+          no_think, kv_bits, kv_group_size):
     """An OpenAI-compatible HTTP server (chat, completions, streaming) with continuous batching."""
     from qwen_mlx.serve import require_extra, serve as run_server
 

@@ -46,8 +46,8 @@ DEFAULT_PROMPTS = (
 # Which file of an export folder each (dtype, quantize) means; transformers.js names them by its `dtype`.
 ONNX_FILES = {("float32", None): "model.onnx", ("float16", None): "model_fp16.onnx", ("float32", "int4"): "model_q4.onnx"}
 # The whole set (export/onnx_format.py VARIANT_FILES), written out here: this file imports only the stdlib.
-TJS_DTYPES = {"model.onnx": "fp32", "model_fp16.onnx": "fp16", "model_quantized.onnx": "q8", "model_int8.onnx": "int8",
-              "model_uint8.onnx": "uint8", "model_q4.onnx": "q4", "model_q4f16.onnx": "q4f16"}
+TJS_DTYPES = {"model.onnx": "fp32", "model_fp16.onnx": "fp16", "model_quantized.onnx": "q8",
+              "model_int8.onnx": "int8", "model_uint8.onnx": "uint8", "model_q4.onnx": "q4", "model_q4f16.onnx": "q4f16"}
 
 
 # --------------------------------------------------------------------------------------------------------

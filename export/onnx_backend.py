@@ -39,8 +39,8 @@ def find_model(folder: Path, dtype: str | None = None, quantize: str | None = No
         raise QwenError(f"{folder}: no ONNX model (expected onnx/model.onnx; create one with `export`)")
     if variant is not None:
         if dtype is not None or quantize is not None:
-            raise QwenError("name the ONNX file either by its dtype (--onnx-dtype fp32|q8|q4|...) or by --dtype/--quantize, "
-                            "not both")
+            raise QwenError("name the ONNX file either by its dtype (--onnx-dtype fp32|q8|q4|...) or by "
+                            "--dtype/--quantize, not both")
         if "," in variant or variant.strip().lower() == "all":
             raise QwenError(f"name one ONNX dtype to run, not {variant!r}")
         variant = parse_variants(variant)[0]

@@ -59,7 +59,8 @@ def _step(what: str) -> Iterator[None]:
 
 def export_onnx(ckpt: Checkpoint, out_dir: Path, dtype: str = "float32", quantize: str | None = None,
                 opset: int | None = None, force: bool = False, validate: bool = True,
-                attention: str = "standard", moe: str = DEFAULT_MOE_GRAPH, variants: Sequence[str] | None = None) -> Path:
+                attention: str = "standard", moe: str = DEFAULT_MOE_GRAPH,
+                variants: Sequence[str] | None = None) -> Path:
     """Write the ONNX folder `out_dir`; returns the path of the (first) .onnx model file in it. `variants`:
     names of transformers.js' set to write in one run (fp32, fp16, q8, int8, uint8, q4, q4f16: see
     export_onnx_variants); without it, the one file `dtype` and `quantize` name (float32 / float16, int4).

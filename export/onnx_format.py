@@ -99,4 +99,5 @@ def check_attention(attention: str | None) -> str:
 
 
 __all__ = ["VARIANT_FILES", "VARIANTS", "BASE_DTYPE", "QUANTIZATION", "EIGHT_BIT", "DEFAULT_VARIANTS", "variant_of",
-           "parse_variants", "DTYPES", "QUANTIZATIONS", "ATTENTIONS", "check_attention", "MOE_GRAPHS", "DEFAULT_MOE_GRAPH", "DEFAULT_OPSET", "MIN_OPSET", "io_names", "model_filename", "normalize_options"]
+           "parse_variants", "DTYPES", "QUANTIZATIONS", "ATTENTIONS", "check_attention", "MOE_GRAPHS",
+           "DEFAULT_MOE_GRAPH", "DEFAULT_OPSET", "MIN_OPSET", "io_names", "model_filename", "normalize_options"]

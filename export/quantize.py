@@ -253,4 +253,5 @@ def tie_quantized_embedding(graph, tied: TiedHead) -> None:
             del graph.initializer[i]
 
 
-__all__ = ["quantize_8bit", "eight_bit_weights", "quantize_int4", "untie_lm_head", "tie_quantized_embedding", "INT4_BLOCK_SIZE"]
+__all__ = ["quantize_8bit", "eight_bit_weights", "quantize_int4", "untie_lm_head", "tie_quantized_embedding",
+           "INT4_BLOCK_SIZE"]
