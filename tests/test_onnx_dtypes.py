@@ -183,3 +183,17 @@ def test_genai_runs_the_int4_files(variant, tiny_onnx_set, prompts, ours):
                             timeout=600)
     assert result.ok, f"onnxruntime-genai could not run {variant}:\n{result.error}"
     assert er.compare(ours(variant), result) == "yes", f"{variant}: {er.compare(ours(variant), result)}"
+
+
+def test_transformers_js_config_follows_the_files():
+    from export.onnx_export import transformers_js_config
+
+    # Every device's default file there (fp32: Node and WebGPU, q8: wasm): no dtype pinned.
+    assert transformers_js_config({"fp32": True, "q8": True, "q4": True}) == {"use_external_data_format": True}
+    # Otherwise the first file of the set, so that a plain from_pretrained finds one.
+    assert transformers_js_config({"q4": False}) == {"dtype": "q4"}
+    assert transformers_js_config({"fp32": False, "q4": False}) == {"dtype": "fp32"}
+    # The float16 graphs' cache, and external data per file when only some files have it.
+    assert transformers_js_config({"fp16": True, "q4f16": False}) == {
+        "dtype": "fp16", "kv_cache_dtype": {"fp16": "float16", "q4f16": "float16"},
+        "use_external_data_format": {"model_fp16.onnx": True}}
