@@ -109,9 +109,8 @@ def prepare_ours(hf: Path, root: Path, quantize: str | None, given: str | None) 
     out = root / f"ours_{tag}"
     if (out / "onnx" / name).is_file():
         return out
-    command = [sys.executable, "cli.py", "export-onnx", "--model", str(hf), "--out", str(out), "--force"]
-    if quantize:
-        command += ["--quantize", quantize]
+    command = [sys.executable, "cli.py", "export-onnx", "--model", str(hf), "--out", str(out), "--force",
+               "--dtypes", "q4" if quantize else "fp32"]
     _run(command, root / f"ours_{tag}.log")
     return out
 
