@@ -17,9 +17,11 @@ from .onnx_format import EIGHT_BIT, VARIANT_FILES, variant_of
 # (max |logit diff| relative to the largest logit, greedy agreement required) against the float32 twin.
 # fp32 differs only by summation order (measured ~2e-6 on tiny models). fp16, int4 and 8-bit bounds are
 # measured values with a wide margin (tiny random models: fp16 2e-3 / 100%, int4 0.46 / 89%, the worst
-# case, as random weights quantize badly; 8-bit: see EIGHT_BIT_TOLERANCE): they catch a broken export, not a
-# slightly lossy one.
-TOLERANCE = {"float32": (2e-4, 1.0), "float16": (2e-2, 0.75), "int4": (0.75, 0.5), "8bit": (0.5, 0.5)}
+# case, as random weights quantize badly): they catch a broken export, not a slightly lossy one. 8-bit,
+# per-tensor: the real 0.5B checkpoint 0.32 / 44% (q8, int8 weights) and 0.26 / 89% (uint8) over 9
+# positions; int8 weights run onnxruntime's uint8 x int8 AVX2 kernel, which saturates 16-bit pair sums on CPUs
+# without VNNI (not on WebAssembly, transformers.js' q8 target). A damaged table or layout scores ~0%.
+TOLERANCE = {"float32": (2e-4, 1.0), "float16": (2e-2, 0.75), "int4": (0.75, 0.5), "8bit": (0.5, 0.25)}
 
 
 def tolerance_key(variant: str) -> str:
