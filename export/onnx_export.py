@@ -196,9 +196,12 @@ def _build_model(ckpt: Checkpoint, path: Path, dtype: str, quantize: str | None,
             fuse_skip_rms_norm(proto.graph)
     kept = 0
     if quantize == "int4" and ckpt.quantization is not None:
-        from .stored_quant import stored_int4
-        with _step("MatMulNBits from the stored 4-bit codes, scales and zero points (export/stored_quant.py)"):
-            kept = stored_int4(proto, ckpt)  # AWQ/GPTQ: the publisher's quantization; what it kept float stays
+        from .stored_quant import carry_stored
+        with _step("MatMulNBits from the stored codes, scales and zero points (export/stored_quant.py)"):
+            carried = carry_stored(proto, ckpt)  # the publisher's quantization; what it kept float stays
+        kept = len(carried)
+        for module, why in carried.left.items():
+            print(f"warning: {module} is stored quantized but stays float in the ONNX model: {why}", file=sys.stderr)
     if quantize == "int4" and not kept:
         with _step(f"quantizing MatMul weights to int4 (MatMulNBits, block {INT4_BLOCK_SIZE})"):
             proto = quantize_int4(proto)
