@@ -196,12 +196,9 @@ def _build_model(ckpt: Checkpoint, path: Path, dtype: str, quantize: str | None,
             fuse_skip_rms_norm(proto.graph)
     kept = 0
     if quantize == "int4" and ckpt.quantization is not None:
-        from .stored_quant import carry_stored
+        from .stored_quant import int4_from_stored
         with _step("MatMulNBits from the stored codes, scales and zero points (export/stored_quant.py)"):
-            carried = carry_stored(proto, ckpt)  # the publisher's quantization; what it kept float stays
-        kept = len(carried)
-        for module, why in carried.left.items():
-            print(f"warning: {module} is stored quantized but stays float in the ONNX model: {why}", file=sys.stderr)
+            proto, kept = int4_from_stored(proto, ckpt)  # the publisher's quantization; what it kept float stays
     if quantize == "int4" and not kept:
         with _step(f"quantizing MatMul weights to int4 (MatMulNBits, block {INT4_BLOCK_SIZE})"):
             proto = quantize_int4(proto)

@@ -19,13 +19,15 @@ the gathered c rows spread over their groups.
 
 A module is carried only when the traced weight equals the stored dequantization (rounded to the export's
 dtype) and its scales survive that dtype; anything else, and bits MatMulNBits lacks (2, 3, 5, 6), stays as
-traced and is reported. What the publisher left float stays float: export_onnx runs the int4 quantizer only
-when nothing here was carried.
+traced and is reported (export_onnx then has onnxruntime's int4 quantizer round those MatMuls, saying so).
+What the publisher left float stays float: export_onnx runs the int4 quantizer over everything only when
+nothing here was carried.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,7 +35,7 @@ import numpy as np
 from qwen_mlx.checkpoint import Checkpoint
 from qwen_mlx.quant.affine import module_params, unpack_codes
 
-from .quantize import untie_lm_head
+from .quantize import quantize_int4, untie_lm_head
 
 CARRIED_BITS = (4, 8)  # what MatMulNBits and GatherBlockQuantized take (onnxruntime >= 1.2x CPU: both)
 _LINEAR = re.compile(r"(?:(.*)\.)?(\w+)\.weight\.T")  # the traced (and fused) Linear weights' names
@@ -68,9 +70,29 @@ class Carried:
     """What carry_stored did: modules carried and stored modules left as traced, with the reason."""
     modules: list[str] = field(default_factory=list)
     left: dict[str, str] = field(default_factory=dict)
+    left_matmuls: dict[str, list[str]] = field(default_factory=dict)  # MatMul node name -> its `left` modules
 
     def __len__(self) -> int:
         return len(self.modules)
+
+
+def int4_from_stored(proto, ckpt: Checkpoint):
+    """export-onnx --quantize int4 on a stored quantized checkpoint: carry what can be carried; the MatMuls of
+    stored modules that cannot be go to onnxruntime's int4 quantizer. Warnings on stderr name each such module.
+    Returns (the model, how many modules were carried); with none carried, the caller quantizes it all."""
+    done = carry_stored(proto, ckpt)
+    if not done:
+        if done.left:
+            print(f"warning: no stored quantized module can be carried ({next(iter(done.left.values()))}, ...): "
+                  "onnxruntime's int4 quantizer rounds the dequantized weights", file=sys.stderr)
+        return proto, 0
+    requantized = {m for modules in done.left_matmuls.values() for m in modules}
+    for module, why in done.left.items():
+        to = "re-quantized to int4 by onnxruntime's quantizer" if module in requantized else "left float"
+        print(f"warning: {module} is stored quantized but not carried ({why}): {to}", file=sys.stderr)
+    if done.left_matmuls:
+        proto = quantize_int4(proto, only=list(done.left_matmuls))
+    return proto, len(done)
 
 
 def carry_stored(proto, ckpt: Checkpoint, accuracy_level: int = 4, zero_points: bool = True) -> Carried:
@@ -134,11 +156,13 @@ def carry_stored(proto, ckpt: Checkpoint, accuracy_level: int = 4, zero_points: 
         prefix = f"{m[1]}." if m[1] else ""  # lm_head has none
         modules = [prefix + p for p in _unfused(ckpt, prefix, m[2])]
         s = stored(modules, node.input[1], True)
-        if s is None:
-            continue
         rank = _rank(graph, node.input[0])
-        if rank is None and s.correction.any():
+        if s is not None and rank is None and s.correction.any():
             done.left.update((x, "its input's rank is unknown (the correction reshapes it)") for x in modules)
+            s = None
+        if s is None:
+            if any(x in done.left for x in modules):
+                done.left_matmuls[node.name] = modules
             continue
         name = node.input[1].removesuffix(".weight.T")
         tied_head = tied is not None and node.input[1] == tied.weight  # shares the table's initializers
@@ -184,18 +208,18 @@ def _stored(ckpt: Checkpoint, module: str, zero_points: bool = True) -> Stored |
     if p.bits not in CARRIED_BITS:
         return f"{p.bits}-bit: MatMulNBits takes {' or '.join(map(str, CARRIED_BITS))} bits"
     t = {}
-    for key in ("weight", "scales", "biases"):
-        with safe_open(str(ckpt.tensors[f"{module}.{key}"].file), framework="numpy") as f:
+    for key in ("weight", "scales", "biases"):  # by torch, as the twin reads them: numpy has no bfloat16
+        with safe_open(str(ckpt.tensors[f"{module}.{key}"].file), framework="pt") as f:
             t[key] = f.get_tensor(f"{module}.{key}")
     if t["weight"].ndim != 2:
         return "stacked experts (not a MatMul)"
-    scales, biases = t["scales"].astype(np.float32), t["biases"].astype(np.float32)
+    scales, biases = (t[k].float().numpy() for k in ("scales", "biases"))
     top = (1 << p.bits) - 1
     if zero_points:
         zeros = np.clip(np.rint(-biases / np.where(scales == 0, 1, scales)), 0, top)
     else:
         zeros = np.full_like(scales, 1 << (p.bits - 1))
-    return Stored(unpack_codes(t["weight"], p.bits), scales, biases, zeros.astype(np.uint8), p.bits, p.group_size)
+    return Stored(unpack_codes(t["weight"].numpy(), p.bits), scales, biases, zeros.astype(np.uint8), p.bits, p.group_size)
 
 
 def _unfused(ckpt: Checkpoint, prefix: str, proj: str) -> list[str]:
