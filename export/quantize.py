@@ -49,10 +49,11 @@ def quantize_int4(proto, only: list[str] | None = None):
     from .optimize import ROUTER_WEIGHTS
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
-    if only is not None:  # just these MatMul nodes (stored modules export/stored_quant.py could not carry)
+    if only is not None:  # just these nodes (stored modules export/stored_quant.py could not carry)
         quantizer = MatMulNBitsQuantizer(proto, bits=BITS, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
-                                         accuracy_level=4, nodes_to_include=only, op_types_to_quantize=("MatMul",),
-                                         quant_axes=(("MatMul", 0),))
+                                         accuracy_level=4, nodes_to_include=only,
+                                         op_types_to_quantize=("MatMul", "Gather"),
+                                         quant_axes=(("MatMul", 0), ("Gather", -1)))
         quantizer.process()
         return quantizer.model.model
     quantize_moe_int4(proto.graph)  # fused experts (com.microsoft MoE) -> QMoE, 4-bit in blocks of 32

@@ -35,6 +35,7 @@ import numpy as np
 from qwen_mlx.checkpoint import Checkpoint
 from qwen_mlx.quant.affine import module_params, unpack_codes
 
+from .moe_onnx import quantize_moe_int4
 from .quantize import quantize_int4, untie_lm_head
 
 CARRIED_BITS = (4, 8)  # what MatMulNBits and GatherBlockQuantized take (onnxruntime >= 1.2x CPU: both)
@@ -90,8 +91,17 @@ def int4_from_stored(proto, ckpt: Checkpoint):
     for module, why in done.left.items():
         to = "re-quantized to int4 by onnxruntime's quantizer" if module in requantized else "left float"
         print(f"warning: {module} is stored quantized but not carried ({why}): {to}", file=sys.stderr)
-    if done.left_matmuls:
-        proto = quantize_int4(proto, only=list(done.left_matmuls))
+    only = list(done.left_matmuls)
+    if any(len(t.shape) == 3 for k, t in ckpt.tensors.items() if k.endswith(".scales")):
+        # Stacked experts: QMoE and the expert Gathers hold no per-group correction, so they are rounded as a
+        # float checkpoint's are (QMoE for --moe fused, GatherBlockQuantized for standard) rather than kept float.
+        print("warning: the routed experts are stored quantized but not carried (stacked experts): re-quantized "
+              "to int4 by onnxruntime's quantizer", file=sys.stderr)
+        quantize_moe_int4(proto.graph)
+        ranks = {t.name: len(t.dims) for t in proto.graph.initializer}
+        only += [n.name for n in proto.graph.node if _is_plain(n, "Gather") and ranks.get(n.input[0]) == 3]
+    if only:
+        proto = quantize_int4(proto, only=only)
     return proto, len(done)
 
 
