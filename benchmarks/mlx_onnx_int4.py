@@ -5,10 +5,12 @@ onnxruntime's quantizer run over the dequantized weights (what the export did be
         [--work DIR] [--rounds 5] [-n 32]
 
 Variants, each exported once into --work (a subprocess apiece, one at a time: the quantizer peaks ~8 GB):
-  carried      the default: MatMulNBits with the stored codes, scales and uint8 zero points round(-b/s),
-               + groupsum(x) @ c^T for the per-group remainder c = b + s * z; the embedding GatherBlockQuantized
-  symmetric    the same codes with no zero-point input (MatMulNBits' default 8): all of b + 8 s in c
-  requantized  onnxruntime's MatMulNBits quantizer (symmetric, block 32) over the dequantized float weights
+  carried            the default: MatMulNBits with the stored codes and scales, no zero-point input
+                     (MatMulNBits' default 8), + groupsum(x) @ c^T for the per-group remainder c = b + 8 s;
+                     the embedding GatherBlockQuantized + its gathered c rows
+  uint8-zero-points  the same codes with uint8 zero points z = round(-b/s): c = b + s z, a few ulps
+  requantized        onnxruntime's MatMulNBits quantizer (symmetric, block 32) over the dequantized float weights
+                     (the embedding, untied here, stays float32 on that path)
 Each at accuracy_level 4 (int8 activations on the CPU, what the export writes) and the carried one at level 0
 too (float activations: a copy of the graph pointing at the same weights).
 Error: logits of each beside MLX running the same quantized folder (MLXBackend, float32) on a chat prompt and
@@ -47,13 +49,13 @@ def export_variant(model: str, out: Path, variant: str) -> None:
     carry = stored_quant.carry_stored
     if variant == "requantized":  # what the export did before: nothing carried, the quantizer runs
         stored_quant.carry_stored = lambda proto, ckpt, accuracy_level=4: stored_quant.Carried()
-    elif variant == "symmetric":
-        stored_quant.carry_stored = lambda proto, ckpt, accuracy_level=4: carry(proto, ckpt, accuracy_level, False)
+    elif variant == "uint8-zero-points":
+        stored_quant.carry_stored = lambda proto, ckpt, accuracy_level=4: carry(proto, ckpt, accuracy_level, "always")
     onnx_export.export_onnx(prepare_model(model), out, quantize="int4", validate=False)
 
 
 def level0_copy(src: Path, dst: Path) -> None:
-    """The same folder with every MatMulNBits at accuracy_level 0; the weights file is linked, not copied."""
+    """The same folder with every MatMulNBits at accuracy_level 0; the weights file is hard-linked, not copied."""
     import onnx
 
     if dst.exists():
@@ -66,7 +68,7 @@ def level0_copy(src: Path, dst: Path) -> None:
                 a.i = 0
     onnx.save(proto, str(dst / "onnx" / "model_q4.onnx"))
     for data in (src / "onnx").glob("*.onnx_data"):
-        os.symlink(data, dst / "onnx" / data.name)
+        os.link(data, dst / "onnx" / data.name)  # a hard link: onnxruntime refuses data outside the folder
 
 
 def folder_mb(folder: Path) -> float:
@@ -114,7 +116,7 @@ def main() -> None:
     work = Path(opts.work)
     work.mkdir(parents=True, exist_ok=True)
     folders = {}
-    for variant in ("carried", "symmetric", "requantized"):
+    for variant in ("carried", "uint8-zero-points", "requantized"):
         folders[variant] = work / variant
         if not folders[variant].exists():
             start = time.perf_counter()

@@ -50,8 +50,10 @@ def quantize_int4(proto, only: list[str] | None = None):
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
     if only is not None:  # just these nodes (stored modules export/stored_quant.py could not carry)
+        # (the quantizer's nodes_to_include adds to op_types_to_quantize: exclusion is what restricts it)
+        keep = [n.name for n in proto.graph.node if n.name not in set(only)]
         quantizer = MatMulNBitsQuantizer(proto, bits=BITS, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
-                                         accuracy_level=4, nodes_to_include=only,
+                                         accuracy_level=4, nodes_to_exclude=keep,
                                          op_types_to_quantize=("MatMul", "Gather"),
                                          quant_axes=(("MatMul", 0), ("Gather", -1)))
         quantizer.process()

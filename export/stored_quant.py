@@ -4,18 +4,20 @@ A checkpoint stored quantized (mlx_lm.convert -q folders, AWQ/GPTQ repacked by q
 per group of G inputs, codes q and MLX's affine scale s and bias b: w = s * q + b. The twin takes that
 dequantized; handing it to onnxruntime's int4 quantizer would round it a second time into other codes.
 Instead every traced MatMul of such a module (a fused q/k/v or gate/up included: their rows concatenate)
-becomes MatMulNBits with the same codes, scales and bits (4 or 8), block size = G, and uint8 zero points
-z = clip(round(-b / s)). MatMulNBits computes s * (q - z); what that misses, the per-group correction
-c = b + s * z [N, K/G], is added as a small float product:
+becomes MatMulNBits with the same codes, scales and bits (4 or 8), block size = G, computing s * (q - z) for
+an integer z; what that misses of s * q + b, the per-group correction c = b + s * z [N, K/G], is added as a
+small float product:
 
     x @ W^T = MatMulNBits(x) + groupsum(x) @ c^T,   groupsum(x) = ReduceSum(Reshape(x, [.., K/G, G]), -1)
 
-the same arithmetic in another summation order. For AWQ/GPTQ (b = -z * s exactly) and for MLX's own
-quantizer, whose b / s is an integer up to rounding, z is the publisher's zero point and c is 0 or a few
-ulps: a module whose c is all zero gets no correction. (Float zero points -b / s would be exact in one op,
-but onnxruntime's CPU kernel runs them ~35x slower; docs/BENCHMARKS.md.) A stored embedding becomes
-GatherBlockQuantized over the same packed bytes (tied to the lm_head as export/quantize.py ties them), plus
-the gathered c rows spread over their groups.
+the same arithmetic in another summation order. Where uint8 zero points z = round(-b / s) reproduce b exactly
+(AWQ/GPTQ: b = -z * s), they are written and there is no correction. Otherwise (MLX's own biases, whose b / s
+is whole only up to rounding, and farther off once scales and biases are stored in bfloat16) z is
+MatMulNBits' default 2 ** (bits - 1), no zero-point input: a correction is needed either way, and onnxruntime's
+CPU kernel runs the symmetric form fastest, with the same error (uint8 zero points measured ~8% slower to
+decode; float zero points z = -b / s, exact in one op, ~13-35x slower; docs/BENCHMARKS.md). A stored
+embedding becomes GatherBlockQuantized over the same packed bytes (tied to the lm_head as export/quantize.py
+ties them), plus the gathered c rows spread over their groups.
 
 A module is carried only when the traced weight equals the stored dequantization (rounded to the export's
 dtype) and its scales survive that dtype; anything else, and bits MatMulNBits lacks (2, 3, 5, 6), stays as
@@ -105,10 +107,10 @@ def int4_from_stored(proto, ckpt: Checkpoint):
     return proto, len(done)
 
 
-def carry_stored(proto, ckpt: Checkpoint, accuracy_level: int = 4, zero_points: bool = True) -> Carried:
+def carry_stored(proto, ckpt: Checkpoint, accuracy_level: int = 4, zero_points: str = "exact") -> Carried:
     """Rewrite in place every MatMul and Gather of a stored 4- or 8-bit module (see the module docstring).
-    `zero_points=False` writes no zero points (MatMulNBits' symmetric default, 2 ** (bits - 1)) and puts all
-    of b + s * 2 ** (bits - 1) in the correction (kept for benchmarks/mlx_onnx_int4.py)."""
+    `zero_points`: "exact" writes uint8 zero points round(-b / s) for a module where they leave no correction
+    (AWQ/GPTQ), else none; "always" and "never" force one form (benchmarks/mlx_onnx_int4.py compares them)."""
     from onnx import helper
 
     done = Carried()
@@ -206,7 +208,7 @@ def carry_stored(proto, ckpt: Checkpoint, accuracy_level: int = 4, zero_points: 
 
 # ---- reading the stored modules -------------------------------------------------------------------------
 
-def _stored(ckpt: Checkpoint, module: str, zero_points: bool = True) -> Stored | str:
+def _stored(ckpt: Checkpoint, module: str, zero_points: str = "exact") -> Stored | str:
     """The stored module as MatMulNBits holds it, or why not ("-..." when it is not stored quantized)."""
     from safetensors import safe_open
 
@@ -224,10 +226,10 @@ def _stored(ckpt: Checkpoint, module: str, zero_points: bool = True) -> Stored |
     if t["weight"].ndim != 2:
         return "stacked experts (not a MatMul)"
     scales, biases = (t[k].float().numpy() for k in ("scales", "biases"))
-    top = (1 << p.bits) - 1
-    if zero_points:
-        zeros = np.clip(np.rint(-biases / np.where(scales == 0, 1, scales)), 0, top)
-    else:
+    zeros = np.clip(np.rint(-biases / np.where(scales == 0, 1, scales)), 0, (1 << p.bits) - 1)
+    if zero_points == "never" or (zero_points == "exact" and (biases + scales * zeros).any()):
+        # A correction is needed anyway (MLX's b / s is whole only up to rounding): then the symmetric kernel,
+        # no zero-point input, is the faster one, with the same error (docs/BENCHMARKS.md)
         zeros = np.full_like(scales, 1 << (p.bits - 1))
     return Stored(unpack_codes(t["weight"].numpy(), p.bits), scales, biases, zeros.astype(np.uint8), p.bits, p.group_size)
 

@@ -3,8 +3,8 @@ GatherBlockQuantized (export/stored_quant.py), checked against the folder itself
 against MLX's logits, and run by onnxruntime-genai and transformers.js.
 
 The main folder is tied gqa4-tied, 4-bit, group 32, with bfloat16 scales and biases (mlx-lm converts a bf16
-model so, as the mlx-community folders are): its b / s is then far from whole, so the per-group correction
-c = b + s * round(-b / s) matters, and a test fails without it.
+model so, as the mlx-community folders are). MatMulNBits gets no zero points (its default 8), so the
+per-group correction c = b + 8 s carries the biases, and a test fails without it.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def test_matmulnbits_hold_the_stored_codes(bf16_export):
         N, K = attrs["N"], attrs["K"]
         codes = _unpack(inits[node.input[1]], 4, 32).reshape(N, K)
         scales = inits[node.input[2]]
-        zeros = _unpack(inits[node.input[3]], 4, K // 32)
+        assert len(node.input) == 3  # no zero points: MatMulNBits' symmetric default 8, the rest in c
+        zeros = 8
         corr = inits[f"{name}.correction"]
         corr = corr if corr.shape == (N, K // 32) else corr.T  # the tied head keeps the gathered rows' layout
         leaf = name.rsplit(".", 1)
@@ -92,14 +93,14 @@ def test_matmulnbits_hold_the_stored_codes(bf16_export):
         np.testing.assert_array_equal(codes, want[0])
         np.testing.assert_array_equal(scales, want[1])
         # s * (q - z) + c is MLX's s * q + b: the same sums in another order (c rounds once in float32)
-        rebuilt = np.repeat(scales, 32, 1) * (codes.astype(np.float32) - np.repeat(zeros, 32, 1)) + np.repeat(corr, 32, 1)
+        rebuilt = np.repeat(scales, 32, 1) * (codes.astype(np.float32) - zeros) + np.repeat(corr, 32, 1)
         np.testing.assert_allclose(rebuilt, want[3], rtol=0, atol=1e-6 * np.abs(want[3]).max())
         # the correction is needed: without it the weights are off by far more than float rounding
         assert np.abs(rebuilt - np.repeat(corr, 32, 1) - want[3]).max() > 1e-3 * np.abs(want[3]).max()
         assert nodes[f"{name}.corrected"].op_type == "Add"
     # the embedding reads the head's packed bytes through GatherBlockQuantized (+ the gathered correction)
     (gbq,) = [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
-    assert gbq.input[2] == "model.embed_tokens.scales" and gbq.input[3] == "model.embed_tokens.qzeros"
+    assert list(gbq.input[2:]) == ["model.embed_tokens.scales"]
 
 
 def _level(out: Path, dst: Path, level: int | None = None, drop_correction: bool = False) -> Path:
@@ -194,10 +195,21 @@ def test_mixed_bits_folder_carries_4_and_8_bits(tiny_model, tmp_path):
         if n.op_type == "MatMulNBits":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
             shapes[n.input[1]] = (attrs["bits"], attrs["block_size"], len(n.input))
-    assert shapes["model.layers.0.mlp.down_proj.qweight"] == (8, 64, 4)
-    assert shapes["model.layers.0.self_attn.o_proj.qweight"] == (4, 32, 4)
+    assert shapes["model.layers.0.mlp.down_proj.qweight"] == (8, 64, 3)
+    assert shapes["model.layers.0.self_attn.o_proj.qweight"] == (4, 32, 3)
+    # the 8-bit codes and scales are the stored ones, and with 128 + c they rebuild MLX's weights (here MLX's
+    # biases are exactly -128 * scale: c is all zero and left out)
+    down = "model.layers.0.mlp.down_proj"
+    codes, scales, _, weights = _stored_by_mlx(folder, down, 64, 8)
+    np.testing.assert_array_equal(inits[f"{down}.qweight"].reshape(codes.shape), codes)
+    np.testing.assert_array_equal(inits[f"{down}.scales"], scales)
+    corr = inits.get(f"{down}.correction", np.zeros(scales.shape[::-1], np.float32)).T
+    rebuilt = np.repeat(scales, 64, 1) * (codes - 128.0) + np.repeat(corr, 64, 1)
+    np.testing.assert_allclose(rebuilt, weights, rtol=0, atol=1e-6 * np.abs(weights).max())
     # onnxruntime's own symmetric int4, block 32, no zero points, under its own initializer name
     assert [v for k, v in shapes.items() if k.startswith("model.layers.1.self_attn.o_proj.weight.T")] == [(4, 32, 3)]
+    # and nothing else: the corrections' small MatMuls stay float
+    assert len(shapes) == 9 and not any(".correction" in k for k in shapes)
     reference, tokens = _mlx_reference(folder)
     default = _teacher_forced(OnnxBackend(tmp_path / "onnx", "float32", "int4"), tokens)
     assert _relative_error(reference, default) < 0.1
