@@ -71,7 +71,7 @@ def main() -> None:
         for label, kept in [("stored codes (MatMulNBits)", True), ("re-quantized by onnxruntime", False)]:
             if not kept:  # what the export did before export/stored_quant.py
                 import export.stored_quant as stored_quant
-                stored_quant.stored_int4 = lambda proto, ckpt, accuracy_level=4: 0
+                stored_quant.carry_stored = lambda proto, ckpt, accuracy_level=4: stored_quant.Carried()
             print(f"ONNX int4, {label}:")
             try:
                 onnx_export.export_onnx(ckpt, root / f"onnx-{kept}", quantize="int4")

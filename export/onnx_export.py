@@ -270,9 +270,9 @@ def _quantized(ckpt: Checkpoint, proto, transform: str):
             return quantize_8bit(proto, transform)
     kept = 0
     if ckpt.quantization is not None:
-        from .stored_quant import stored_int4
-        with _step("MatMulNBits from the stored 4-bit codes, scales and zero points (export/stored_quant.py)"):
-            kept = stored_int4(proto, ckpt)  # AWQ/GPTQ: the publisher's quantization; what it kept float stays
+        from .stored_quant import int4_from_stored
+        with _step("MatMulNBits from the stored codes, scales and zero points (export/stored_quant.py)"):
+            proto, kept = int4_from_stored(proto, ckpt)  # the publisher's quantization; what it kept float stays
     if not kept:
         with _step(f"quantizing MatMul weights to int4 (MatMulNBits, block {INT4_BLOCK_SIZE})"):
             proto = quantize_int4(proto)

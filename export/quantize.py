@@ -44,7 +44,7 @@ class TiedHead:
     logits: str  # the lm_head MatMul's output
 
 
-def quantize_int4(proto):
+def quantize_int4(proto, only: list[str] | None = None):
     """MatMul weights -> MatMulNBits (4 bits, block 32, symmetric, int8 activations on CPU: accuracy_level
     4, as onnxruntime-genai's builder does for int4), the tied lm_head and embedding included. Fused MoE
     experts (a com.microsoft MoE node) become QMoE (export/moe_onnx.py); standard-op experts,
@@ -56,6 +56,16 @@ def quantize_int4(proto):
     from .moe_onnx import quantize_moe_int4
     from .optimize import ROUTER_WEIGHTS
 
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
+    if only is not None:  # just these nodes (stored modules export/stored_quant.py could not carry)
+        # (the quantizer's nodes_to_include adds to op_types_to_quantize: exclusion is what restricts it)
+        keep = [n.name for n in proto.graph.node if n.name not in set(only)]
+        quantizer = MatMulNBitsQuantizer(proto, bits=BITS, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
+                                         accuracy_level=4, nodes_to_exclude=keep,
+                                         op_types_to_quantize=("MatMul", "Gather"),
+                                         quant_axes=(("MatMul", 0), ("Gather", -1)))
+        quantizer.process()
+        return quantizer.model.model
     quantize_moe_int4(proto.graph)  # fused experts (com.microsoft MoE) -> QMoE, 4-bit in blocks of 32
     tied = untie_lm_head(proto.graph)
     ranks = {t.name: len(t.dims) for t in proto.graph.initializer}
@@ -65,7 +75,6 @@ def quantize_int4(proto):
                   or (_is_plain(n, "Gather") and ranks.get(n.input[0]) != 3)]
     # Quantizing a Gather raises the opset to 21 (the first with an int4 tensor type): only MoE graphs need it.
     op_types = ("MatMul", "Gather") if experts else ("MatMul",)
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)  # its opset-21 notice is expected
     quantizer = MatMulNBitsQuantizer(proto, bits=BITS, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
                                      accuracy_level=4, nodes_to_exclude=keep_float, op_types_to_quantize=op_types,
                                      quant_axes=(("MatMul", 0), ("Gather", -1)))

@@ -350,7 +350,7 @@ def test_onnx_matmulnbits_hold_the_stored_quantization(name, dtype, packed, tmp_
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.stored_quant import stored_int4
+    from export.stored_quant import carry_stored
 
     monkeypatch.setenv("QWEN_MLX_CACHE", str(tmp_path))
     folder, exact = packed[name]
@@ -367,7 +367,9 @@ def test_onnx_matmulnbits_hold_the_stored_quantization(name, dtype, packed, tmp_
           for n, s in [("x", [3, 64]), ("h", [3, 128]), ("qkv", [3, qkv.shape[0]]), ("down", [3, 64])]]
     proto = helper.make_model(helper.make_graph(nodes, "g", io[:2], io[2:], inits),
                               opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    assert stored_int4(proto, ckpt, accuracy_level=0) == 2
+    carried = carry_stored(proto, ckpt, accuracy_level=0)
+    assert carried.modules == [f"{layer}.self_attn.{p}_proj" for p in "qkv"] + [f"{layer}.mlp.down_proj"]
+    # zero points exactly -b / s: no correction term, codes + scales + zero points only
     assert [n.op_type for n in proto.graph.node] == ["MatMulNBits"] * 2 and len(proto.graph.initializer) == 6
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)

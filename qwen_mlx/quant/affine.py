@@ -81,14 +81,20 @@ def quantized_shapes(shape: tuple[int, ...], p: QuantParams) -> dict[str, tuple[
             "biases": (*lead, n // p.group_size)}
 
 
-def dequantize(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, p: QuantParams) -> np.ndarray:
-    """uint32-packed codes [..., out, in*b/32] -> float32 [..., out, in] = scales * q + biases per group.
-    Bits are read as one little-endian stream, so codes of 3, 5 and 6 bits may straddle two words."""
+def unpack_codes(weight: np.ndarray, bits: int) -> np.ndarray:
+    """uint32-packed codes [..., out, in*b/32] -> uint8 codes [..., out, in]. Bits are read as one
+    little-endian stream, so codes of 3, 5 and 6 bits may straddle two words."""
     words = np.ascontiguousarray(weight, dtype="<u4")
     *lead, packed = words.shape
-    n = packed * 32 // p.bits
-    bits = np.unpackbits(words.view(np.uint8).reshape(*lead, packed * 4), axis=-1, bitorder="little")
-    codes = bits.reshape(*lead, n, p.bits).astype(np.uint32) @ (np.uint32(1) << np.arange(p.bits, dtype=np.uint32))
+    n = packed * 32 // bits
+    stream = np.unpackbits(words.view(np.uint8).reshape(*lead, packed * 4), axis=-1, bitorder="little")
+    return (stream.reshape(*lead, n, bits) @ (1 << np.arange(bits, dtype=np.uint16))).astype(np.uint8)
+
+
+def dequantize(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, p: QuantParams) -> np.ndarray:
+    """uint32-packed codes [..., out, in*b/32] -> float32 [..., out, in] = scales * q + biases per group."""
+    codes = unpack_codes(weight, p.bits)
+    *lead, n = codes.shape
     groups = codes.reshape(*lead, n // p.group_size, p.group_size).astype(np.float32)
     w = groups * scales.astype(np.float32)[..., None] + biases.astype(np.float32)[..., None]
     return w.reshape(*lead, n)
