@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qwen_mlx.checkpoint import Checkpoint
-from qwen_mlx.quant.affine import module_params, unpack_codes
+from qwen_mlx.quant.affine import dequantize_codes, module_params, unpack_codes
 
 from .moe_onnx import quantize_moe_int4
 from .quantize import quantize_int4, untie_lm_head
@@ -63,9 +63,7 @@ class Stored:
     @property
     def dequantized(self) -> np.ndarray:
         """s * q + b exactly as the twin computes it (qwen_mlx.quant.affine.dequantize)."""
-        N, K = self.codes.shape
-        g = self.codes.reshape(N, -1, self.group).astype(np.float32)
-        return (g * self.scales[..., None] + self.biases[..., None]).reshape(N, K)
+        return dequantize_codes(self.codes, self.scales, self.biases, self.group)
 
 
 @dataclass

@@ -93,9 +93,13 @@ def unpack_codes(weight: np.ndarray, bits: int) -> np.ndarray:
 
 def dequantize(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, p: QuantParams) -> np.ndarray:
     """uint32-packed codes [..., out, in*b/32] -> float32 [..., out, in] = scales * q + biases per group."""
-    codes = unpack_codes(weight, p.bits)
+    return dequantize_codes(unpack_codes(weight, p.bits), scales, biases, p.group_size)
+
+
+def dequantize_codes(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int) -> np.ndarray:
+    """Unpacked codes [..., out, in] -> float32 scales * q + biases per group of `group_size` inputs."""
     *lead, n = codes.shape
-    groups = codes.reshape(*lead, n // p.group_size, p.group_size).astype(np.float32)
+    groups = codes.reshape(*lead, n // group_size, group_size).astype(np.float32)
     w = groups * scales.astype(np.float32)[..., None] + biases.astype(np.float32)[..., None]
     return w.reshape(*lead, n)
 
