@@ -34,27 +34,29 @@ def prompt_ids(encode, n: int) -> list[int]:
 
 
 def run_ours(model: str, n_prompt: int, n_decode: int, kv_bits: int) -> dict:
+    """Through the engine, as `cli.py generate` runs (greedy, the backend's own decode loop)."""
     sys.path.insert(0, str(ROOT))
     from qwen_mlx import _blas  # noqa: F401  first: OpenBLAS must be loaded before mlx
     import mlx.core as mx
-    import numpy as np
 
     from qwen_mlx.checkpoint import prepare_model
-    from qwen_mlx.generate import Session
+    from qwen_mlx.engine import Request, Token, local_engine
     from qwen_mlx.mlx_backend import MLXBackend
+    from qwen_mlx.sampling import SamplingParams
     from qwen_mlx.tokenizer import Tokenizer
 
     backend = MLXBackend(prepare_model(model), "float32", None, kv_bits or None)
-    ids = prompt_ids(Tokenizer.from_folder(model).encode, n_prompt)
+    tokenizer = Tokenizer.from_folder(model)
+    tokenizer.eos_token_ids = frozenset()  # decode exactly n_decode tokens
+    ids = prompt_ids(tokenizer.encode, n_prompt)
+    engine = local_engine(backend, tokenizer)
     mx.reset_peak_memory()  # the weights are loaded: peak memory counts them plus the run
-    session = Session(backend)
+    times = []
     t0 = time.perf_counter()
-    token = int(np.argmax(session.prefill(ids)))
-    t1 = time.perf_counter()
-    for _ in range(n_decode - 1):
-        token = int(np.argmax(session.step(token)))
-    t2 = time.perf_counter()
-    return dict(prefill_s=t1 - t0, decode_s=t2 - t1, peak_gb=mx.get_peak_memory() / 1e9)
+    for event in engine.stream(Request(ids, SamplingParams(temperature=0.0), n_decode)):
+        if isinstance(event, Token):
+            times.append(time.perf_counter())
+    return dict(prefill_s=times[0] - t0, decode_s=times[-1] - times[0], peak_gb=mx.get_peak_memory() / 1e9)
 
 
 def run_mlx_lm(model: str, n_prompt: int, n_decode: int, kv_bits: int) -> dict:
