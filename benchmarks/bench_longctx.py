@@ -8,7 +8,9 @@ nothing warm): greedy, no EOS stop, the same prompt ids (the first N tokens of t
 ships with Python). Prefill = prompt tokens / time to the first token; decode = the following tokens / their
 time. Both sides are float32 on OpenBLAS (qwen-mlx's default on a CPU). mlx-lm runs `stream_generate` with
 `kv_bits`, `kv_group_size=64` and `quantized_kv_start=0`, so its cache is quantized from the start as ours
-is (its default, 5000, would leave a 4K prompt's cache in float). Rounds alternate the runners' order.
+is (its default, 5000, would leave a 4K prompt's cache in float); `--mlx-lm-float-prefill` sets it to the prompt
+length instead (mlx-lm's fastest way to reach a quantized decode: a float prefill, then the cache quantized).
+Rounds alternate the runners' order.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def run_ours(model: str, n_prompt: int, n_decode: int, kv_bits: int) -> dict:
     return dict(prefill_s=times[0] - t0, decode_s=times[-1] - times[0], peak_gb=mx.get_peak_memory() / 1e9)
 
 
-def run_mlx_lm(model: str, n_prompt: int, n_decode: int, kv_bits: int) -> dict:
+def run_mlx_lm(model: str, n_prompt: int, n_decode: int, kv_bits: int, kv_start: int = 0) -> dict:
     sys.path.insert(0, str(ROOT))
     from qwen_mlx import _blas  # noqa: F401  the same OpenBLAS qwen-mlx loads, before mlx
     import mlx.core as mx
@@ -72,7 +74,7 @@ def run_mlx_lm(model: str, n_prompt: int, n_decode: int, kv_bits: int) -> dict:
     mx.eval(model_.parameters())
     tok.eos_token_ids = set()  # decode exactly n_decode tokens
     ids = prompt_ids(lambda s: tok.encode(s, add_special_tokens=False), n_prompt)
-    kv = dict(kv_bits=kv_bits, kv_group_size=64, quantized_kv_start=0) if kv_bits else {}
+    kv = dict(kv_bits=kv_bits, kv_group_size=64, quantized_kv_start=kv_start) if kv_bits else {}
     mx.reset_peak_memory()
     times = []
     t0 = time.perf_counter()
@@ -82,8 +84,10 @@ def run_mlx_lm(model: str, n_prompt: int, n_decode: int, kv_bits: int) -> dict:
 
 
 def worker(a: argparse.Namespace) -> None:
-    run = run_ours if a.worker == "ours" else run_mlx_lm
-    r = run(a.model, a.n, a.decode_tokens, a.bits)
+    if a.worker == "ours":
+        r = run_ours(a.model, a.n, a.decode_tokens, a.bits)
+    else:
+        r = run_mlx_lm(a.model, a.n, a.decode_tokens, a.bits, a.n if a.mlx_lm_float_prefill else 0)
     r.update(prefill_tps=a.n / r["prefill_s"], decode_tps=(a.decode_tokens - 1) / r["decode_s"])
     print(json.dumps(r))
 
@@ -95,6 +99,9 @@ def main() -> None:
     p.add_argument("--kv-bits", default="0,8", help="0 is the float cache")
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--mlx-lm-float-prefill", action="store_true",
+                   help="mlx-lm's quantized_kv_start = the prompt length: it prefills into a float cache and quantizes "
+                        "it before decoding (its quantized-cache prefill runs the CPU's quantized matmul, hours at 16K)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--bits", type=int, default=0, help=argparse.SUPPRESS)
@@ -113,7 +120,8 @@ def main() -> None:
                 runners = ["ours", "mlx-lm"] if r % 2 == 0 else ["mlx-lm", "ours"]
                 for runner in runners:
                     cmd = [sys.executable, __file__, "--worker", runner, "--model", a.model, "--n", str(n),
-                           "--bits", str(bits), "--decode-tokens", str(a.decode_tokens)]
+                           "--bits", str(bits), "--decode-tokens", str(a.decode_tokens)] + \
+                        (["--mlx-lm-float-prefill"] if a.mlx_lm_float_prefill else [])
                     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                     kv = f"{bits}-bit" if bits else "float"
                     if out.returncode:
