@@ -24,10 +24,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-
-def _pack(values: np.ndarray) -> np.ndarray:
-    v = np.pad(values, ((0, 0), (0, values.shape[1] % 2))).reshape(values.shape[0], -1, 2)
-    return (v[..., 0] | v[..., 1] << 4).astype(np.uint8)
+from export.nbits_nodes import pack_codes
+from qwen_mlx.quant.affine import dequantize_codes
 
 
 def build(form: str, q, s, b, G: int):
@@ -35,12 +33,12 @@ def build(form: str, q, s, b, G: int):
     inits, nodes = [], []
     x, y = "x", "y"
     if form == "float32 MatMul":
-        w = (q.reshape(N, -1, G) * s[..., None] + b[..., None]).reshape(N, K).astype(np.float32)
+        w = dequantize_codes(q, s, b, G).astype(np.float32)
         inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), "W"))
         nodes.append(helper.make_node("MatMul", [x, "W"], [y]))
     else:
         level = 4
-        inits += [numpy_helper.from_array(_pack(q).reshape(N, K // G, G // 2), "B"),
+        inits += [numpy_helper.from_array(pack_codes(q, 4).reshape(N, K // G, G // 2), "B"),
                   numpy_helper.from_array(s, "S")]
         ins = [x, "B", "S"]
         if form.startswith("float zero"):
@@ -49,7 +47,7 @@ def build(form: str, q, s, b, G: int):
             z = None
         elif form.startswith("uint8"):
             z = np.clip(np.rint(-b / s), 0, 15).astype(np.uint8)
-            inits.append(numpy_helper.from_array(_pack(z), "Z"))
+            inits.append(numpy_helper.from_array(pack_codes(z, 4), "Z"))
             ins.append("Z")
         else:
             z = np.full(s.shape, 8, np.uint8)
