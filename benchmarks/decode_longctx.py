@@ -10,10 +10,10 @@ to the prompt after each round. Float32 on OpenBLAS, greedy, the first N tokens 
 import statistics
 import sys
 import time
-import typing
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_longctx import prompt_ids  # noqa: E402  the same prompt ids as its rows (this folder is sys.path[0])
 from qwen_mlx import _blas  # noqa: E402,F401  first: OpenBLAS must be loaded before mlx
 import mlx.core as mx
 from qwen_mlx.checkpoint import prepare_model
@@ -28,7 +28,7 @@ from mlx_lm.sample_utils import make_sampler
 
 M = sys.argv[1]; N = int(sys.argv[2]); ROUNDS = int(sys.argv[3]); DEC = int(sys.argv[4])
 tok = Tokenizer.from_folder(M); tok.eos_token_ids = frozenset()
-ids = tok.encode(Path(typing.__file__).read_text())[:N]
+ids = prompt_ids(tok.encode, N)
 backend = MLXBackend(prepare_model(M), "float32", None, None)
 engine = local_engine(backend, tok)
 def ours():
