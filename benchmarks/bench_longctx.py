@@ -102,6 +102,8 @@ def main() -> None:
     p.add_argument("--mlx-lm-float-prefill", action="store_true",
                    help="mlx-lm's quantized_kv_start = the prompt length: it prefills into a float cache and quantizes "
                         "it before decoding (its quantized-cache prefill runs the CPU's quantized matmul, hours at 16K)")
+    p.add_argument("--runners", default="ours,mlx-lm", help="which to run (one alone: to set a changed side "
+                   "beside the other's row from an earlier run on the same machine)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--bits", type=int, default=0, help=argparse.SUPPRESS)
@@ -117,8 +119,8 @@ def main() -> None:
     for n in map(int, a.prompt_tokens.split(",")):
         for bits in map(int, a.kv_bits.split(",")):
             for r in range(a.rounds):
-                runners = ["ours", "mlx-lm"] if r % 2 == 0 else ["mlx-lm", "ours"]
-                for runner in runners:
+                runners = a.runners.split(",")
+                for runner in (runners if r % 2 == 0 else runners[::-1]):
                     cmd = [sys.executable, __file__, "--worker", runner, "--model", a.model, "--n", str(n),
                            "--bits", str(bits), "--decode-tokens", str(a.decode_tokens)] + \
                         (["--mlx-lm-float-prefill"] if a.mlx_lm_float_prefill else [])

@@ -18,6 +18,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from .attention import attention
 from .config import ModelArgs
 from .quant.kv_cache import KV_GROUP_SIZE, QuantizedKVCache, quantized_attention
 from .dual_chunk_attention import dual_chunk_attention
@@ -118,8 +119,7 @@ class Attention(nn.Module):
         if isinstance(cache, QuantizedKVCache):  # --kv-bits: k and v are (codes, scales, biases)
             o = quantized_attention(q, k, v, self.scale, mask, cache.group_size, cache.bits)  # B H L D
         else:
-            # GQA without tiling: the fused kernel maps each group of H/K query heads to its kv head.
-            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # B H L D
+            o = attention(q, k, v, self.scale, mask)  # B H L D (the fused kernel; a CPU's long chunks: numpy's exp)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

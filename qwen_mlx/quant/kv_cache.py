@@ -8,7 +8,7 @@ T * D * bits / 8 bytes of codes plus 2 * T * D / group_size scales and biases, i
 Attention (`quantized_attention`) reads the codes in place with `mx.quantized_matmul`, as mlx-lm does, each
 kv head's group of query heads folded into the rows of one matmul (decoding reads the cache once per kv
 head, not once per query head). On MLX's CPU backend a chunk of several new tokens (prefill) instead
-dequantizes the cache it attends to and runs the fused kernel: the CPU quantized matmul has no fast path
+dequantizes the cache it attends to and runs `attention` (qwen_mlx/attention.py): the CPU quantized matmul has no fast path
 for many rows (~5x slower than float32 BLAS at 512 rows, docs/BENCHMARKS.md). The dequantized values are
 exactly those the quantized matmul reads, so both paths compute the same attention up to summation order.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ..attention import attention, masked_scores
 from ..errors import QwenError
 
 KV_BITS = (4, 8)
@@ -102,21 +103,11 @@ def quantized_attention(q: mx.array, k: Quantized, v: Quantized, scale: float, m
     if L > 1 and mx.default_device() == mx.cpu:  # measured: from 2-4 new tokens on, dequantizing wins on a CPU
         keys = mx.dequantize(*k, group_size=group_size, bits=bits)                     # B K T D
         values = mx.dequantize(*v, group_size=group_size, bits=bits)
-        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
+        return attention(q, keys, values, scale, mask)
     G = H // K
     rows = (q * scale).reshape(B, K, G * L, D)                                          # B K GL D
     s = mx.quantized_matmul(rows, *k, transpose=True, group_size=group_size, bits=bits)  # B K GL T
-    s = s.reshape(B, K, G, L, T)
-    if isinstance(mask, str):  # "causal", lower-right aligned as in the fused kernel
-        mask = mx.arange(T - L, T)[:, None] >= mx.arange(T)[None]                       # L T
-    if mask is not None:
-        if mask.ndim == 4:  # B 1 L T or B H L T -> broadcastable against B K G L T
-            mask = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(mask.shape[0], K, G, L, T)
-        if mask.dtype == mx.bool_:
-            # the dtype's lowest value, not -inf: a row whose keys are all masked stays finite
-            s = mx.where(mask, s, mx.finfo(s.dtype).min)
-        else:
-            s = s + mask.astype(s.dtype)
+    s = masked_scores(s.reshape(B, K, G, L, T), mask)                                   # B K G L T
     p = mx.softmax(s, axis=-1, precise=True).reshape(B, K, G * L, T)
     o = mx.quantized_matmul(p, *v, transpose=False, group_size=group_size, bits=bits)   # B K GL D
     return o.reshape(B, H, L, -1)
