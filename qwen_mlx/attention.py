@@ -5,8 +5,8 @@ to matmul, softmax, matmul, and the softmax's `exp` runs one scalar at a time on
 with NEON): for a 512-token chunk over 8K cached positions (Qwen2.5-0.5B, 14 heads) the softmax takes 1.25 s
 of the layer's 1.5 s attention. numpy's `exp` is SIMD, ~5x faster. So for float32 chunks of many scores on a
 CPU, `attention` computes the scores with MLX, then each kv head's softmax and probabilities-times-values in
-numpy, in blocks of rows on two threads (numpy releases the GIL): 2.4x faster attention on that chunk, and a
-16K-token prompt prefills ~1.5x faster (docs/BENCHMARKS.md). It is the same arithmetic (max-subtracted
+numpy, in blocks of rows on two threads (numpy releases the GIL): 2.1x faster attention on that chunk, and a
+16K-token prompt prefills 1.9x faster (docs/BENCHMARKS.md). It is the same arithmetic (max-subtracted
 float32 exp, sum, then weights times values); results equal the fused kernel's to float32 rounding. The
 extra memory is one block of probabilities per thread, not a second score matrix.
 

@@ -8,8 +8,8 @@ T * D * bits / 8 bytes of codes plus 2 * T * D / group_size scales and biases, i
 Attention (`quantized_attention`) reads the codes in place with `mx.quantized_matmul`, as mlx-lm does, each
 kv head's group of query heads folded into the rows of one matmul (decoding reads the cache once per kv
 head, not once per query head). On MLX's CPU backend a chunk of several new tokens (prefill) instead
-dequantizes the cache it attends to and runs `attention` (qwen_mlx/attention.py): the CPU quantized matmul has no fast path
-for many rows (~5x slower than float32 BLAS at 512 rows, docs/BENCHMARKS.md). The dequantized values are
+dequantizes the cache it attends to and runs the float `attention` (qwen_mlx/attention.py): the CPU quantized
+matmul has no fast path for many rows (~5x slower than float32 BLAS at 512 rows, docs/BENCHMARKS.md). The dequantized values are
 exactly those the quantized matmul reads, so both paths compute the same attention up to summation order.
 
 Shapes: B batch, H heads, K kv heads, G = H / K, L new tokens, T cached + new tokens, D head_dim,
