@@ -263,8 +263,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: mx.array | str | None, cache: KVCache) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | str | None, cache: KVCache, last_only: bool = False) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        if last_only:  # the cache took every position's keys; the rest only feeds the next token's logits
+            h = h[:, -1:, :]
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -275,12 +277,15 @@ class Qwen2Model(nn.Module):
         self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, input_ids: mx.array, cache: list[KVCache], mask: mx.array | None = None) -> mx.array:
+    def __call__(self, input_ids: mx.array, cache: list[KVCache], mask: mx.array | None = None,
+                 last_only: bool = False) -> mx.array:
+        """input_ids B L -> hidden states B L E, or B 1 E when `last_only`: then the last layer's MLP runs for
+        the last position alone (MLX evaluates whole arrays, so slicing after the norm would not spare it)."""
         h = self.embed_tokens(input_ids)                                              # B L E
         if mask is None and input_ids.shape[1] > 1:
             mask = "causal"  # lower-right aligned: new tokens see the whole cache and their own past
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, mask, c)
+        for i, (layer, c) in enumerate(zip(self.layers, cache)):
+            h = layer(h, mask, c, last_only and i == len(self.layers) - 1)
         return self.norm(h)
 
 
@@ -296,9 +301,7 @@ class Qwen2ForCausalLM(nn.Module):
                  last_only: bool = True) -> mx.array:
         """input_ids B L -> logits B L V, or B 1 V when `last_only` (prefill needs only the next token,
         and the vocabulary projection is the largest matmul of the model)."""
-        h = self.model(input_ids, cache, mask)
-        if last_only:
-            h = h[:, -1:, :]
+        h = self.model(input_ids, cache, mask, last_only)
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
