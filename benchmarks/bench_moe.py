@@ -5,8 +5,8 @@ round and taking medians keeps the comparison fair when the load changes).
     python benchmarks/make_bench_model.py /tmp/bench          # the two random checkpoints (3.2 GB each)
     python benchmarks/bench_moe.py /tmp/bench [--dtype float32] [--quantize 4] [--rounds 5]
 
-Each runner is timed through its own generation path: qwen-mlx's Session (what `generate` and `chat` run),
-mlx-lm's `generate_step` (what `mlx_lm.generate` runs, with its asynchronous evaluation). Prefill: a fresh
+Each runner is timed through its own generation path: qwen-mlx's engine (what `generate`, `chat` and `serve`
+run), mlx-lm's `generate_step` (what `mlx_lm.generate` runs, with its asynchronous evaluation). Prefill: a fresh
 cache and a 64-token prompt to the first token; decode: 16 greedy tokens after it. Peak memory is MLX's
 own count: what loading a runner and one run of it add to the memory already allocated.
 """
@@ -27,7 +27,6 @@ sys.path.insert(0, str(ROOT))
 
 import qwen_mlx  # noqa: E402,F401  (loads OpenBLAS before mlx, for both runners)
 import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
 
 PROMPT = list(range(3, 67))  # 64 ids every tokenizer of the bench models has
 DECODE = 16
@@ -37,20 +36,22 @@ class Ours:
     def __init__(self, folder: Path, dtype: str, quantize: int | None):
         from qwen_mlx.checkpoint import prepare_model
         from qwen_mlx.mlx_backend import MLXBackend
+        from qwen_mlx.tokenizer import Tokenizer
 
         self.backend = MLXBackend(prepare_model(str(folder)), dtype, quantize)
+        self.tokenizer = Tokenizer.from_folder(str(folder))
+        self.tokenizer.eos_token_ids = frozenset()  # decode exactly DECODE tokens
 
     def run(self) -> tuple[float, float]:
-        from qwen_mlx.generate import Session
+        from qwen_mlx.engine import Request, Token, local_engine
+        from qwen_mlx.sampling import SamplingParams
 
-        session = Session(self.backend)
-        session.reset()
+        # A fresh engine each run: one that had run PROMPT would serve it from its prefix cache.
+        engine = local_engine(self.backend, self.tokenizer)
         t0 = time.perf_counter()
-        token = int(np.argmax(session.prefill(PROMPT)))
-        t1 = time.perf_counter()
-        for _ in range(DECODE):
-            token = int(np.argmax(session.step(token)))
-        return t1 - t0, time.perf_counter() - t1
+        times = [time.perf_counter() for event in engine.stream(
+            Request(PROMPT, SamplingParams(temperature=0.0), DECODE + 1)) if isinstance(event, Token)]
+        return times[0] - t0, times[-1] - times[0]
 
 
 class MlxLm:
@@ -116,13 +117,12 @@ def main() -> None:
     q = a.quantize or None
     from qwen_mlx.config import ModelArgs
 
-    moe_args, dense_args = ModelArgs.from_folder(a.root / "moe"), ModelArgs.from_folder(a.root / "dense")
+    moe_args = ModelArgs.from_folder(a.root / "moe")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
           f"load average {os.getloadavg()[0]:.1f}; {a.dtype}{f', {q}-bit' if q else ''}; prompt {len(PROMPT)}, "
           f"decode {DECODE} tokens, median of {a.rounds} interleaved rounds")
     print(f"MoE: {sum(moe_args.parameter_counts().values()) / 1e6:.0f}M parameters, "
-          f"{moe_args.active_parameters() / 1e6:.0f}M active; dense: "
-          f"{sum(dense_args.parameter_counts().values()) / 1e6:.0f}M")
+          f"{moe_args.active_parameters() / 1e6:.0f}M active")
     ours, ours_peak = load_with_peak(Ours, a.root / "moe", a.dtype, q)
     theirs, theirs_peak = load_with_peak(MlxLm, a.root / "moe", a.dtype, q)
     res = measure({"qwen-mlx": ours, "mlx-lm": theirs}, a.rounds)
@@ -135,6 +135,8 @@ def main() -> None:
     if a.skip_dense:
         return
     del theirs
+    dense_args = ModelArgs.from_folder(a.root / "dense")
+    print(f"dense: {sum(dense_args.parameter_counts().values()) / 1e6:.0f}M parameters")
     dense, dense_peak = load_with_peak(Ours, a.root / "dense", a.dtype, q)
     res = measure({"moe": ours, "dense": dense}, a.rounds)
     print("| model | runner | prefill tok/s | decode tok/s | peak MLX GB |")
