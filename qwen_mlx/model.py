@@ -18,7 +18,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from .attention import attention
+from .attention import attention, masked_scores
 from .config import ModelArgs
 from .quant.kv_cache import KV_GROUP_SIZE, QuantizedKVCache, quantized_attention
 from .dual_chunk_attention import dual_chunk_attention
@@ -131,12 +131,8 @@ def attention_weights(q: mx.array, k: mx.array, scale: float, mask: mx.array | s
     K, T = k.shape[1], k.shape[2]
     dtype = mx.float64 if q.dtype == mx.float64 else mx.float32  # float64: attention_maps' exact path
     q = q.astype(dtype).reshape(B, K, H // K, L, D)                                  # B K G L D
-    s = (q @ k.astype(dtype)[:, :, None].swapaxes(-1, -2) * scale).reshape(B, H, L, T)
-    if isinstance(mask, str):  # "causal", lower-right aligned: query i sits at position T - L + i
-        mask = mx.arange(T - L, T)[:, None] >= mx.arange(T)[None]                    # L T
-    if mask is not None:
-        s = mx.where(mask, s, -mx.inf) if mask.dtype == mx.bool_ else s + mask.astype(dtype)
-    return mx.softmax(s, axis=-1)
+    s = masked_scores(q @ k.astype(dtype)[:, :, None].swapaxes(-1, -2) * scale, mask)  # B K G L T
+    return mx.softmax(s.reshape(B, H, L, T), axis=-1)
 
 
 class MLP(nn.Module):
