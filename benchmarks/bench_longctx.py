@@ -35,6 +35,15 @@ def prompt_ids(encode, n: int) -> list[int]:
     return ids[:n]
 
 
+def token_times(engine, ids: list[int], n: int) -> list[float]:
+    """perf_counter() at each of the n greedy tokens qwen-mlx's engine streams after `ids`."""
+    from qwen_mlx.engine import Request, Token
+    from qwen_mlx.sampling import SamplingParams
+
+    return [time.perf_counter() for event in engine.stream(Request(ids, SamplingParams(temperature=0.0), n))
+            if isinstance(event, Token)]
+
+
 def run_ours(model: str, n_prompt: int, n_decode: int, kv_bits: int) -> dict:
     """Through the engine, as `cli.py generate` runs (greedy, the backend's own decode loop)."""
     sys.path.insert(0, str(ROOT))
@@ -42,9 +51,8 @@ def run_ours(model: str, n_prompt: int, n_decode: int, kv_bits: int) -> dict:
     import mlx.core as mx
 
     from qwen_mlx.checkpoint import prepare_model
-    from qwen_mlx.engine import Request, Token, local_engine
+    from qwen_mlx.engine import local_engine
     from qwen_mlx.mlx_backend import MLXBackend
-    from qwen_mlx.sampling import SamplingParams
     from qwen_mlx.tokenizer import Tokenizer
 
     backend = MLXBackend(prepare_model(model), "float32", None, kv_bits or None)
@@ -53,11 +61,8 @@ def run_ours(model: str, n_prompt: int, n_decode: int, kv_bits: int) -> dict:
     ids = prompt_ids(tokenizer.encode, n_prompt)
     engine = local_engine(backend, tokenizer)
     mx.reset_peak_memory()  # the weights are loaded: peak memory counts them plus the run
-    times = []
     t0 = time.perf_counter()
-    for event in engine.stream(Request(ids, SamplingParams(temperature=0.0), n_decode)):
-        if isinstance(event, Token):
-            times.append(time.perf_counter())
+    times = token_times(engine, ids, n_decode)
     return dict(prefill_s=times[0] - t0, decode_s=times[-1] - times[0], peak_gb=mx.get_peak_memory() / 1e9)
 
 
@@ -116,10 +121,10 @@ def main() -> None:
     print("| prompt | KV | round | runner | prefill tok/s | decode tok/s | peak MLX GB | load avg |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
     env = dict(os.environ, QWEN_MLX_QUIET="1")
+    runners = a.runners.split(",")
     for n in map(int, a.prompt_tokens.split(",")):
         for bits in map(int, a.kv_bits.split(",")):
             for r in range(a.rounds):
-                runners = a.runners.split(",")
                 for runner in (runners if r % 2 == 0 else runners[::-1]):
                     cmd = [sys.executable, __file__, "--worker", runner, "--model", a.model, "--n", str(n),
                            "--bits", str(bits), "--decode-tokens", str(a.decode_tokens)] + \

@@ -43,14 +43,13 @@ class Ours:
         self.tokenizer.eos_token_ids = frozenset()  # decode exactly DECODE tokens
 
     def run(self) -> tuple[float, float]:
-        from qwen_mlx.engine import Request, Token, local_engine
-        from qwen_mlx.sampling import SamplingParams
+        from bench_longctx import token_times  # this folder is sys.path[0]
+        from qwen_mlx.engine import local_engine
 
         # A fresh engine each run: one that had run PROMPT would serve it from its prefix cache.
         engine = local_engine(self.backend, self.tokenizer)
         t0 = time.perf_counter()
-        times = [time.perf_counter() for event in engine.stream(
-            Request(PROMPT, SamplingParams(temperature=0.0), DECODE + 1)) if isinstance(event, Token)]
+        times = token_times(engine, PROMPT, DECODE + 1)
         return times[0] - t0, times[-1] - times[0]
 
 

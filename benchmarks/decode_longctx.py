@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_longctx import prompt_ids  # noqa: E402  the same prompt ids as its rows (this folder is sys.path[0])
+from bench_longctx import prompt_ids, token_times  # noqa: E402  its prompt and timing (this folder is sys.path[0])
 from qwen_mlx import _blas  # noqa: E402,F401  first: OpenBLAS must be loaded before mlx
 import mlx.core as mx
 from qwen_mlx.checkpoint import prepare_model
-from qwen_mlx.engine import Request, Token, local_engine
+from qwen_mlx.engine import local_engine
 from qwen_mlx.mlx_backend import MLXBackend
-from qwen_mlx.sampling import SamplingParams
 from qwen_mlx.tokenizer import Tokenizer
 from mlx_lm import load
 from mlx_lm.generate import generate_step
@@ -32,10 +31,7 @@ ids = prompt_ids(tok.encode, N)
 backend = MLXBackend(prepare_model(M), "float32", None, None)
 engine = local_engine(backend, tok)
 def ours():
-    times = []
-    for ev in engine.stream(Request(ids, SamplingParams(temperature=0.0), DEC + 1)):
-        if isinstance(ev, Token):
-            times.append(time.perf_counter())
+    times = token_times(engine, ids, DEC + 1)
     return DEC / (times[-1] - times[0])
 model, _ = load(M); model.set_dtype(mx.float32); mx.eval(model.parameters())
 cache = make_prompt_cache(model)
