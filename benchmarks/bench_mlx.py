@@ -1,7 +1,7 @@
 """MLX backend against mlx-lm on the same checkpoint, in one run: prefill tok/s, decode tok/s, peak memory.
 
     python benchmarks/bench_mlx.py --model FOLDER [--dtypes float32,bfloat16] [--quantize 4]
-        [--prompt-tokens 128] [--decode-tokens 64]
+        [--quantize-from float32,bfloat16] [--prompt-tokens 128] [--decode-tokens 64] [--rounds N]
 
 Each measurement runs in a fresh subprocess (so peak memory is its own and nothing stays warm), both
 sides decode exactly the same number of tokens greedily with no EOS stop, and both are timed by the same
@@ -101,6 +101,9 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--quantize", type=int, default=0, help="also run 4- or 8-bit (weights from float32)")
+    p.add_argument("--quantize-from", default="float32,bfloat16", help="the dtypes --quantize starts from")
+    p.add_argument("--rounds", type=int, default=1, help="rows per case, runners alternating (order reversed "
+                   "every other round)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--runners", default="ours,mlx-lm,mlx-lm+openblas")
@@ -111,14 +114,15 @@ def main() -> None:
         return worker(a)
     cases = [(d, 0) for d in a.dtypes.split(",") if d]
     if a.quantize:
-        cases += [("float32", a.quantize), ("bfloat16", a.quantize)]
+        cases += [(d, a.quantize) for d in a.quantize_from.split(",") if d]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
           f"python {platform.python_version()}; prompt {a.prompt_tokens} tokens, decode {a.decode_tokens} tokens")
     print("| runner | dtype | quant | BLAS | prefill tok/s | decode tok/s | peak MLX GB | max RSS GB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     env = dict(os.environ, QWEN_MLX_QUIET="1")
+    runners = a.runners.split(",")
     for dtype, q in cases:
-        for runner in a.runners.split(","):
+        for runner in [r for i in range(a.rounds) for r in (runners if i % 2 == 0 else runners[::-1])]:
             cmd = [sys.executable, __file__, "--worker", runner, "--model", a.model, "--dtype", dtype,
                    "--quantize", str(q), "--prompt-tokens", str(a.prompt_tokens),
                    "--decode-tokens", str(a.decode_tokens)]

@@ -6,6 +6,7 @@ SparseMoeBlock of routed experts, with Qwen2-MoE's gated shared expert, in place
 export/model.py is its PyTorch twin, class for class and name for name: diff the two files.
 A `dual_chunk_attention_config` swaps each layer's attention for Dual Chunk Attention once the sequence outgrows
 its plain prefix (qwen_mlx/dual_chunk.py; the code: qwen_mlx/dual_chunk_attention.py).
+`Linear` is nn.Linear whose quantized form runs prefill chunks through BLAS on a CPU (qwen_mlx/quant/layers.py).
 Shapes: B batch, L new tokens, T cached + new tokens, H heads, K kv heads, D head_dim, E hidden size,
 X experts, k experts per token, I an MLP's intermediate size.
 """
@@ -20,6 +21,7 @@ import mlx.nn as nn
 
 from .attention import attention, masked_scores
 from .config import ModelArgs
+from .quant.layers import Linear, QuantizedSwitchLinear
 from .quant.kv_cache import KV_GROUP_SIZE, QuantizedKVCache, quantized_attention
 from .dual_chunk_attention import dual_chunk_attention
 
@@ -85,10 +87,10 @@ class Attention(nn.Module):
         E, H, K, D = args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = H, K, D
         self.scale = D ** -0.5
-        self.q_proj = nn.Linear(E, H * D, bias=args.qkv_has_bias)
-        self.k_proj = nn.Linear(E, K * D, bias=args.qkv_has_bias)
-        self.v_proj = nn.Linear(E, K * D, bias=args.qkv_has_bias)
-        self.o_proj = nn.Linear(H * D, E, bias=args.o_has_bias)
+        self.q_proj = Linear(E, H * D, bias=args.qkv_has_bias)
+        self.k_proj = Linear(E, K * D, bias=args.qkv_has_bias)
+        self.v_proj = Linear(E, K * D, bias=args.qkv_has_bias)
+        self.o_proj = Linear(H * D, E, bias=args.o_has_bias)
         self.qk_norm = args.qk_norm
         if self.qk_norm:  # Qwen3: RMSNorm over each head's D features of q and k, before RoPE
             self.q_norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
@@ -139,9 +141,9 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs, intermediate_size: int | None = None):
         super().__init__()
         I = intermediate_size or args.intermediate_size
-        self.gate_proj = nn.Linear(args.hidden_size, I, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, I, bias=False)
-        self.down_proj = nn.Linear(I, args.hidden_size, bias=False)
+        self.gate_proj = Linear(args.hidden_size, I, bias=False)
+        self.up_proj = Linear(args.hidden_size, I, bias=False)
+        self.down_proj = Linear(I, args.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
@@ -161,22 +163,6 @@ class SwitchLinear(nn.Module):
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine") -> "QuantizedSwitchLinear":
         return QuantizedSwitchLinear(self.weight, group_size, bits, mode)
-
-
-class QuantizedSwitchLinear(nn.Module):
-    """SwitchLinear with affine-quantized experts, multiplied by `mx.gather_qmm` (what `--quantize` makes)."""
-
-    def __init__(self, weight: mx.array, group_size: int, bits: int, mode: str = "affine"):
-        super().__init__()
-        self.group_size, self.bits, self.mode = group_size, bits, mode
-        self.weight, self.scales, *biases = mx.quantize(weight, group_size, bits, mode=mode)
-        self.biases = biases[0] if biases else None
-        self.freeze()
-
-    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        return mx.gather_qmm(x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices,
-                             transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
-                             sorted_indices=sorted_indices)
 
 
 class Experts(nn.Module):
@@ -215,12 +201,12 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.top_k, self.norm_topk_prob = args.num_experts_per_tok, args.norm_topk_prob
-        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)        # the router
+        self.gate = Linear(args.hidden_size, args.num_experts, bias=False)           # the router
         self.experts = Experts(args)
         self.has_shared_expert = args.shared_expert
         if self.has_shared_expert:
             self.shared_expert = MLP(args, args.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(args.hidden_size, 1, bias=False)
+            self.shared_expert_gate = Linear(args.hidden_size, 1, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         k = self.top_k
@@ -291,7 +277,7 @@ class Qwen2ForCausalLM(nn.Module):
         self.args = args
         self.model = Qwen2Model(args)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, input_ids: mx.array, cache: list[KVCache], mask: mx.array | None = None,
                  last_only: bool = True) -> mx.array:

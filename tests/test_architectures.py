@@ -207,7 +207,7 @@ def test_mlx_quantized_experts(tiny_model, bits):
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from qwen_mlx.model import QuantizedSwitchLinear, SwitchLinear
+    from qwen_mlx.model import Linear, QuantizedSwitchLinear, SwitchLinear
 
     folder = tiny_model("qwen3moe-q64")
     quant = mlx_backend(folder, bits)
@@ -216,8 +216,8 @@ def test_mlx_quantized_experts(tiny_model, bits):
     switches = [m for m in modules.values() if isinstance(m, QuantizedSwitchLinear)]
     assert len(switches) == 3 and all(m.bits == bits and m.group_size == 64 for m in switches)
     routers = [p for p, m in modules.items() if p.endswith("mlp.gate")]
-    assert routers and all(type(modules[p]) is nn.Linear for p in routers)
-    assert not [p for p, m in modules.items() if type(m) in (nn.Linear, nn.Embedding) and p not in routers]
+    assert routers and all(type(modules[p]) is Linear for p in routers)
+    assert not [p for p, m in modules.items() if type(m) in (Linear, nn.Embedding) and p not in routers]
 
     dequant = mlx_backend(folder)
     weights = {path + ".weight": mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)

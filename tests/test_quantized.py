@@ -85,6 +85,76 @@ def test_mlx_lm_folder_matches_mlx_lm(mlx_lm_quantized, name, bits, group):
     assert tokens == ref_tokens
 
 
+@pytest.fixture
+def dequantized_path(monkeypatch):
+    """Counts the CPU layers' choices: "dense"/"experts" -> how many multiplies took the dequantized matrix."""
+    import qwen_mlx.quant.layers as layers
+
+    taken = {"dense": 0, "experts": 0}
+    original = layers._dequantize_pays
+
+    def counted(rows, from_rows, scales):
+        pays = original(rows, from_rows, scales)
+        if pays:
+            taken["experts" if from_rows != layers.DEQUANTIZE_FROM_ROWS else "dense"] += 1
+        return pays
+
+    monkeypatch.setattr(layers, "_dequantize_pays", counted)
+    return taken
+
+
+@pytest.mark.parametrize("name,bits,group", CASES)
+def test_prefill_through_dequantized_matrices_matches_mlx_lm(mlx_lm_quantized, dequantized_path, name, bits, group):
+    """A 40-token prompt: on a CPU every quantized layer (the experts too: 160 pairs over 16 experts) multiplies
+    it by its dequantized matrix, where mlx-lm runs MLX's quantized kernel. Every position's logits are compared
+    (the generation path sends only the last position through the last layer's MLP), then 12 greedy steps."""
+    from mlx_lm import load
+
+    folder = mlx_lm_quantized(name, bits, group)
+    prompt = [(7 * i + 3) % 500 for i in range(40)]
+    ours = MLXBackend(prepare_model(str(folder)), "float32")
+    logits = ours.model(mx.array([prompt]), ours.model.make_cache(), last_only=False)
+    assert dequantized_path["dense"] > 0 and (dequantized_path["experts"] > 0) == ("moe" in name)
+    np.testing.assert_allclose(np.array(logits), np.array(load(str(folder))[0](mx.array([prompt]))), atol=1e-4,
+                               rtol=0)
+    assert _greedy(ours, prompt, 12)[1] == _mlx_lm_greedy(folder, prompt, 12)[1]
+
+
+def test_quantized_layers_choose_by_rows(dequantized_path):
+    """Below the row thresholds the quantized kernel runs; above, the dequantized matrix gives the same output."""
+    from qwen_mlx.model import SwitchLinear
+    from qwen_mlx.quant.layers import Linear, QuantizedLinear
+
+    mx.random.seed(0)
+    for bias in (False, True):
+        q = Linear(256, 96, bias=bias).to_quantized(64, 4)
+        assert type(q) is QuantizedLinear
+        for rows in (1, 3, 4, 64):
+            x = mx.random.normal((rows, 256))
+            want = mx.quantized_matmul(x, q.weight, q.scales, q.biases, transpose=True, group_size=64, bits=4)
+            np.testing.assert_allclose(np.array(q(x)), np.array(want + q.bias if bias else want), atol=1e-5)
+    assert dequantized_path["dense"] == 4  # rows 4 and 64, with and without bias
+    linear = SwitchLinear(128, 64, 4)
+    linear.weight = mx.random.normal((4, 64, 128))
+    q = linear.to_quantized(64, 8)
+    for pairs in (8, 23, 24, 100):
+        x, idx = mx.random.normal((pairs, 1, 128)), mx.sort(mx.random.randint(0, 4, (pairs,)))
+        want = mx.gather_qmm(x, q.weight, q.scales, q.biases, rhs_indices=idx, transpose=True, group_size=64,
+                             bits=8, sorted_indices=True)
+        np.testing.assert_allclose(np.array(q(x, idx, True)), np.array(want), atol=1e-5)
+    assert dequantized_path["experts"] == 2  # 24 and 100 pairs over 4 experts
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_fast_dequantize_is_mx_dequantize_bit_for_bit(bits, group):
+    from qwen_mlx.quant.layers import dequantize
+
+    for shape in [(96, 256), (3, 32, 128)]:
+        q, s, b = mx.quantize(mx.random.normal(shape), group, bits)
+        assert mx.array_equal(dequantize(q, s, b, group, bits), mx.dequantize(q, s, b, group, bits)).item()
+
+
 @pytest.mark.parametrize("name,bits,group", CASES)
 def test_torch_twin_takes_the_folder_dequantized(mlx_lm_quantized, name, bits, group):
     from export.torch_backend import TorchBackend

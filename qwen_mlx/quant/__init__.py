@@ -5,4 +5,5 @@
 - gguf_blocks.py: llama.cpp's block formats that are exactly MLX affine groups
 - mlx_convert.py: `convert --quantize`, an MLX quantized folder mlx-lm loads as it is
 - kv_cache.py: the quantized KV cache (`--kv-bits`)
+- layers.py: MLX's quantized layers, with prefill chunks through BLAS on a CPU
 """
