@@ -93,8 +93,8 @@ def dequantized_path(monkeypatch):
     taken = {"dense": 0, "experts": 0}
     original = layers._dequantize_pays
 
-    def counted(rows, from_rows, scales):
-        pays = original(rows, from_rows, scales)
+    def counted(rows, from_rows, layer):
+        pays = original(rows, from_rows, layer)
         if pays:
             taken["experts" if from_rows != layers.DEQUANTIZE_FROM_ROWS else "dense"] += 1
         return pays
@@ -143,6 +143,21 @@ def test_quantized_layers_choose_by_rows(dequantized_path):
                              bits=8, sorted_indices=True)
         np.testing.assert_allclose(np.array(q(x, idx, True)), np.array(want), atol=1e-5)
     assert dequantized_path["experts"] == 2  # 24 and 100 pairs over 4 experts
+
+
+def test_slow_unpacks_and_big_matrices_keep_the_kernel_longer(dequantized_path, monkeypatch):
+    import qwen_mlx.quant.layers as layers
+
+    six = layers.Linear(256, 64, bias=False).to_quantized(64, 6)
+    for rows in (4, 31, 32):
+        x = mx.random.normal((rows, 256))
+        want = mx.quantized_matmul(x, six.weight, six.scales, six.biases, transpose=True, group_size=64, bits=6)
+        np.testing.assert_allclose(np.array(six(x)), np.array(want), atol=1e-5)
+    assert dequantized_path["dense"] == 1  # 32 rows: 8x the 4-bit threshold
+    monkeypatch.setattr(layers, "DEQUANTIZE_UP_TO", 64 * 256 - 1)
+    four = layers.Linear(256, 64, bias=False).to_quantized(64, 4)
+    mx.eval(four(mx.random.normal((64, 256))))
+    assert dequantized_path["dense"] == 1
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -7,7 +7,8 @@ matrix to float32 and multiplying with (Open)BLAS takes 26 ms; 512 rows take 309
 from 4 rows on. Here a float32 layer on a CPU multiplies a prefill chunk (or a batch of 4+ sequences) by its
 dequantized matrix, one matrix alive at a time, and keeps the quantized kernel for a single sequence's decode
 step, where it reads 4-8x fewer bytes than a float matrix. Stacked experts are unpacked whole, so they switch
-later, from 6 (token, expert) rows per expert. Both forms compute w = scales * q + biases in float32; outputs
+later, from 6 (token, expert) rows per expert; a matrix of over 64M weights keeps the kernel, so no more than
+256 MB of float32 is ever alive for this. Both forms compute w = scales * q + biases in float32; outputs
 agree to float32 rounding. Nothing changes on a GPU, or for half-precision scales (MLX's CPU half matmuls have
 no BLAS either).
 """
@@ -21,17 +22,26 @@ import mlx.nn as nn
 
 DEQUANTIZE_FROM_ROWS = 4  # input rows from which dequantize + BLAS beats the CPU quantized matmul (1.6x at 4)
 DEQUANTIZE_FROM_ROWS_PER_EXPERT = 6  # the same for stacked experts, per expert: all X are unpacked (~1.0x at 4.3)
+# 3-, 5- and 6-bit codes straddle uint32 words and take mx.dequantize (~33 ns a weight at 6 bits, against ~2.5 for
+# `_unpack`), so their thresholds are 8x higher (6 bits at 64 rows: 2.4x faster than the kernel).
+FAST_UNPACK_BITS = (2, 4, 8)
+SLOW_UNPACK_ROWS = 8
+DEQUANTIZE_UP_TO = 1 << 26  # weights of one matrix: at most 256 MB of float32 alive (a big lm_head keeps the kernel)
 
 
-def _dequantize_pays(rows: int, from_rows: int, scales: mx.array) -> bool:
-    return rows >= from_rows and scales.dtype == mx.float32 and mx.default_device() == mx.cpu
+def _dequantize_pays(rows: int, from_rows: int, layer: nn.Module) -> bool:
+    scales = layer["scales"]
+    if layer.bits not in FAST_UNPACK_BITS:
+        from_rows *= SLOW_UNPACK_ROWS
+    return (rows >= from_rows and scales.dtype == mx.float32 and scales.size * layer.group_size <= DEQUANTIZE_UP_TO
+            and mx.default_device() == mx.cpu)
 
 
 def dequantize(w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
                mode: str = "affine") -> mx.array:
     """mx.dequantize, 3x faster on a CPU for 2-, 4- and 8-bit affine codes (a compiled unpack: ~2.5 ns a weight
     against ~7.5 ns, bit for bit the same result)."""
-    if mode != "affine" or biases is None or bits not in (2, 4, 8):
+    if mode != "affine" or biases is None or bits not in FAST_UNPACK_BITS:
         return mx.dequantize(w, scales, biases, group_size, bits, mode=mode)
     return _unpack(bits, group_size)(w, scales, biases)
 
@@ -50,7 +60,7 @@ class QuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear, with a prefill chunk on a CPU multiplied by the dequantized matrix."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if not _dequantize_pays(x.size // x.shape[-1], DEQUANTIZE_FROM_ROWS, self["scales"]):
+        if not _dequantize_pays(x.size // x.shape[-1], DEQUANTIZE_FROM_ROWS, self):
             return super().__call__(x)
         w = dequantize(self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits,
                        self.mode)                                                       # out in
@@ -82,7 +92,7 @@ class QuantizedSwitchLinear(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         experts = self["weight"].shape[0]
-        if _dequantize_pays(indices.size, DEQUANTIZE_FROM_ROWS_PER_EXPERT * experts, self["scales"]):
+        if _dequantize_pays(indices.size, DEQUANTIZE_FROM_ROWS_PER_EXPERT * experts, self):
             w = dequantize(self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits,
                            self.mode)                                                   # X out in
             return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
