@@ -21,8 +21,8 @@ import mlx.nn as nn
 
 from .attention import attention, masked_scores
 from .config import ModelArgs
-from .quant.layers import Linear, QuantizedSwitchLinear
 from .quant.kv_cache import KV_GROUP_SIZE, QuantizedKVCache, quantized_attention
+from .quant.layers import Linear, QuantizedSwitchLinear
 from .dual_chunk_attention import dual_chunk_attention
 
 
