@@ -7,50 +7,84 @@ qwen-mlx runs its engine (what `cli.py generate` runs); each round repeats the p
 holds, so only the last prompt token is fed again. mlx-lm runs `generate_step` on its prompt cache, trimmed back
 to the prompt after each round. Float32 on OpenBLAS, greedy, the first N tokens of the stdlib's typing.py.
 """
+
+from __future__ import annotations
+
+import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_longctx import prompt_ids, token_times  # noqa: E402  its prompt and timing (this folder is sys.path[0])
 from qwen_mlx import _blas  # noqa: E402,F401  first: OpenBLAS must be loaded before mlx
-import mlx.core as mx
-from qwen_mlx.checkpoint import prepare_model
-from qwen_mlx.engine import local_engine
-from qwen_mlx.mlx_backend import MLXBackend
-from qwen_mlx.tokenizer import Tokenizer
-from mlx_lm import load
-from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_sampler
+import mlx.core as mx  # noqa: E402
 
-M = sys.argv[1]; N = int(sys.argv[2]); ROUNDS = int(sys.argv[3]); DEC = int(sys.argv[4])
-tok = Tokenizer.from_folder(M); tok.eos_token_ids = frozenset()
-ids = prompt_ids(tok.encode, N)
-backend = MLXBackend(prepare_model(M), "float32", None, None)
-engine = local_engine(backend, tok)
-def ours():
-    times = token_times(engine, ids, DEC + 1)
-    return DEC / (times[-1] - times[0])
-model, _ = load(M); model.set_dtype(mx.float32); mx.eval(model.parameters())
-cache = make_prompt_cache(model)
-greedy = make_sampler(0.0)
-t0 = time.perf_counter()
-for _ in generate_step(mx.array(ids[:-1]), model, max_tokens=1, prompt_cache=cache, sampler=greedy):
-    pass
-trim_prompt_cache(cache, cache[0].offset - (N - 1))
-print(f"mlx-lm prefill {time.perf_counter() - t0:.0f} s", flush=True)
-def theirs():
-    times = []
-    for _ in generate_step(mx.array(ids[-1:]), model, max_tokens=DEC + 1, prompt_cache=cache, sampler=greedy):
-        times.append(time.perf_counter())
-    trim_prompt_cache(cache, cache[0].offset - (N - 1))
-    return DEC / (times[-1] - times[0])
-t0 = time.perf_counter(); ours(); print(f"ours prefill+ {time.perf_counter() - t0:.0f} s", flush=True)
-res = {"ours": [], "mlx-lm": []}
-for r in range(ROUNDS):
-    for name, f in ([("ours", ours), ("mlx-lm", theirs)] if r % 2 == 0 else [("mlx-lm", theirs), ("ours", ours)]):
-        res[name].append(f())
-    print(f"round {r}: ours {res['ours'][-1]:.2f} mlx-lm {res['mlx-lm'][-1]:.2f} ratio {res['ours'][-1]/res['mlx-lm'][-1]:.2f}", flush=True)
-print({k: round(statistics.median(v), 2) for k, v in res.items()})
+from qwen_mlx.checkpoint import prepare_model  # noqa: E402
+from qwen_mlx.engine import local_engine  # noqa: E402
+from qwen_mlx.mlx_backend import MLXBackend  # noqa: E402
+from qwen_mlx.tokenizer import Tokenizer  # noqa: E402
+
+
+def ours(folder: str, ids: list[int], decode: int) -> Callable[[], float]:
+    """A round of qwen-mlx's engine: the prompt again (served by its prefix cache), then `decode` tokens/s."""
+    tok = Tokenizer.from_folder(folder)
+    tok.eos_token_ids = frozenset()
+    engine = local_engine(MLXBackend(prepare_model(folder), "float32", None, None), tok)
+
+    def run() -> float:
+        times = token_times(engine, ids, decode + 1)
+        return decode / (times[-1] - times[0])
+    t0 = time.perf_counter()
+    run()
+    print(f"ours prefill+ {time.perf_counter() - t0:.0f} s", flush=True)
+    return run
+
+
+def mlx_lm(folder: str, ids: list[int], decode: int) -> Callable[[], float]:
+    """A round of mlx-lm's generate_step on its prompt cache, trimmed back to the prompt afterwards."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+    from mlx_lm.sample_utils import make_sampler
+
+    model, _ = load(folder)
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    cache, greedy, keep = make_prompt_cache(model), make_sampler(0.0), len(ids) - 1
+    t0 = time.perf_counter()
+    for _ in generate_step(mx.array(ids[:-1]), model, max_tokens=1, prompt_cache=cache, sampler=greedy):
+        pass
+    trim_prompt_cache(cache, cache[0].offset - keep)
+    print(f"mlx-lm prefill {time.perf_counter() - t0:.0f} s", flush=True)
+
+    def run() -> float:
+        times = [time.perf_counter() for _ in generate_step(mx.array(ids[-1:]), model, max_tokens=decode + 1,
+                                                             prompt_cache=cache, sampler=greedy)]
+        trim_prompt_cache(cache, cache[0].offset - keep)
+        return decode / (times[-1] - times[0])
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+    p.add_argument("prompt_tokens", type=int)
+    p.add_argument("rounds", type=int)
+    p.add_argument("decode_tokens", type=int)
+    a = p.parse_args()
+    ids = prompt_ids(Tokenizer.from_folder(a.model).encode, a.prompt_tokens)
+    runners = {"ours": ours(a.model, ids, a.decode_tokens), "mlx-lm": mlx_lm(a.model, ids, a.decode_tokens)}
+    res: dict[str, list[float]] = {name: [] for name in runners}
+    for r in range(a.rounds):
+        for name in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
+            res[name].append(runners[name]())
+        print(f"round {r}: ours {res['ours'][-1]:.2f} mlx-lm {res['mlx-lm'][-1]:.2f} "
+              f"ratio {res['ours'][-1] / res['mlx-lm'][-1]:.2f}", flush=True)
+    print({k: round(statistics.median(v), 2) for k, v in res.items()})
+
+
+if __name__ == "__main__":
+    main()
