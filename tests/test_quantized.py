@@ -120,6 +120,29 @@ def test_prefill_through_dequantized_matrices_matches_mlx_lm(mlx_lm_quantized, d
     assert _greedy(ours, prompt, 12)[1] == _mlx_lm_greedy(folder, prompt, 12)[1]
 
 
+@pytest.mark.parametrize("name,bits,group", CASES)
+def test_batched_quantized_rows_get_their_tokens_alone(mlx_lm_quantized, dequantized_path, name, bits, group):
+    """Decoding 4 sequences together multiplies by the dequantized matrices, one alone by the quantized kernel:
+    every row's greedy tokens still equal the ones it gets alone."""
+    from qwen_mlx.backends import load
+    from qwen_mlx.engine import Engine, Request, Token, batch_backend, run_requests
+    from qwen_mlx.generate import Session, greedy_tokens
+    from qwen_mlx.sampling import SamplingParams
+
+    loaded = load("mlx", str(mlx_lm_quantized(name, bits, group)), "float32")
+    loaded.tokenizer.eos_token_ids = frozenset()
+    prompts = [[(11 * i + 5 * j) % 500 for j in range(3 + 7 * i)] for i in range(4)]
+    alone = [greedy_tokens(Session(loaded.backend), p, 10) for p in prompts]
+    dequantized_path["dense"] = 0
+    engine = Engine(batch_backend(loaded.backend, 4), loaded.tokenizer, prefill_chunk=16).start()
+    try:
+        events = run_requests(engine, [Request(p, SamplingParams(temperature=0), 10) for p in prompts])
+    finally:
+        engine.shutdown(0)
+    assert dequantized_path["dense"] > 0
+    assert [[e.id for e in ev if isinstance(e, Token)] for ev in events] == alone
+
+
 def test_quantized_layers_choose_by_rows(dequantized_path):
     """Below the row thresholds the quantized kernel runs; above, the dequantized matrix gives the same output."""
     from qwen_mlx.model import SwitchLinear
