@@ -100,7 +100,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--quantize", type=int, default=0, help="also run 4- or 8-bit (weights from float32)")
+    p.add_argument("--quantize", type=int, default=0, help="also run 4- or 8-bit, from each --quantize-from dtype")
     p.add_argument("--quantize-from", default="float32,bfloat16", help="the dtypes --quantize starts from")
     p.add_argument("--rounds", type=int, default=1, help="rows per case, runners alternating (order reversed "
                    "every other round)")

@@ -58,7 +58,7 @@ def main() -> None:
     for rows, out_dims, in_dims, experts in cases:
         fs = forms(rows, out_dims, in_dims, a.bits, experts)
         times: dict[str, list[float]] = {k: [] for k in fs}
-        for name, f in fs.items():
+        for f in fs.values():
             mx.eval(f())  # warm-up
         for _ in range(a.rounds):
             for name, f in fs.items():
