@@ -185,11 +185,12 @@ def test_slow_unpacks_and_big_matrices_keep_the_kernel_longer(dequantized_path, 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_fast_dequantize_is_mx_dequantize_bit_for_bit(bits, group):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: a KV cache's scales in a half model
+def test_fast_dequantize_is_mx_dequantize_bit_for_bit(bits, group, dtype):
     from qwen_mlx.quant.layers import dequantize
 
-    for shape in [(96, 256), (3, 32, 128)]:
-        q, s, b = mx.quantize(mx.random.normal(shape), group, bits)
+    for shape in [(96, 256), (3, 32, 128), (1, 2, 40, 128)]:  # 2-D, stacked experts, a KV cache B K T D
+        q, s, b = mx.quantize(mx.random.normal(shape).astype(getattr(mx, dtype)), group, bits)
         assert mx.array_equal(dequantize(q, s, b, group, bits), mx.dequantize(q, s, b, group, bits)).item()
 
 

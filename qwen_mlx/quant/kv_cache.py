@@ -8,9 +8,10 @@ T * D * bits / 8 bytes of codes plus 2 * T * D / group_size scales and biases, i
 Attention (`quantized_attention`) reads the codes in place with `mx.quantized_matmul`, as mlx-lm does, each
 kv head's group of query heads folded into the rows of one matmul (decoding reads the cache once per kv
 head, not once per query head). On MLX's CPU backend a chunk of several new tokens (prefill) instead
-dequantizes the cache it attends to and runs the float `attention` (qwen_mlx/attention.py): the CPU quantized
-matmul has no fast path for many rows (~5x slower than float32 BLAS at 512 rows, docs/BENCHMARKS.md). The dequantized values are
-exactly those the quantized matmul reads, so both paths compute the same attention up to summation order.
+dequantizes the cache it attends to (layers.dequantize, bit for bit mx.dequantize) and runs the float
+`attention` (qwen_mlx/attention.py): the CPU quantized matmul has no fast path for many rows (~5x slower than
+float32 BLAS at 512 rows, docs/BENCHMARKS.md). The dequantized values are exactly those the quantized matmul
+reads, so both paths compute the same attention up to summation order.
 
 Shapes: B batch, H heads, K kv heads, G = H / K, L new tokens, T cached + new tokens, D head_dim,
 P packed uint32 words per vector (D * bits / 32), S groups per vector (D / group_size).
@@ -22,6 +23,7 @@ import mlx.core as mx
 
 from ..attention import attention, masked_scores
 from ..errors import QwenError
+from .layers import dequantize
 
 KV_BITS = (4, 8)
 KV_GROUP_SIZE = 64  # mlx-lm's default for kv_group_size
@@ -101,8 +103,8 @@ def quantized_attention(q: mx.array, k: Quantized, v: Quantized, scale: float, m
     B, H, L, D = q.shape
     K, T = k[0].shape[1], k[0].shape[2]
     if L > 1 and mx.default_device() == mx.cpu:  # measured: from 2-4 new tokens on, dequantizing wins on a CPU
-        keys = mx.dequantize(*k, group_size=group_size, bits=bits)                     # B K T D
-        values = mx.dequantize(*v, group_size=group_size, bits=bits)
+        keys = dequantize(*k, group_size, bits)                                        # B K T D
+        values = dequantize(*v, group_size, bits)
         return attention(q, keys, values, scale, mask)
     G = H // K
     rows = (q * scale).reshape(B, K, G * L, D)                                          # B K GL D

@@ -37,6 +37,10 @@ def _dequantize_pays(rows: int, from_rows: int, layer: nn.Module) -> bool:
             and mx.default_device() == mx.cpu)
 
 
+def _float_weight(layer: nn.Module) -> mx.array:
+    return dequantize(layer["weight"], layer["scales"], layer.get("biases"), layer.group_size, layer.bits, layer.mode)
+
+
 def dequantize(w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
                mode: str = "affine") -> mx.array:
     """mx.dequantize, 3x faster on a CPU for 2-, 4- and 8-bit affine codes (a compiled unpack: ~2.5 ns a weight
@@ -62,9 +66,7 @@ class QuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         if not _dequantize_pays(x.size // x.shape[-1], DEQUANTIZE_FROM_ROWS, self):
             return super().__call__(x)
-        w = dequantize(self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits,
-                       self.mode)                                                       # out in
-        y = x @ w.T
+        y = x @ _float_weight(self).T                                                   # ... in -> ... out
         return y + self["bias"] if "bias" in self else y
 
 
@@ -93,8 +95,7 @@ class QuantizedSwitchLinear(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         experts = self["weight"].shape[0]
         if _dequantize_pays(indices.size, DEQUANTIZE_FROM_ROWS_PER_EXPERT * experts, self):
-            w = dequantize(self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits,
-                           self.mode)                                                   # X out in
+            w = _float_weight(self)                                                     # X out in
             return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
         return mx.gather_qmm(x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices,
                              transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
