@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 
 import export  # registers the torch and onnx backends (no torch import until one is used)
-from qwen_mlx.dtypes import BYTES, DTYPES
+from qwen_mlx.dtypes import DTYPES
 from qwen_mlx.errors import QwenError
 
 # `cli` and `export` are generic top-level names. Run as `python cli.py`, this folder is sys.path[0] and wins;
@@ -76,7 +76,7 @@ def run_options(f):
 
 
 def kv_options(f):
-    """--kv-bits / --kv-group-size (mlx): the KV cache stored quantized (qwen_mlx/quant/kv_cache.py)."""
+    """--kv-bits / --kv-group-size (mlx): the KV cache stored quantized (qwen_mlx/models/cache.py)."""
     f = click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
                      help="with --kv-bits: features of a key or value vector per scale and bias")(f)
     return click.option("--kv-bits", type=click.Choice(["4", "8"]), default=None,
@@ -109,7 +109,7 @@ def _prepare(backend, model, dtype, quantize, max_tokens, stop=(), kv_bits=None,
              **sampling):
     """Check the flags before loading anything, then load the backend and the sampling defaults."""
     from qwen_mlx.backends import load
-    from qwen_mlx.generate import check_stop_strings
+    from qwen_mlx.engine.text import check_stop_strings
     from qwen_mlx.sampling import SamplingParams
 
     if max_tokens < 0:
@@ -127,7 +127,7 @@ PROMPT_CACHE = click.option("--prompt-cache", default=None, metavar="FILE",
 
 def _prompt_cache(loaded, path):
     """Fill the backend's cache from a `cache-prompt` file; returns (Session holding it, CachedPrompt)."""
-    from qwen_mlx.generate import Session
+    from qwen_mlx.backends.base import Session
     from qwen_mlx.prompt_cache import load_prompt_cache
 
     cached = load_prompt_cache(Path(path), loaded)
@@ -182,7 +182,7 @@ def generate(backend, model, dtype, quantize, onnx_dtype, max_tokens, stop, prom
              prompt_cache, kv_bits, kv_group_size, **sampling):
     """One reply to one prompt: the text on stdout, a JSON stats line last on stderr."""
     from qwen_mlx.engine import local_engine, stream_generate
-    from qwen_mlx.generate import GenerationStats
+    from qwen_mlx.engine.text import GenerationStats
 
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -256,7 +256,7 @@ def serve(backend, model, dtype, quantize, onnx_dtype, host, port, max_batch, ma
     if max_batch < 1 or max_queue < 0 or max_tokens < 1:
         raise QwenError("--max-batch and --max-tokens must be >= 1, --max-queue >= 0")
     if kv_bits and max_batch != 1:
-        # The batched MLX engine (qwen_mlx/engine/mlx_batch.py) pads, joins and slices rows of a float cache;
+        # The batched MLX engine (qwen_mlx/backends/mlx_batch.py) pads, joins and slices rows of a float cache;
         # a quantized cache runs one sequence at a time, which must be asked for rather than slipped in.
         raise QwenError("serve --kv-bits needs --max-batch 1: continuous batching keeps a float KV cache; "
                         "with --kv-bits requests are served one at a time on a quantized cache")
@@ -273,81 +273,10 @@ def serve(backend, model, dtype, quantize, onnx_dtype, host, port, max_batch, ma
 def info(model):
     """Architecture, experts, total and active parameters by component, and memory per dtype."""
     from qwen_mlx.checkpoint import prepare_model
+    from qwen_mlx.report import model_report
 
     ckpt = prepare_model(model, gguf_blocks=True)  # a GGUF as the MLX backend runs it by default: blocks kept
-    a = ckpt.args
-    counts = a.parameter_counts()
-    total, active = sum(counts.values()), a.active_parameters()
-    moe = bool(a.num_experts)
-    print(f"model          {ckpt.folder}")
-    print(f"architecture   {a.model_type}: {a.num_hidden_layers} layers, hidden {a.hidden_size}, "
-          f"MLP {a.intermediate_size}, {a.num_attention_heads} heads / {a.num_key_value_heads} KV heads x "
-          f"{a.head_dim}" + (", q/k RMSNorm" if a.qk_norm else ""))
-    if moe:
-        per_expert = 3 * a.hidden_size * a.moe_intermediate_size
-        dense = [i for i in range(a.num_hidden_layers) if i not in a.moe_layers]
-        print(f"experts        {a.num_experts} per MoE layer, {a.num_experts_per_tok} per token "
-              f"({'renormalized' if a.norm_topk_prob else 'softmax'} weights), each {a.moe_intermediate_size} wide "
-              f"({per_expert:,} parameters); MoE in {len(a.moe_layers)} of {a.num_hidden_layers} layers"
-              + (f", dense MLP in {dense}" if dense else ""))
-        if a.shared_expert:
-            print(f"               shared expert {a.shared_expert_intermediate_size} wide, sigmoid-gated, on every token")
-    print(f"vocabulary     {a.vocab_size}, embeddings {'tied' if a.tie_word_embeddings else 'untied'}")
-    print(f"rope           {a.rope_type}, theta {a.rope_theta:g}; context {a.context_length}")
-    if a.dual_chunk is not None:
-        print(f"attention      {a.dual_chunk.describe()}: active, reaching the full {a.context_length} tokens "
-              f"with no relative position past {a.dual_chunk.chunk_size}")
-    for cap, reason in a.context_caps():
-        print(f"               context capped at {cap} by {reason}; config.json says "
-              f"{a.max_position_embeddings}")
-    print("parameters")
-    for name, n in counts.items():
-        if n or name in ("embedding", "attention", "mlp", "norms", "lm_head"):
-            print(f"  {name:<14} {n:>14,}  {100 * n / total:5.1f}%")
-    print(f"  {'total':<14} {total:>14,}")
-    if moe:
-        print(f"  {'active/token':<14} {active:>14,}  {100 * active / total:5.1f}%  "
-              f"({a.num_experts_per_tok} of {a.num_experts} experts)")
-    # Quantized (--quantize): matrices at `bits` plus a 16-bit scale and bias per group of 64; norms and the
-    # MoE router stay in 16 bits.
-    matrices = sum(n for k, n in counts.items() if k not in ("norms", "router"))
-    active_matrices = matrices - (total - active)
-    print("weights memory" + ("           all    read per token" if moe else ""))
-
-    def row(label: str, everything: float, per_token: float) -> None:
-        print(f"  {label:<12} {everything / 1e9:8.2f} GB" + (f"   {per_token / 1e9:8.2f} GB" if moe else ""))
-
-    if ckpt.quantization is not None:
-        _stored_quantization_rows(ckpt)
-    for label, size in BYTES.items():
-        row(label, total * size, active * size)
-    for bits in (8, 4):
-        row(f"{bits}-bit", (matrices * (bits + 0.5) + (total - matrices) * 16) / 8,
-            (active_matrices * (bits + 0.5) + (active - active_matrices) * 16) / 8)
-    kv = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim
-    print(f"KV cache       {kv * 2 / 1024:.1f} KiB per token in 16-bit ({kv * 2 * a.context_length / 1e9:.2f} GB "
-          f"for the full context)")
-
-
-def _stored_quantization_rows(ckpt) -> None:
-    """`info` on a quantized folder: the stored quantization, then its weights as stored and as MLX loads
-    them (packed codes kept; scales, biases and float tensors in the load dtype)."""
-    import math
-
-    from qwen_mlx.quant.affine import describe
-
-    print(f"  {'quantized':<12} {describe(ckpt.quantization)}")
-    origin = json.loads((ckpt.folder / "config.json").read_text(encoding="utf-8")).get("repacked_from")
-    if origin:  # an AWQ/GPTQ checkpoint (qwen_mlx/quant/awq_gptq.py)
-        print(f"  {'repacked':<12} exactly, from {origin}")
-    itemsize = {"U32": 4, "F32": 4, "F16": 2, "BF16": 2}
-    stored = sum(math.prod(t.shape) * itemsize.get(t.dtype, 4) for t in ckpt.tensors.values())
-    packed = sum(math.prod(t.shape) * 4 for t in ckpt.tensors.values() if t.dtype == "U32")
-    floats = sum(math.prod(t.shape) for t in ckpt.tensors.values() if t.dtype != "U32")
-    print(f"  {'as stored':<12} {stored / 1e9:8.2f} GB")
-    for label, size in BYTES.items():
-        print(f"  {label:<12} {(packed + floats * size) / 1e9:8.2f} GB   MLX, quantized as stored")
-    print("  dequantized (the torch twin and the ONNX export):")
+    print("\n".join(model_report(ckpt)))
 
 
 @cli.command()
@@ -368,7 +297,7 @@ def convert(gguf_file, model, quantize, group_size, out, dtype, force):
     folder with the same codes, or (--quantize) any model into an MLX quantized folder that mlx-lm loads."""
     if quantize:
         from qwen_mlx.checkpoint import prepare_model
-        from qwen_mlx.quant.mlx_convert import quantize_folder
+        from qwen_mlx.convert import quantize_folder
 
         if (model is None) == (gguf_file is None):
             raise QwenError("convert --quantize needs exactly one of --model and --gguf")
@@ -376,14 +305,14 @@ def convert(gguf_file, model, quantize, group_size, out, dtype, force):
                               dtype or "float32", force))
         return
     if model is not None and gguf_file is None:
-        from qwen_mlx.quant.awq_gptq import folder_scheme, repack_folder
+        from qwen_mlx.formats.awq_gptq import folder_scheme, repack_folder
 
         if Path(model).is_dir() and folder_scheme(Path(model)) is not None:
             print(repack_folder(Path(model), Path(out), force))  # AWQ/GPTQ -> MLX affine, every code kept
             return
     if gguf_file is None or model is not None:
         raise QwenError("convert needs --gguf FILE, an AWQ/GPTQ --model folder, or --quantize 4|8 with --model M")
-    from qwen_mlx.gguf_convert import convert_gguf
+    from qwen_mlx.formats.gguf import convert_gguf
 
     path = convert_gguf(Path(gguf_file), Path(out), dtype=dtype, force=force)
     print(path)
@@ -444,7 +373,7 @@ def attention(model, prompt, raw, system, layers, heads, dtype, out):
     from qwen_mlx.attention_maps import (attention_maps, float64_model, parse_indices, save_npz, save_png,
                                          token_labels)
     from qwen_mlx.checkpoint import prepare_model
-    from qwen_mlx.mlx_backend import load_model
+    from qwen_mlx.models.load import load_model
     from qwen_mlx.tokenizer import Tokenizer
 
     ckpt = prepare_model(model)

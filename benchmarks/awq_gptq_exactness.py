@@ -1,4 +1,4 @@
-"""How exactly AWQ/GPTQ weights survive: ours (qwen_mlx/quant/awq_gptq.py), mlx-lm's own AWQ loader, and the int4
+"""How exactly AWQ/GPTQ weights survive: ours (qwen_mlx/formats/awq_gptq.py), mlx-lm's own AWQ loader, and the int4
 ONNX export (the stored codes as MatMulNBits, or onnxruntime's quantizer run over the dequantized weights).
 
     PYTHONPATH=$PWD python benchmarks/awq_gptq_exactness.py [--onnx]
@@ -46,9 +46,9 @@ def main() -> None:
     from mlx_lm import load
 
     from qwen_mlx.checkpoint import prepare_model
-    from qwen_mlx.mlx_backend import load_model
-    from tests.test_awq_gptq import CASES, MODEL, make_checkpoint
-    from tests.tiny_models import write_tiny_model
+    from qwen_mlx.models.load import load_model
+    from tests.support.awq_gptq import CASES, MODEL, make_checkpoint
+    from tests.support.tiny_models import write_tiny_model
 
     write_tiny_model(root / "hf", MODEL)
     folder = root / "awq"

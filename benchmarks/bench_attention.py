@@ -1,4 +1,4 @@
-"""One layer's attention on the CPU: qwen_mlx.attention (the numpy softmax for long float32 chunks) beside MLX's
+"""One layer's attention on the CPU: qwen_mlx.models.base (the numpy softmax for long float32 chunks) beside MLX's
 `mx.fast.scaled_dot_product_attention`, at Qwen2.5-0.5B's shape (14 query heads on 2 kv heads, head_dim 64),
 a causal prefill chunk of L new tokens over T positions. Interleaved rounds, medians; the largest absolute
 difference of the outputs is printed too.
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qwen_mlx import _blas  # noqa: E402,F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
-from qwen_mlx.attention import attention  # noqa: E402
+from qwen_mlx.models.base import attention  # noqa: E402
 
 SHAPES = [(512, 512), (512, 2048), (512, 8192), (512, 16384), (64, 4096), (8, 4096)]  # (L, T)
 
@@ -37,7 +37,7 @@ def main() -> None:
     a = p.parse_args()
     print(f"{os.cpu_count()} cores, mlx {mx.__version__}, float32, load average {os.getloadavg()[0]:.1f}; "
           f"median of {a.rounds} interleaved rounds")
-    print("| L new | T positions | fused kernel ms | qwen_mlx.attention ms | speed-up | max abs diff |")
+    print("| L new | T positions | fused kernel ms | qwen_mlx.models.base ms | speed-up | max abs diff |")
     print("| --- | --- | --- | --- | --- | --- |")
     for L, T in SHAPES:
         mx.random.seed(0)

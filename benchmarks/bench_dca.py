@@ -28,8 +28,8 @@ def run_all(model: str, specs: dict[str, object], dtype: str, n_prompt: int, n_d
     import numpy as np
 
     from qwen_mlx.checkpoint import prepare_model
-    from qwen_mlx.generate import Session
-    from qwen_mlx.mlx_backend import MLXBackend
+    from qwen_mlx.backends.base import Session
+    from qwen_mlx.backends.mlx import MLXBackend
     from qwen_mlx.tokenizer import Tokenizer
 
     backend = MLXBackend(prepare_model(model), dtype)

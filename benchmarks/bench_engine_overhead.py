@@ -29,7 +29,7 @@ def build_model(out: Path) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from qwen_mlx.real_checkpoint import real_checkpoint
+    from qwen_mlx.formats.real_checkpoint import real_checkpoint
 
     real = real_checkpoint("float32", progress=False)
     torch.manual_seed(0)
@@ -44,7 +44,8 @@ def build_model(out: Path) -> Path:
 
 def run_ours(folder: Path, n_tokens: int, clients: int, sampling: dict, on_device: bool) -> float:
     from qwen_mlx.backends import load
-    from qwen_mlx.engine import Engine, Request, Token, batch_backend, run_requests
+    from qwen_mlx.engine import Engine, Request, Token, run_requests
+    from qwen_mlx.backends.batching import batch_backend
     from qwen_mlx.sampling import SamplingParams
 
     loaded = load("mlx", str(folder), "float32")

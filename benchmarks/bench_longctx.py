@@ -52,7 +52,7 @@ def run_ours(model: str, n_prompt: int, n_decode: int, kv_bits: int) -> dict:
 
     from qwen_mlx.checkpoint import prepare_model
     from qwen_mlx.engine import local_engine
-    from qwen_mlx.mlx_backend import MLXBackend
+    from qwen_mlx.backends.mlx import MLXBackend
     from qwen_mlx.tokenizer import Tokenizer
 
     backend = MLXBackend(prepare_model(model), "float32", None, kv_bits or None)

@@ -38,8 +38,8 @@ def run_ours(model: str, dtype: str, quantize: int | None, n_prompt: int, n_deco
 
     from qwen_mlx import _blas
     from qwen_mlx.checkpoint import prepare_model
-    from qwen_mlx.generate import Session
-    from qwen_mlx.mlx_backend import MLXBackend
+    from qwen_mlx.backends.base import Session
+    from qwen_mlx.backends.mlx import MLXBackend
     from qwen_mlx.tokenizer import Tokenizer
 
     backend = MLXBackend(prepare_model(model), dtype, quantize)

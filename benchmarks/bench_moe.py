@@ -35,7 +35,7 @@ DECODE = 16
 class Ours:
     def __init__(self, folder: Path, dtype: str, quantize: int | None):
         from qwen_mlx.checkpoint import prepare_model
-        from qwen_mlx.mlx_backend import MLXBackend
+        from qwen_mlx.backends.mlx import MLXBackend
         from qwen_mlx.tokenizer import Tokenizer
 
         self.backend = MLXBackend(prepare_model(str(folder)), dtype, quantize)

@@ -8,7 +8,7 @@ Rows (each its own subprocess, so peak RSS is that runtime's alone; see benchmar
     ORTModelForCausalLM.generate
   - onnxruntime-genai's model builder (`-p int4 -e cpu` and `-p fp32 -e cpu`) run by onnxruntime-genai
   - our exports (fp32 onnx/model.onnx, int4 onnx/model_q4.onnx) run by onnxruntime-genai and by our own
-    backend (export.onnx_backend.OnnxBackend through qwen_mlx.generate.Session)
+    backend (export.backends.onnx.OnnxBackend through qwen_mlx.backends.base.Session)
   - HF transformers float32 (torch) as the reference for the token check; transformers.js on our exports
     with --transformersjs
 Every row gets the same prompt ids (chat template applied, ~150 tokens) and decodes exactly -n tokens greedily
@@ -238,7 +238,7 @@ def interleaved(args, hf: Path, rows: list, errors: dict) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hf", help="HF folder of the real checkpoint (default: python -m qwen_mlx.real_checkpoint)")
+    ap.add_argument("--hf", help="HF folder of the real checkpoint (default: python -m qwen_mlx.formats.real_checkpoint)")
     ap.add_argument("--ours-fp32", help="our fp32 export folder")
     ap.add_argument("--ours-q4", action="append",
                     help="our int4 export folder; give it twice to compare two (rows named by folder)")

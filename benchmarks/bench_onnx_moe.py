@@ -1,4 +1,4 @@
-"""The MoE layer in ONNX two ways, on onnxruntime's CPU provider: the standard ops export/model.py traces to
+"""The MoE layer in ONNX two ways, on onnxruntime's CPU provider: the standard ops export/models/qwen2.py traces to
 (router MatMul, Softmax, TopK, a Gather of the chosen experts' stacked matrices, MatMuls) beside
 onnxruntime's fused `com.microsoft` MoE op, on one random layer; same answer checked, then timed in
 interleaved rounds.
@@ -96,7 +96,7 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from export.model import SparseMoeBlock
+    from export.models.qwen2 import SparseMoeBlock
     from qwen_mlx.config import ModelArgs
 
     args = ModelArgs.from_dict(dict(model_type="qwen3_moe", hidden_size=a.hidden, intermediate_size=a.inter,

@@ -1,4 +1,4 @@
-"""One quantized matmul on MLX's CPU: the quantized kernel beside dequantize + BLAS (qwen_mlx/quant/layers.py).
+"""One quantized matmul on MLX's CPU: the quantized kernel beside dequantize + BLAS (qwen_mlx/models/layers.py).
 
     python benchmarks/bench_quantized_matmul.py [--bits 4] [--rounds 5]
 
@@ -15,7 +15,7 @@ import time
 
 import qwen_mlx  # noqa: F401, I001  (first: loads OpenBLAS into MLX's BLAS symbols before mlx, as the backend does)
 import mlx.core as mx
-from qwen_mlx.quant.layers import DEQUANTIZE_FROM_ROWS, DEQUANTIZE_FROM_ROWS_PER_EXPERT, dequantize
+from qwen_mlx.models.layers import DEQUANTIZE_FROM_ROWS, DEQUANTIZE_FROM_ROWS_PER_EXPERT, dequantize
 
 GROUP = 64
 

@@ -5,7 +5,7 @@ for the real checkpoint's folder), and stay up for the whole run; rounds interle
 other jobs falls on both alike. Every client streams one chat completion with its own prompt, greedy
 (temperature 0, no seed: mlx_lm.server batches only unseeded requests), `max_tokens` each.
 
-    nice python benchmarks/bench_serve.py --model $(python -m qwen_mlx.real_checkpoint)
+    nice python benchmarks/bench_serve.py --model $(python -m qwen_mlx.formats.real_checkpoint)
 
 Per (server, clients), medians over rounds: aggregate tok/s (completion tokens of all clients over the
 wall time from the first request sent to the last answer), time to first token and inter-token latency
@@ -14,10 +14,10 @@ wall time from the first request sent to the last answer), time to first token a
 (LD_PRELOAD), to separate what the BLAS gives from what the server does.
 
 `onnx` is `cli.py serve --backend onnx` on the folder `export-onnx` wrote from the same checkpoint
-(`--onnx FOLDER`), batched (export/onnx_batch.py); `onnx-batch1` is the same server at `--max-batch 1`,
+(`--onnx FOLDER`), batched (export/backends/onnx_batch.py); `onnx-batch1` is the same server at `--max-batch 1`,
 one sequence at a time as ONNX ran before it batched:
 
-    nice python benchmarks/bench_serve.py --model $(python -m qwen_mlx.real_checkpoint) \
+    nice python benchmarks/bench_serve.py --model $(python -m qwen_mlx.formats.real_checkpoint) \
         --onnx ONNX_FOLDER --servers onnx,onnx-batch1 --clients 1,8 --tokens 32 --rounds 2
 """
 

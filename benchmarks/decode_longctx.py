@@ -24,7 +24,7 @@ import mlx.core as mx  # noqa: E402
 
 from qwen_mlx.checkpoint import prepare_model  # noqa: E402
 from qwen_mlx.engine import local_engine  # noqa: E402
-from qwen_mlx.mlx_backend import MLXBackend  # noqa: E402
+from qwen_mlx.backends.mlx import MLXBackend  # noqa: E402
 from qwen_mlx.tokenizer import Tokenizer  # noqa: E402
 
 

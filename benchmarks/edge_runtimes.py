@@ -6,7 +6,7 @@
 Runtimes, each run as a subprocess that prints one JSON object (token ids, timings, peak RSS):
   hf              HF transformers float32 (`Qwen2ForCausalLM`, `generate(do_sample=False,
                   repetition_penalty=1.0)`), in this interpreter's environment: the reference.
-  ours            our ONNX backend (`export.onnx_backend.OnnxBackend` + `qwen_mlx.generate.Session`).
+  ours            our ONNX backend (`export.backends.onnx.OnnxBackend` + `qwen_mlx.backends.base.Session`).
   genai           onnxruntime-genai (`og.Model(folder)`, `og.Generator`, greedy), venv $PEERS/genai.
   optimum         optimum-onnx `ORTModelForCausalLM.from_pretrained(folder, subfolder="onnx",
                   file_name=...)` + `generate`, venv $PEERS/optimum.
@@ -390,8 +390,8 @@ def _eos_ids(folder: Path) -> set[int]:
 
 def _worker_ours(req: dict) -> dict:
     import numpy as np
-    from export.onnx_backend import OnnxBackend
-    from qwen_mlx.generate import Session
+    from export.backends.onnx import OnnxBackend
+    from qwen_mlx.backends.base import Session
 
     folder = Path(req["folder"])
     t0 = time.perf_counter()
@@ -525,8 +525,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def real_checkpoint_folder(dtype: str = "float32") -> str:
-    """The real checkpoint's HF folder, via `python -m qwen_mlx.real_checkpoint` (built once, cached)."""
-    out = subprocess.run([sys.executable, "-m", "qwen_mlx.real_checkpoint", "--dtype", dtype, "--quiet"],
+    """The real checkpoint's HF folder, via `python -m qwen_mlx.formats.real_checkpoint` (built once, cached)."""
+    out = subprocess.run([sys.executable, "-m", "qwen_mlx.formats.real_checkpoint", "--dtype", dtype, "--quiet"],
                          cwd=REPO, capture_output=True, text=True, check=True)
     return out.stdout.strip().splitlines()[-1]
 

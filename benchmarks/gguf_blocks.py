@@ -9,7 +9,7 @@ Three models: `kept` (the GGUF's Q8_0/Q5_0/Q4_K blocks as MLX quantized layers, 
 subprocess per measurement, the three interleaved in each round (median over rounds). Quality: the first
 --text-tokens tokens of colorsys.py teacher-forced through each (parity.teacher_forced: perplexity, top-1
 agreement and max |logit diff| against float32), with the quantized kernels themselves. Greedy: --greedy
-tokens of each parity-suite prompt (tests/parity.py), kept against float32.
+tokens of each parity-suite prompt (tests/support/parity.py), kept against float32.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests import parity  # noqa: E402  (imports qwen_mlx first, which loads OpenBLAS)
+from tests.support import parity  # noqa: E402  (imports qwen_mlx first, which loads OpenBLAS)
 
 # row -> (bench_mlx worker, which folder)
 RUNNERS = {"qwen-mlx, GGUF blocks kept": ("ours", "kept"), "qwen-mlx, float32 conversion": ("ours", "float32"),
@@ -35,8 +35,8 @@ RUNNERS = {"qwen-mlx, GGUF blocks kept": ("ours", "kept"), "qwen-mlx, float32 co
 
 
 def folders() -> dict[str, Path]:
-    from qwen_mlx.gguf_convert import cached_conversion
-    from qwen_mlx.real_checkpoint import real_gguf
+    from qwen_mlx.formats.gguf import cached_conversion
+    from qwen_mlx.formats.real_checkpoint import real_gguf
 
     gguf = real_gguf()
     return {"kept": cached_conversion(gguf, None), "float32": cached_conversion(gguf, "float32")}
@@ -81,7 +81,7 @@ def mlx_lm_position_logits(model, ids, chunk: int = parity.CHUNK):
 
 def quality(dirs: dict[str, Path], n_text: int, n_greedy: int) -> list[str]:
     from qwen_mlx.backends import load
-    from qwen_mlx.generate import Session, greedy_tokens
+    from qwen_mlx.backends.base import Session, greedy_tokens
     from qwen_mlx.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_folder(dirs["float32"])

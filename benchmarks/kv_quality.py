@@ -2,7 +2,7 @@
 
     python benchmarks/kv_quality.py [--model FOLDER] [--text-tokens 1024] [--bits 8,4]
 
-Teacher-forced over the first --text-tokens tokens of the stdlib colorsys.py (tests/parity.py), 256
+Teacher-forced over the first --text-tokens tokens of the stdlib colorsys.py (tests/support/parity.py), 256
 positions per forward through the cache, float32 weights: perplexity, its ratio to the float cache's, top-1
 agreement and max |logit diff| against the float cache; then the KV cache's bytes per token (measured from
 the cache after the run, and per dtype by formula).
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests import parity  # noqa: E402  (imports qwen_mlx first, which loads OpenBLAS)
+from tests.support import parity  # noqa: E402  (imports qwen_mlx first, which loads OpenBLAS)
 
 
 def position_logits(model, ids, kv_bits, out_cache):
@@ -38,9 +38,9 @@ def main() -> None:
     p.add_argument("--text-tokens", type=int, default=parity.TEXT_TOKENS)
     p.add_argument("--bits", default="8,4")
     a = p.parse_args()
-    from qwen_mlx.mlx_backend import MLXBackend
+    from qwen_mlx.backends.mlx import MLXBackend
     from qwen_mlx.checkpoint import prepare_model
-    from qwen_mlx.real_checkpoint import real_checkpoint
+    from qwen_mlx.formats.real_checkpoint import real_checkpoint
     from qwen_mlx.tokenizer import Tokenizer
 
     folder = Path(a.model) if a.model else real_checkpoint("float32")

@@ -45,7 +45,7 @@ def write_model(folder: Path, config: dict, seed: int = 0) -> int:
     from safetensors.numpy import save_file
 
     from qwen_mlx.config import ModelArgs
-    from tests.tiny_tokenizer import write_tiny_tokenizer
+    from tests.support.tiny_tokenizer import write_tiny_tokenizer
 
     args = ModelArgs.from_dict(config)
     folder.mkdir(parents=True, exist_ok=True)

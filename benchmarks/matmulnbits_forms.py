@@ -25,7 +25,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from export.nbits_nodes import pack_codes
-from qwen_mlx.quant.affine import dequantize_codes
+from qwen_mlx.formats.affine import dequantize_codes
 
 
 def build(form: str, q, s, b, G: int):

@@ -85,7 +85,7 @@ def prompt_ids(model: str) -> list[int]:
 def reference(model: str, prompt: list[int], n: int) -> tuple[list[np.ndarray], list[int]]:
     """MLX's logits after the prompt and each of its n greedy tokens."""
     from qwen_mlx.checkpoint import prepare_model
-    from qwen_mlx.mlx_backend import MLXBackend
+    from qwen_mlx.backends.mlx import MLXBackend
 
     mlx = MLXBackend(prepare_model(model), "float32")
     logits, tokens = [mlx.forward(prompt)], []
@@ -126,7 +126,7 @@ def main() -> None:
     folders["carried, level 0"] = work / "carried-level0"
     level0_copy(folders["carried"], folders["carried, level 0"])
 
-    from export.onnx_backend import OnnxBackend
+    from export.backends.onnx import OnnxBackend
 
     prompt = prompt_ids(opts.model)
     ref, tokens = reference(opts.model, prompt, opts.n)
@@ -174,7 +174,7 @@ def main() -> None:
 def teacher_forced_float(model: str, prompt: list[int], tokens: list[int]) -> list[np.ndarray]:
     """MLX on the float folder, fed the same tokens."""
     from qwen_mlx.checkpoint import prepare_model
-    from qwen_mlx.mlx_backend import MLXBackend
+    from qwen_mlx.backends.mlx import MLXBackend
 
     return teacher_forced(MLXBackend(prepare_model(model), "float32"), prompt, tokens)
 

@@ -3,12 +3,12 @@
     python benchmarks/onnx_dtypes.py [--model FOLDER] --onnx-dir DIR [--dtypes all] [--text-tokens 1024]
 
 --model     an HF float32 checkpoint folder; default: the real Qwen2.5-Coder-0.5B-Instruct (python -m
-            qwen_mlx.real_checkpoint)
+            qwen_mlx.formats.real_checkpoint)
 --onnx-dir  the export folder; written first by `cli.py export-onnx --dtypes LIST` (its own validation
             included) when it has no config.json yet
 --dtypes    the files to export when --onnx-dir is empty (default: all seven)
 
-Each file is teacher-forced over the first --text-tokens tokens of the stdlib colorsys.py (tests/parity.py:
+Each file is teacher-forced over the first --text-tokens tokens of the stdlib colorsys.py (tests/support/parity.py:
 quality_text, the text of benchmarks/quality.py) in chunks through its own KV cache; perplexity, its ratio
 to the fp32 file's (model.onnx, the float32 reference), top-1 agreement with fp32 and max |logit diff|.
 Size: the .onnx file plus its external data. One file is loaded at a time.
@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests import parity  # noqa: E402  (after the path)
+from tests.support import parity  # noqa: E402  (after the path)
 
 
 def file_bytes(onnx_dir: Path, name: str) -> int:
@@ -35,7 +35,7 @@ def file_bytes(onnx_dir: Path, name: str) -> int:
 
 
 def measure(folder: Path, variant: str, ids: list[int], reference: parity.Quality | None) -> parity.Quality:
-    from export.onnx_backend import OnnxBackend
+    from export.backends.onnx import OnnxBackend
     from qwen_mlx.backends import LoadedModel
 
     t = time.perf_counter()
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         model_dir = Path(args.model)
     else:
-        from qwen_mlx.real_checkpoint import real_checkpoint
+        from qwen_mlx.formats.real_checkpoint import real_checkpoint
 
         model_dir = real_checkpoint("float32")
     lines = []

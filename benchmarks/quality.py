@@ -3,17 +3,17 @@
     python benchmarks/quality.py [--model FOLDER] [--onnx-dir DIR] [--text-tokens 1024] [--skip-parity]
 
 --model     an HF float32 checkpoint folder; default: the real Qwen2.5-Coder-0.5B-Instruct, built once into
-            ~/.cache/qwen-mlx (python -m qwen_mlx.real_checkpoint)
+            ~/.cache/qwen-mlx (python -m qwen_mlx.formats.real_checkpoint)
 --onnx-dir  where the exports live (sub-folders fp32/, fp16/, q4/); the missing ones are exported there
             (1-3 min each for the real model on 2 cores, ~4.5 GB of disk for the three). Default: a temporary
             folder, removed at the end. The whole run takes ~10 min (MLX bfloat16 alone ~4.5).
 
 Quality: the first --text-tokens tokens of the stdlib colorsys.py, teacher-forced in one chunked prefill;
 perplexity and top-1 agreement / max |logit diff| against MLX float32. The text comes with the running
-Python (see tests/parity.py: quality_text), so the header prints its digest and the Python version.
+Python (see tests/support/parity.py: quality_text), so the header prints its digest and the Python version.
 Parity: the logits of a ~30-token chat prompt and of 8 cached decode steps, pairwise between HF
 transformers, MLX, the PyTorch twin and ONNX (all float32), and 32-token greedy continuations of three
-prompts. The measuring code is tests/parity.py, which tests/test_real_parity.py runs with bounds.
+prompts. The measuring code is tests/support/parity.py, which tests/test_real_parity.py runs with bounds.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: qwen_mlx, export and tests import from the tree
 
-from tests import parity  # noqa: E402  (after the path; imports qwen_mlx first, which loads OpenBLAS)
+from tests.support import parity  # noqa: E402  (after the path; imports qwen_mlx first, which loads OpenBLAS)
 
 # ONNX variant -> (sub-folder of --onnx-dir, dtype, quantize)
 EXPORTS = {"onnx float32": ("fp32", "float32", None), "onnx float16": ("fp16", "float16", None),
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         model_dir = Path(args.model)
     else:
-        from qwen_mlx.real_checkpoint import real_checkpoint
+        from qwen_mlx.formats.real_checkpoint import real_checkpoint
 
         model_dir = real_checkpoint("float32")
     start = time.perf_counter()

@@ -28,7 +28,7 @@ def _torch(model: str | None, dtype: str | None, quantize: str | None):
     if quantize:
         raise QwenError("the torch backend runs unquantized weights; drop --quantize")
     require("the torch backend")
-    from .torch_backend import TorchBackend
+    from .backends.torch import TorchBackend
 
     ckpt = prepare_model(model)
     return TorchBackend(ckpt, dtype or "float32"), ckpt.folder
@@ -36,7 +36,7 @@ def _torch(model: str | None, dtype: str | None, quantize: str | None):
 
 def _onnx(model: str | None, dtype: str | None, quantize: str | None, onnx_dtype: str | None = None):
     require("the onnx backend")
-    from .onnx_backend import OnnxBackend
+    from .backends.onnx import OnnxBackend
 
     folder: Path = resolve_model(model)
     return OnnxBackend(folder, dtype, "int4" if quantize == "4" else quantize, variant=onnx_dtype), folder

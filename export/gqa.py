@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from qwen_mlx.config import ModelArgs
 from qwen_mlx.errors import QwenError
 
-from .model import KV, Attention, Qwen2ForCausalLM
+from .models.qwen2 import KV, Attention, Qwen2ForCausalLM
 
 ATTENTION_FORMS = ("standard", "gqa")
 

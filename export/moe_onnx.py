@@ -1,6 +1,6 @@
 """The routed experts as onnxruntime's fused `com.microsoft` MoE op (float) or QMoE op (int4), `--moe fused`.
 
-export/model.py's SparseMoeBlock traces to standard ops (router MatMul, Softmax, TopK, a Gather of each chosen
+export/models/qwen2.py's SparseMoeBlock traces to standard ops (router MatMul, Softmax, TopK, a Gather of each chosen
 expert's stacked matrices, MatMuls): every runtime loads it, but each token copies its k experts' matrices
 before multiplying. onnxruntime's MoE op reads them in place and groups tokens by expert: one layer measured
 3.6x faster to decode and 5.8x faster to prefill on the CPU provider (docs/BENCHMARKS.md). For the trace,
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import SparseMoeBlock
+from .models.qwen2 import SparseMoeBlock
 
 QMOE_BLOCK_SIZE = 32
 

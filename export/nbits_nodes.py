@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qwen_mlx.quant.affine import dequantize_codes
+from qwen_mlx.formats.affine import dequantize_codes
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Stored:
 
     @property
     def dequantized(self) -> np.ndarray:
-        """s * q + b exactly as the twin computes it (qwen_mlx.quant.affine.dequantize)."""
+        """s * q + b exactly as the twin computes it (qwen_mlx.formats.affine.dequantize)."""
         return dequantize_codes(self.codes, self.scales, self.biases, self.group)
 
 

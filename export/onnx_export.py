@@ -1,6 +1,6 @@
 """Export a checkpoint to an ONNX folder that optimum, onnxruntime-genai and transformers.js can all load.
 
-The PyTorch twin (export/model.py) is traced with torch.onnx's dynamo exporter: it names the inputs and
+The PyTorch twin (export/models/qwen2.py) is traced with torch.onnx's dynamo exporter: it names the inputs and
 outputs as given, keeps head counts and head_dim static and batch / sequence / past dynamic, and folds
 each Linear's weight transpose into one initializer (with `attention="gqa"`, each layer's attention core is
 one com.microsoft GroupQueryAttention instead: export/gqa.py). Then: readable initializer and axis names, optional
@@ -122,7 +122,7 @@ def trace(ckpt: Checkpoint, dtype: str, opset: int, attention: str = "standard",
     import onnx_ir as ir
     import torch
 
-    from .model import load_model
+    from .models.load import load_model
     from .moe_onnx import CUSTOM_TRANSLATIONS, fuse_moe_blocks
 
     with _step(f"loading the PyTorch twin ({dtype})"):

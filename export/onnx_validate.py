@@ -65,7 +65,7 @@ def compare(reference: list[np.ndarray], other: list[np.ndarray]) -> dict:
 def twin_reference(ckpt: Checkpoint, steps: int = 8) -> tuple[list[int], list[int], list[np.ndarray]]:
     """The float32 twin on the validation prompt and `steps` of its own greedy continuation: (prompt, the
     continuation's tokens, the logits after the prompt and after each token). Every file is fed the same."""
-    from .torch_backend import TorchBackend
+    from .backends.torch import TorchBackend
 
     prompt = _validation_prompt(ckpt)
     twin = TorchBackend(ckpt, "float32")
@@ -84,7 +84,7 @@ def measure_export(ckpt: Checkpoint, folder: Path, dtype: str = "float32", quant
     names) on onnxruntime beside the float32 twin (and MLX when importable) on a prompt plus `steps` cached
     decode steps; print the figures on stderr and return them (see compare): one file's figures, or
     {variant: figures} when `variants` is given."""
-    from .onnx_backend import OnnxBackend
+    from .backends.onnx import OnnxBackend
 
     names = variants or [variant_of(dtype, quantize)]
     prompt, tokens, reference = twin_reference(ckpt, steps)
@@ -124,7 +124,7 @@ def validate_export(ckpt: Checkpoint, folder: Path, dtype: str = "float32", quan
 def _mlx_figures(ckpt: Checkpoint, prompt: list[int], tokens: list[int], reference: list[np.ndarray]) -> dict | None:
     """The same comparison for the MLX model, when MLX imports here (it is informative, not a gate)."""
     try:
-        from qwen_mlx.mlx_backend import MLXBackend
+        from qwen_mlx.backends.mlx import MLXBackend
     except ImportError:
         return None
     return compare(reference, teacher_forced_logits(MLXBackend(ckpt, "float32"), prompt, tokens))

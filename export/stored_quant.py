@@ -1,6 +1,6 @@
 """The publisher's own codes in the int4 ONNX export: MatMulNBits (and GatherBlockQuantized) as stored.
 
-A checkpoint stored quantized (mlx_lm.convert -q folders, AWQ/GPTQ repacked by qwen_mlx.quant.awq_gptq) holds,
+A checkpoint stored quantized (mlx_lm.convert -q folders, AWQ/GPTQ repacked by qwen_mlx.formats.awq_gptq) holds,
 per group of G inputs, codes q and MLX's affine scale s and bias b: w = s * q + b. The twin takes that
 dequantized; handing it to onnxruntime's int4 quantizer would round it a second time into other codes.
 Instead every traced MatMul of such a module (a fused q/k/v or gate/up included: their rows concatenate)
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qwen_mlx.checkpoint import Checkpoint
-from qwen_mlx.quant.affine import module_params, unpack_codes
+from qwen_mlx.formats.affine import module_params, unpack_codes
 
 from .moe_onnx import quantize_moe_int4
 from .nbits_nodes import Stored, add_initializers, gather_block_quantized, matmul_nbits

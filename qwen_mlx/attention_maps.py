@@ -2,7 +2,7 @@
 
 The MLX model's attention runs on a fused kernel that returns no weights; each chosen layer's `Attention`
 gets an `on_weights` callback for one forward pass, which receives softmax(q k^T * scale + causal mask)
-computed explicitly after q/k norms and RoPE (qwen_mlx.model.attention_weights).
+computed explicitly after q/k norms and RoPE (qwen_mlx.models.qwen2.attention_weights).
 
 Precision (`float64_model`, the CLI's default): in float32 the maps are only known to ~5e-5 on real Qwen2
 checkpoints. Their q/k biases make some attention scores large (|score| ~1,500 in the 0.5B model's first
@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import ModelArgs
 from .errors import QwenError
-from .model import Qwen2ForCausalLM
+from .models.qwen2 import Qwen2ForCausalLM
 from .tokenizer import Tokenizer
 
 MAX_PANELS = 64  # a PNG grid beyond this is unreadable: ask for --layers / --heads instead

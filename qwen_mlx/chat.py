@@ -14,7 +14,8 @@ from typing import Callable, TextIO
 from .backends import LoadedModel
 from .engine import Engine, local_engine, stream_generate
 from .errors import QwenError
-from .generate import GenerationStats, Session
+from .backends.base import Session
+from .engine.text import GenerationStats
 from .sampling import SamplingParams
 
 HELP = "/reset forgets the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops a reply."

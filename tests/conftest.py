@@ -10,8 +10,8 @@ import pytest
 
 import export  # noqa: F401  registers the torch and onnx backends, as cli.py does
 
-from tests.conftest_tokenizer import tiny_tokenizer_dir  # noqa: F401  (re-exported fixture)
-from tests.tiny_models import write_tiny_model
+from tests.support.tiny_models import write_tiny_model
+from tests.support.tokenizer_fixtures import tiny_tokenizer_dir  # noqa: F401  (re-exported fixture)
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +34,7 @@ def real_model_dir() -> Path:
     Only an unreachable package registry is a reason to skip, and only outside CI: CI installs from the same
     registry, so there any failure (a converter bug included) fails the run."""
     from qwen_mlx.errors import QwenError
-    from qwen_mlx.real_checkpoint import real_checkpoint
+    from qwen_mlx.formats.real_checkpoint import real_checkpoint
 
     try:
         return real_checkpoint("float32", progress=False)
@@ -58,7 +58,7 @@ def no_eos(loaded):
 def tiny_onnx(tiny_model, tmp_path_factory: pytest.TempPathFactory):
     """tiny_onnx(name) -> the float32 ONNX folder `cli.py export-onnx` writes for tiny_model(name), exported
     once per run (tens of seconds on 2 cores: share it rather than exporting per test or module)."""
-    from tests.test_cli import run
+    from tests.support.cli import run
 
     built: dict[str, Path] = {}
 
@@ -78,7 +78,7 @@ def tiny_onnx_set(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The whole dtype set (`export-onnx --dtypes all`: fp32, fp16, q8, int8, uint8, q4, q4f16) of
     tiny_model("gqa2-untied") in one folder, each file validated by the exporter: one run per session
     (~1 min on 2 cores: two traces, five quantizations, seven checks)."""
-    from tests.test_cli import run
+    from tests.support.cli import run
 
     out = tmp_path_factory.mktemp("onnx-set") / "export"
     r = run("export-onnx", "--model", str(tiny_model("gqa2-untied")), "--out", str(out), "--dtypes", "all")

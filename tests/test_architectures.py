@@ -1,5 +1,5 @@
 """Qwen2-MoE, Qwen3 and Qwen3-MoE against HF transformers' own Qwen2MoeForCausalLM, Qwen3ForCausalLM and
-Qwen3MoeForCausalLM, on the tiny random configs of tests/tiny_models.py (ARCH_CONFIGS): config and
+Qwen3MoeForCausalLM, on the tiny random configs of tests/support/tiny_models.py (ARCH_CONFIGS): config and
 parameter counts, loader errors, MLX float32 logits and greedy decoding with the KV cache, quantized
 experts, and that only the routed experts are ever read. The torch twin and ONNX export are checked on the
 same configs further down (and in tests/test_onnx_export.py).
@@ -18,9 +18,10 @@ import pytest
 from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.config import ModelArgs
 from qwen_mlx.errors import QwenError
-from qwen_mlx.generate import Session, greedy_tokens
-from tests.reference import backend_logits, load_reference, reference_greedy, reference_logits
-from tests.tiny_models import ARCH_CONFIGS
+from qwen_mlx.backends.base import Session, greedy_tokens
+from tests.support.gguf import write_gguf_from_hf
+from tests.support.reference import backend_logits, load_reference, reference_greedy, reference_logits
+from tests.support.tiny_models import ARCH_CONFIGS
 
 RNG = np.random.default_rng(99)
 # 70 prompt tokens: prefill sends >= 64 (token, expert) pairs, so MLX's sorted gather path runs; each
@@ -180,7 +181,7 @@ def test_loader_errors(tiny_model, tmp_path):
 # ---- MLX ----------------------------------------------------------------------------------------------
 
 def mlx_backend(folder: Path, quantize: int | None = None):
-    from qwen_mlx.mlx_backend import MLXBackend
+    from qwen_mlx.backends.mlx import MLXBackend
 
     return MLXBackend(prepare_model(str(folder)), "float32", quantize)
 
@@ -207,7 +208,7 @@ def test_mlx_quantized_experts(tiny_model, bits):
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from qwen_mlx.model import Linear, QuantizedSwitchLinear, SwitchLinear
+    from qwen_mlx.models.qwen2 import Linear, QuantizedSwitchLinear, SwitchLinear
 
     folder = tiny_model("qwen3moe-q64")
     quant = mlx_backend(folder, bits)
@@ -236,7 +237,7 @@ def test_mlx_reads_only_the_routed_experts(tiny_model, monkeypatch, sort_above):
     unsorted nor the sorted gather path ever computes them (a dense all-experts product would be NaN)."""
     import mlx.core as mx
 
-    from qwen_mlx import model as mlx_model
+    from qwen_mlx.models import qwen2 as mlx_model
 
     monkeypatch.setattr(mlx_model.Experts, "sort_above", sort_above)
     used: dict[int, set[int]] = {}
@@ -273,7 +274,7 @@ def test_batched_engine_gives_each_request_its_tokens_alone(tiny_model, backend,
     greedy tokens equal the ones it gets alone."""
     import export  # noqa: F401  (registers the torch backend)
     from qwen_mlx.backends import load
-    from qwen_mlx.engine import batch_backend
+    from qwen_mlx.backends.batching import batch_backend
     from qwen_mlx.engine import Engine, Request, Token, run_requests
     from qwen_mlx.sampling import SamplingParams
 
@@ -292,7 +293,7 @@ def test_batched_engine_gives_each_request_its_tokens_alone(tiny_model, backend,
 # ---- the PyTorch twin --------------------------------------------------------------------------------
 
 def torch_backend(folder: Path):
-    from export.torch_backend import TorchBackend
+    from export.backends.torch import TorchBackend
 
     return TorchBackend(prepare_model(str(folder)))
 
@@ -314,7 +315,7 @@ def test_twin_reads_only_the_routed_experts(tiny_model):
     """As for MLX: NaN in every expert no token was routed to leaves the twin's logits unchanged."""
     import torch
 
-    from export.model import Experts
+    from export.models.qwen2 import Experts
 
     backend = torch_backend(tiny_model("qwen3moe-q64"))
     used: dict[int, set[int]] = {}
@@ -365,7 +366,7 @@ def onnx_exports(tiny_model, tmp_path_factory) -> dict[str, Path]:
 
 
 def onnx_backend(folder: Path, quantize: str | None = None):
-    from export.onnx_backend import OnnxBackend
+    from export.backends.onnx import OnnxBackend
 
     return OnnxBackend(folder, quantize=quantize, provider="CPUExecutionProvider")
 
@@ -554,84 +555,11 @@ def test_quantize_block_int4_round_trip():
 
 
 # ---- GGUF: tiny GGUFs written from the tiny HF models with gguf's own writer and tensor-name map -------
+# (tests/support/gguf.py: write_gguf_from_hf)
 
-GGUF_ARCH = {"qwen2_moe": "QWEN2MOE", "qwen3": "QWEN3", "qwen3_moe": "QWEN3MOE"}
 # name -> (Q8_0 quantize the expert stacks, store the shared-expert gate as a vector)
 GGUF_CASES = {"qwen2moe-shared": (False, True), "qwen2moe-norm-mlponly": (False, False),
               "qwen3-bias-tied": (False, False), "qwen3moe-q64": (True, False)}
-
-
-def write_gguf_from_hf(folder: Path, path: Path, quantize_experts: bool, vector_shexp_gate: bool) -> dict:
-    """The tiny HF checkpoint as llama.cpp's converter lays it out: names from gguf's TensorNameMap, each
-    layer's experts stacked [X, out, in], the tokenizer as gguf metadata. Returns the GGUF name -> the
-    float32 values a reader gets back (quantized stacks: gguf's own dequantization of what was stored)."""
-    import gguf
-    from safetensors.numpy import load_file
-
-    config = json.loads((folder / "config.json").read_text())
-    args = ModelArgs.from_dict(config)
-    arch = getattr(gguf.MODEL_ARCH, GGUF_ARCH[args.model_type])
-    names = gguf.get_tensor_name_map(arch, args.num_hidden_layers)
-    dense = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, args.num_hidden_layers)  # mlp_only layers' MLPs
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_block_count(args.num_hidden_layers)
-    writer.add_context_length(args.max_position_embeddings)
-    writer.add_embedding_length(args.hidden_size)
-    writer.add_feed_forward_length(args.intermediate_size)
-    writer.add_head_count(args.num_attention_heads)
-    writer.add_head_count_kv(args.num_key_value_heads)
-    writer.add_key_length(args.head_dim)
-    writer.add_value_length(args.head_dim)
-    writer.add_layer_norm_rms_eps(args.rms_norm_eps)
-    writer.add_rope_freq_base(args.rope_theta)
-    if args.num_experts:
-        writer.add_expert_count(args.num_experts)
-        writer.add_expert_used_count(args.num_experts_per_tok)
-        writer.add_expert_feed_forward_length(args.moe_intermediate_size)
-        if args.model_type == "qwen2_moe":
-            writer.add_expert_shared_feed_forward_length(args.shared_expert_intermediate_size)
-        if args.norm_topk_prob != (args.model_type == "qwen3_moe"):  # llama.cpp's default differs: say so
-            writer.add_expert_weights_norm(args.norm_topk_prob)
-    tok = json.loads((folder / "tokenizer.json").read_text())
-    vocab = {**tok["model"]["vocab"], **{t["content"]: t["id"] for t in tok["added_tokens"]}}
-    tokens = sorted(vocab, key=vocab.get)
-    kinds = {t["content"]: 3 if t["special"] else 4 for t in tok["added_tokens"]}
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([kinds.get(t, 1) for t in tokens])
-    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
-    writer.add_eos_token_id(vocab["<|im_end|>"])
-    writer.add_pad_token_id(vocab["<|endoftext|>"])
-    writer.add_chat_template(json.loads((folder / "tokenizer_config.json").read_text())["chat_template"])
-
-    weights = load_file(str(folder / "model.safetensors"))
-    stacks: dict[str, list] = {}
-    for key in list(weights):
-        if m := re.fullmatch(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+\.weight)", key):
-            stacks.setdefault(f"{m[1]}.{m[3]}", []).append((int(m[2]), weights.pop(key)))
-    for key, parts in stacks.items():
-        weights[key] = np.stack([w for _, w in sorted(parts, key=lambda p: p[0])])
-    if args.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
-    stored = {}
-    for key, value in weights.items():
-        name = names.get_name(key, try_suffixes=(".weight", ".bias")) or dense.get_name(key, try_suffixes=(".weight",))
-        assert name, key
-        if vector_shexp_gate and key.endswith("shared_expert_gate.weight"):
-            value = value.reshape(-1)
-        if quantize_experts and value.ndim == 3:
-            packed = gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            value = gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q8_0).reshape(value.shape)
-        else:
-            writer.add_tensor(name, value)
-        stored[key] = value
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return stored
 
 
 @pytest.mark.parametrize("name", list(GGUF_CASES))
@@ -641,7 +569,7 @@ def test_gguf_conversion_equals_the_original(tiny_model, references, tmp_path, m
     logits equal to transformers' on the original folder."""
     from safetensors.numpy import load_file
 
-    from qwen_mlx.gguf_convert import convert_gguf
+    from qwen_mlx.formats.gguf import convert_gguf
 
     folder = tiny_model(name)
     quantized, vector_gate = GGUF_CASES[name]
@@ -739,7 +667,7 @@ def test_server_chat_template_kwargs(thinking_model):
     """The OpenAI-style server takes vLLM's `chat_template_kwargs`; `serve --no-think` sets the default."""
     pytest.importorskip("fastapi")
     pytest.importorskip("openai")
-    from tests.test_serve import Server
+    from tests.support.server import Server
 
     def prompt_tokens(server, **extra) -> int:
         reply = server.client().chat.completions.create(

@@ -1,4 +1,4 @@
-"""qwen_mlx/attention.py: the numpy softmax taken for long float32 chunks on a CPU gives the fused kernel's
+"""qwen_mlx/models/base.py: the numpy softmax taken for long float32 chunks on a CPU gives the fused kernel's
 attention, for every mask form the model passes, and the whole model through it still matches transformers
 and batches without changing a token."""
 
@@ -8,13 +8,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import qwen_mlx.attention as attn
+import qwen_mlx.models.base as attn
 from qwen_mlx.checkpoint import prepare_model
-from qwen_mlx.generate import Session
-from qwen_mlx.mlx_backend import MLXBackend
-from tests.reference import backend_logits, load_reference, reference_logits
-from tests.test_mlx_model import PROMPT, STEPS
-from tests.tiny_models import TINY_CONFIGS
+from qwen_mlx.backends.base import Session
+from qwen_mlx.backends.mlx import MLXBackend
+from tests.support.reference import PROMPT, STEPS, backend_logits, load_reference, reference_logits
+from tests.support.tiny_models import TINY_CONFIGS
 
 
 @pytest.fixture
@@ -77,11 +76,11 @@ def test_model_through_the_numpy_softmax_matches_transformers(tiny_model, numpy_
 
 def test_batched_engine_through_the_numpy_softmax_keeps_every_token(tiny_model, numpy_path, monkeypatch):
     """Left-padded rows prefilled together in chunks (boolean B 1 L T masks) give each request its tokens
-    alone: test_engine's check, run with the numpy softmax on every chunk."""
+    alone: tests/test_engine.py's check, run with the numpy softmax on every chunk."""
     from qwen_mlx.backends import load
-    from tests import test_engine
+    from tests.support.engine import assert_batch_of_8_gives_each_request_its_tokens_alone
 
     loaded = load("mlx", str(tiny_model("gqa2-untied")), "float32")
     monkeypatch.setattr(loaded.tokenizer, "eos_token_ids", frozenset())
-    test_engine.test_batch_of_8_gives_each_request_its_tokens_alone(loaded, None)
+    assert_batch_of_8_gives_each_request_its_tokens_alone(loaded)
     assert numpy_path

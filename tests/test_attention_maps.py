@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.test_cli import run
+from tests.support.cli import run
 
 CONFIGS = ["gqa2-untied", "mha-tied", "mqa-headdim", "yarn", "qwen3-untied", "qwen3-bias-tied", "qwen3moe-norm"]
 
@@ -26,7 +26,7 @@ def hf_attentions(folder, ids) -> np.ndarray:
 def test_attention_maps_equal_hf_eager(tiny_model, name):
     from qwen_mlx.attention_maps import attention_maps, float64_model
     from qwen_mlx.checkpoint import prepare_model
-    from qwen_mlx.mlx_backend import load_model
+    from qwen_mlx.models.load import load_model
 
     folder = tiny_model(name)
     ckpt = prepare_model(str(folder))
@@ -120,7 +120,7 @@ def hf_attentions_float64(folder, ids) -> np.ndarray:
 def test_real_checkpoint_attention_equals_hf_eager(real_model_dir):
     from qwen_mlx.attention_maps import attention_maps, float64_model
     from qwen_mlx.checkpoint import prepare_model
-    from qwen_mlx.mlx_backend import load_model
+    from qwen_mlx.models.load import load_model
     from qwen_mlx.tokenizer import Tokenizer
 
     ckpt = prepare_model(str(real_model_dir))

@@ -25,7 +25,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import edge_runtimes as er  # noqa: E402  (standard library only at import time)
-from tests.chromium import chromium, unavailable  # noqa: E402
+from tests.support.chromium import chromium, unavailable  # noqa: E402
 
 SERVE = REPO / "examples" / "browser" / "serve.py"
 N_TOKENS = 12

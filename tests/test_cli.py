@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, QWEN_MLX_QUIET="1", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], input=stdin, capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=300)
+from tests.support.cli import run
 
 
 def test_generate_prints_text_then_a_stats_line(tiny_model):
@@ -29,7 +20,7 @@ def test_generate_prints_text_then_a_stats_line(tiny_model):
     assert 0 < stats["generation_tokens"] <= 12
     # the same text from the library, and from stdin with --prompt -
     from qwen_mlx.backends import load
-    from qwen_mlx.generate import Session, greedy_tokens
+    from qwen_mlx.backends.base import Session, greedy_tokens
 
     loaded = load("mlx", folder, "float32")
     ids = loaded.tokenizer.encode_chat([{"role": "user", "content": "Hello there"}])
@@ -71,7 +62,7 @@ def test_chat_transcript_is_what_transformers_renders(tiny_model, monkeypatch):
 
     from qwen_mlx.backends import load
     from qwen_mlx.chat import run_chat
-    from qwen_mlx.engine.mlx_batch import MLXBatch
+    from qwen_mlx.backends.mlx_batch import MLXBatch
     from qwen_mlx.sampling import SamplingParams
 
     folder = tiny_model("gqa2-untied")
@@ -196,7 +187,7 @@ def test_a_failed_chat_turn_keeps_the_conversation(tiny_model, monkeypatch):
 
     from qwen_mlx.backends import load
     from qwen_mlx.chat import run_chat
-    from qwen_mlx.engine.mlx_batch import MLXBatch
+    from qwen_mlx.backends.mlx_batch import MLXBatch
     from qwen_mlx.sampling import SamplingParams
 
     loaded = load("mlx", str(tiny_model("gqa2-untied")), "float32")

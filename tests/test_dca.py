@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from export.torch_backend import TorchBackend
+from export.backends.torch import TorchBackend
 from qwen_mlx.checkpoint import prepare_model
-from qwen_mlx.generate import Session, greedy_tokens
-from tests.reference import backend_logits
+from qwen_mlx.backends.base import Session, greedy_tokens
+from tests.support.reference import backend_logits
 
 PROMPT = np.random.default_rng(7).integers(0, 512, size=60).tolist()
 
@@ -117,7 +117,7 @@ def greedy_reference(dca_model):
 
 
 def backends(ckpt):
-    mlx_backend = pytest.importorskip("qwen_mlx.mlx_backend")
+    mlx_backend = pytest.importorskip("qwen_mlx.backends.mlx")
     return {"mlx": mlx_backend.MLXBackend(ckpt, "float32"), "torch": TorchBackend(ckpt)}
 
 
@@ -157,7 +157,7 @@ def test_every_position_matches_the_reference(dca_model, greedy_reference, name)
 def test_greedy_with_kv_cache_across_boundaries(dca_model, greedy_reference, name, monkeypatch):
     """Prefill (in chunks of 7, so chunks of prefill straddle DCA chunks) then 32 cached decode steps:
     the tokens and every step's logits equal the reference's full recompute."""
-    import qwen_mlx.generate as gen
+    import qwen_mlx.backends.base as gen
 
     _, ckpt = dca_model
     tokens, want = greedy_reference
@@ -218,7 +218,7 @@ def test_yarn_composes_with_dca_alike_on_both_backends(dca_model, tmp_path):
 def test_mlx_key_blocks_merge_by_log_sum_exp(dca_model, greedy_reference, monkeypatch):
     """Long contexts take key blocks merged by their log-sum-exp: forced here with blocks of 5 keys (rows
     whose every key in a block is masked included), prefill and decode equal the reference."""
-    import qwen_mlx.dual_chunk_attention as dca
+    import qwen_mlx.models.dual_chunk as dca
 
     monkeypatch.setattr(dca, "SCORES_BUDGET", 0)
     monkeypatch.setattr(dca, "KEY_BLOCK_MIN", 5)

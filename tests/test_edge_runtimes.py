@@ -20,7 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import edge_runtimes as er  # noqa: E402  (standard library only at import time)
-from tests.needs import needs_peer  # noqa: E402
+from tests.support.needs import needs_peer  # noqa: E402
 
 N_TOKENS = 16
 # variant -> (tiny model, quantize, file)
@@ -75,7 +75,7 @@ def _snapshot(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory) -> dict[str, Path]:
-    from tests.tiny_models import write_tiny_model
+    from tests.support.tiny_models import write_tiny_model
 
     root = tmp_path_factory.mktemp("edge")
     return {name: write_tiny_model(root / name, name) for name in MODELS}
@@ -83,7 +83,7 @@ def tiny_hf(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def prompts(tiny_hf) -> tuple[list[str], list[list[int]]]:
-    # One tokenizer for every tiny model (tests/tiny_tokenizer.py): the same ids for all of them.
+    # One tokenizer for every tiny model (tests/support/tiny_tokenizer.py): the same ids for all of them.
     return er.reference_prompts(tiny_hf[MODELS[0]], ["hello world", "def f(x): return x"], chat=True)
 
 
@@ -154,7 +154,7 @@ def arch_exports(tmp_path_factory):
     """(name, variant) -> (export folder, prompt texts, ids, our ONNX backend's greedy tokens), on first use."""
     from export.onnx_export import export_onnx
     from qwen_mlx.checkpoint import prepare_model
-    from tests.tiny_models import write_tiny_model
+    from tests.support.tiny_models import write_tiny_model
 
     base = tmp_path_factory.mktemp("arch-edge")
     cache: dict = {}

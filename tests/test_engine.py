@@ -8,14 +8,14 @@ import time
 import pytest
 
 from qwen_mlx.backends import load
-from qwen_mlx.engine import SerialBatch, batch_backend
+from qwen_mlx.backends.batching import SerialBatch, batch_backend
 from qwen_mlx.engine import Done, Engine, Failed, Overloaded, Request, ShuttingDown, Token, run_requests
 from qwen_mlx.errors import QwenError
-from qwen_mlx.generate import Session, greedy_tokens
-from qwen_mlx.engine.mlx_batch import MLXBatch
+from qwen_mlx.backends.base import Session, greedy_tokens
+from qwen_mlx.backends.mlx_batch import MLXBatch
 from qwen_mlx.sampling import SamplingParams
-
-GREEDY = SamplingParams(temperature=0)
+from tests.support.engine import (GREEDY, PrefillRecorder, Recorder,
+                                  assert_batch_of_8_gives_each_request_its_tokens_alone, prompts, tokens)
 
 
 @pytest.fixture(scope="module")
@@ -23,48 +23,8 @@ def loaded(tiny_model):
     return load("mlx", str(tiny_model("gqa2-untied")), "float32")
 
 
-def prompts(tok, n=8):
-    return [tok.encode("hello world " * (3 * i + 1) + f"tell story number {i}") for i in range(n)]
-
-
-def tokens(events):
-    return [e.id for e in events if isinstance(e, Token)]
-
-
-class Recorder:
-    """Wraps a BatchBackend to record the batch size of every decode step (observes, changes nothing)."""
-
-    def __init__(self, inner):
-        self.inner, self.sizes = inner, []
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def decode(self, seqs, toks):
-        self.sizes.append(len(seqs))
-        return self.inner.decode(seqs, toks)
-
-    def decode_sampled(self, seqs, toks, draws):  # greedy rows on MLX: sampled on the device, pipelined
-        self.sizes.append(len(seqs))
-        return self.inner.decode_sampled(seqs, toks, draws)
-
-
 def test_batch_of_8_gives_each_request_its_tokens_alone(loaded, no_eos):
-    ps = prompts(loaded.tokenizer)
-    assert len({len(p) for p in ps}) == 8
-    alone = [greedy_tokens(Session(loaded.backend), p, 24) for p in ps]
-    backend = Recorder(batch_backend(loaded.backend, 8))
-    assert isinstance(backend.inner, MLXBatch)
-    engine = Engine(backend, loaded.tokenizer, prefill_chunk=16).start()
-    try:
-        # different max_tokens: rows leave the batch at different steps while the others go on
-        events = run_requests(engine, [Request(p, GREEDY, 24 - i) for i, p in enumerate(ps)])
-    finally:
-        engine.shutdown(0)
-    assert max(backend.sizes) == 8
-    for i, ev in enumerate(events):
-        assert tokens(ev) == alone[i][:24 - i]
-        assert isinstance(ev[-1], Done) and ev[-1].finish_reason == "length"
+    assert_batch_of_8_gives_each_request_its_tokens_alone(loaded)
 
 
 def test_a_batch_of_one_gives_the_same_tokens(loaded, no_eos):
@@ -204,7 +164,7 @@ def test_a_failed_forward_ends_requests_with_an_error_and_the_engine_goes_on(loa
 def test_the_torch_backend_batches_through_the_same_engine(loaded, tiny_model, no_eos):
     pytest.importorskip("torch")
     import export  # noqa: F401  (registers the torch and onnx backends)
-    from export.torch_batch import TorchBatch
+    from export.backends.torch_batch import TorchBatch
 
     twin = load("torch", str(tiny_model("gqa2-untied")), "float32")
     ps = prompts(loaded.tokenizer, 8)
@@ -254,7 +214,8 @@ class Counting:
 
 
 def run_on(loaded, device_sampling, requests, max_batch=8):
-    backend = Counting(MLXBatch(loaded.backend, max_batch, device_sampling=device_sampling))
+    backend = Counting(MLXBatch(loaded.backend.model, loaded.backend.args, loaded.backend.device, max_batch,
+                               device_sampling=device_sampling))
     assert backend.inner.device_sampling == device_sampling
     engine = Engine(backend, loaded.tokenizer, prefill_chunk=16).start()
     try:
@@ -312,8 +273,8 @@ def test_device_distribution_is_the_numpy_samplers(together):
     import mlx.core as mx
     import numpy as np
 
-    from qwen_mlx.engine import Draw
-    from qwen_mlx.engine.mlx_sampling import distribution, seen_mask
+    from qwen_mlx.sampling import Draw
+    from qwen_mlx.sampling.device import distribution, seen_mask
     from qwen_mlx.sampling import Sampler
 
     rng = np.random.default_rng(0)
@@ -342,8 +303,8 @@ def test_device_draw_is_the_inverse_cdf_of_its_distribution():
     import mlx.core as mx
     import numpy as np
 
-    from qwen_mlx.engine import Draw
-    from qwen_mlx.engine.mlx_sampling import distribution, sample
+    from qwen_mlx.sampling import Draw
+    from qwen_mlx.sampling.device import distribution, sample
 
     rng = np.random.default_rng(1)
     logits = mx.array((rng.standard_normal((len(DEVICE_CASES), 1000)) * 2).astype(np.float32))
@@ -373,7 +334,7 @@ def test_on_a_cpu_greedy_rows_are_sampled_on_the_device_and_others_on_the_host(l
     sampled = SamplingParams(temperature=0.8, top_k=20, seed=1)
     (greedy,), g = run_on(loaded, "greedy", [Request(ps[0], GREEDY, 8)])
     (_,), s = run_on(loaded, "greedy", [Request(ps[1], sampled, 8)])
-    assert MLXBatch(loaded.backend, 2).device_sampling == "greedy"
+    assert MLXBatch(loaded.backend.model, loaded.backend.args, loaded.backend.device, 2).device_sampling == "greedy"
     assert (g.host, s.device) == (0, 0) and g.device > 0 and s.host > 0
     assert tokens(greedy) == greedy_tokens(Session(loaded.backend), ps[0], 8)
 
@@ -397,20 +358,6 @@ engine.shutdown(0)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                        cwd=Path(__file__).resolve().parent.parent)
     assert r.returncode == 0, r.stderr[-2000:]
-
-
-class PrefillRecorder(Recorder):
-    def __init__(self, inner):
-        super().__init__(inner)
-        self.prefills = []  # rows per prefill forward
-
-    def prefill(self, seq, tokens):
-        self.prefills.append(1)
-        return self.inner.prefill(seq, tokens)
-
-    def prefill_batch(self, seqs, chunks):
-        self.prefills.append(len(seqs))
-        return self.inner.prefill_batch(seqs, chunks)
 
 
 def test_prompts_waiting_together_prefill_in_one_forward(loaded, no_eos):

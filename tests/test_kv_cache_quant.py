@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.test_cli import run
+from tests.support.cli import run
 
 DOC = [(7 * i + 3) % 500 for i in range(300)]  # crosses the cache's 256-position growth step
 
@@ -22,7 +22,7 @@ class FakeQuantKVCache:
     fused float kernel attends to exactly the values the quantized cache stores."""
 
     def __init__(self, bits, group_size):
-        from qwen_mlx.model import KVCache
+        from qwen_mlx.models.cache import KVCache
         self.inner, self.bits, self.group_size = KVCache(), bits, group_size
 
     @property
@@ -47,7 +47,7 @@ def _steps(model, cache, chunks):
 def test_quantized_attention_equals_attention_over_dequantized_values(tiny_model, name, bits, group):
     """Prefill in a long chunk (dequantize + fused kernel on a CPU), short chunks (the quantized matmuls on
     a GPU, dequantize on a CPU) and single-token steps (quantized matmuls, query heads folded per kv head)."""
-    from qwen_mlx.quant.kv_cache import QuantizedKVCache
+    from qwen_mlx.models.cache import QuantizedKVCache
 
     model = _loaded(tiny_model(name)).backend.model
     chunks = [DOC[:260], DOC[260:263], *[[t] for t in DOC[263:300]]]
@@ -65,7 +65,7 @@ def test_masked_rows_match_the_fused_kernel():
     paths, against the fused kernel over the dequantized keys and values."""
     import mlx.core as mx
 
-    from qwen_mlx.quant.kv_cache import quantized_attention
+    from qwen_mlx.models.base import quantized_attention
 
     mx.random.seed(0)
     B, H, K, T, D = 2, 4, 2, 40, 64
@@ -90,7 +90,7 @@ def test_logits_stay_close_to_the_float_cache(tiny_model, bits, bound):
     300-token prefill and 3 steps; bounds at ~2x. Random weights make attention far less peaked than a
     trained model's, so these say the error scales with the bits, not what a real model loses (that is
     docs/BENCHMARKS.md's perplexity)."""
-    from qwen_mlx.generate import Session
+    from qwen_mlx.backends.base import Session
 
     folder = tiny_model("kv-head64")
     ref, got = Session(_loaded(folder).backend), Session(_loaded(folder, kv_bits=bits).backend)
@@ -101,7 +101,7 @@ def test_logits_stay_close_to_the_float_cache(tiny_model, bits, bound):
 
 
 def test_kv_memory_per_token(tiny_model):
-    from qwen_mlx.generate import Session
+    from qwen_mlx.backends.base import Session
 
     backend = _loaded(tiny_model("kv-head64"), kv_bits=4).backend
     Session(backend).prefill(DOC)
@@ -113,7 +113,7 @@ def test_kv_memory_per_token(tiny_model):
 def test_cli_greedy_generate_and_trim(tiny_model):
     """Greedy through the CLI with an 8-bit KV cache, and the same tokens from a Session that trims (the next
     turn of a chat re-uses the common prefix of a quantized cache)."""
-    from qwen_mlx.generate import Session, greedy_tokens
+    from qwen_mlx.backends.base import Session, greedy_tokens
 
     folder = tiny_model("kv-head64")
     r = run("generate", "--model", str(folder), "--prompt", "hello there", "--raw", "--temperature", "0",
@@ -128,7 +128,7 @@ def test_cli_greedy_generate_and_trim(tiny_model):
 
 
 def test_prompt_cache_is_quantized_on_load(tiny_model, tmp_path):
-    from qwen_mlx.generate import Session
+    from qwen_mlx.backends.base import Session
     from qwen_mlx.prompt_cache import load_prompt_cache, save_prompt_cache
 
     folder = tiny_model("kv-head64")
@@ -160,7 +160,7 @@ def test_refusals(tiny_model, args, message):
 
 
 def test_serve_with_kv_bits_runs_one_sequence_at_a_time(tiny_model):
-    from qwen_mlx.engine.batching import SerialBatch, batch_backend
+    from qwen_mlx.backends.batching import SerialBatch, batch_backend
 
     backend = _loaded(tiny_model("kv-head64"), kv_bits=4).backend
     assert isinstance(batch_backend(backend, 1), SerialBatch)

@@ -6,14 +6,10 @@ import numpy as np
 import pytest
 
 from qwen_mlx.checkpoint import prepare_model
-from qwen_mlx.generate import Session, greedy_tokens
-from qwen_mlx.mlx_backend import MLXBackend
-from tests.reference import backend_logits, load_reference, reference_greedy, reference_logits
-from tests.tiny_models import TINY_CONFIGS
-
-RNG = np.random.default_rng(1234)
-PROMPT = RNG.integers(0, 500, size=21).tolist()
-STEPS = RNG.integers(0, 500, size=12).tolist()
+from qwen_mlx.backends.base import Session, greedy_tokens
+from qwen_mlx.backends.mlx import MLXBackend
+from tests.support.reference import PROMPT, STEPS, backend_logits, load_reference, reference_greedy, reference_logits
+from tests.support.tiny_models import TINY_CONFIGS
 
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
@@ -44,8 +40,8 @@ def test_long_dynamic_rope_past_trained_length(tiny_model):
 
 def test_chunked_prefill_and_cache_growth(tiny_model, monkeypatch):
     """A prompt longer than a prefill chunk and a cache that grows past its first allocation."""
-    import qwen_mlx.generate as gen
-    from qwen_mlx.model import KVCache
+    import qwen_mlx.backends.base as gen
+    from qwen_mlx.models.cache import KVCache
 
     monkeypatch.setattr(gen, "PREFILL_CHUNK", 7)
     monkeypatch.setattr(KVCache, "step", 8)
@@ -117,7 +113,7 @@ def test_quantized_weights(tiny_model, name, bits):
 def test_cache_grows_by_what_a_turn_needs_after_reset(tiny_model, monkeypatch, first):
     """Regression (issue 7): a turn longer than the cache's free room after /reset (offset 0, capacity 8)
     or after a short turn used to allocate from the old capacity and crash on broadcast_shapes."""
-    from qwen_mlx.model import KVCache
+    from qwen_mlx.models.cache import KVCache
 
     monkeypatch.setattr(KVCache, "step", 8)
     folder = tiny_model("gqa2-untied")

@@ -1,4 +1,4 @@
-"""Continuous batching on the exported ONNX graph (export/onnx_batch.py), on a tiny float32 model: joining,
+"""Continuous batching on the exported ONNX graph (export/backends/onnx_batch.py), on a tiny float32 model: joining,
 leaving, prefilling together and reusing a prefix must not change a token, on ONNX or against MLX."""
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from qwen_mlx.backends import load
-from qwen_mlx.engine import Done, Engine, Request, Token, batch_backend, run_requests
-from qwen_mlx.generate import Session, greedy_tokens
+from qwen_mlx.engine import Done, Engine, Request, Token, run_requests
+from qwen_mlx.backends.batching import batch_backend
+from qwen_mlx.backends.base import Session, greedy_tokens
 from qwen_mlx.sampling import SamplingParams
-from tests.test_engine import PrefillRecorder, prompts, tokens
+from tests.support.engine import PrefillRecorder, prompts, tokens
 
 pytest.importorskip("onnxruntime")
 
@@ -37,7 +38,7 @@ def mlx_alone(tiny_model, onnx):
 
 
 def test_the_onnx_backend_batches_through_the_engine(onnx, mlx_alone):
-    from export.onnx_batch import OnnxBatch
+    from export.backends.onnx_batch import OnnxBatch
 
     ps = prompts(onnx.tokenizer)
     assert len({len(p) for p in ps}) == 8

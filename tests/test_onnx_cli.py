@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_cli import run
+from tests.support.cli import run
 
 GEN = ("generate", "--prompt", "Tell me about cats.", "--temperature", "0", "--max-tokens", "10")
 

@@ -16,17 +16,17 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from export.onnx_backend import OnnxBackend
+from export.backends.onnx import OnnxBackend
 from export.onnx_format import VARIANT_FILES, VARIANTS, parse_variants
 from export.onnx_validate import TOLERANCE, measure_export, tolerance_key, validate_export
 from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.errors import QwenError
-from tests.test_cli import run
+from tests.support.cli import run
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import edge_runtimes as er  # noqa: E402  (standard library only at import time)
-from tests.needs import needs_peer  # noqa: E402
+from tests.support.needs import needs_peer  # noqa: E402
 
 N_TOKENS = 16
 

@@ -15,13 +15,13 @@ import pytest
 
 import export.onnx_export as onnx_export
 import export.onnx_validate as onnx_validate
-from export.onnx_backend import OnnxBackend, cuda_usable
+from export.backends.onnx import OnnxBackend, cuda_usable
 from export.onnx_export import export_onnx
 from export.onnx_format import io_names
-from export.torch_backend import TorchBackend
+from export.backends.torch import TorchBackend
 from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.errors import QwenError
-from tests.tiny_models import write_tiny_model
+from tests.support.tiny_models import write_tiny_model
 
 PROMPT = np.random.default_rng(0).integers(0, 500, size=17).tolist()
 STEPS = np.random.default_rng(1).integers(0, 500, size=6).tolist()

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from export.onnx_backend import OnnxBackend
+from export.backends.onnx import OnnxBackend
 from export.onnx_export import export_onnx
 from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.errors import QwenError
@@ -78,7 +78,7 @@ def test_gqa_tokens_equal_standard_and_mlx(folders):
     gqa_backend.trim(len(PROMPT) + 3)
     logits = gqa_backend.forward(gqa_tokens[3:4])
     assert int(np.argmax(logits)) == gqa_tokens[4]
-    mlx_backend = pytest.importorskip("qwen_mlx.mlx_backend")
+    mlx_backend = pytest.importorskip("qwen_mlx.backends.mlx")
     mlx_tokens, _ = greedy(mlx_backend.MLXBackend(folders["ckpt"], "float32"), PROMPT, STEPS)
     assert mlx_tokens == gqa_tokens
 
@@ -130,7 +130,7 @@ def test_eager_op_matches_the_twin(folders):
     import torch
 
     from export.gqa import GQAForCausalLM
-    from export.model import load_model
+    from export.models.load import load_model
 
     ckpt = folders["ckpt"]
     twin = load_model(ckpt)

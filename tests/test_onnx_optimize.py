@@ -11,12 +11,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.onnx_backend import OnnxBackend
+from export.backends.onnx import OnnxBackend
 from export.onnx_export import export_onnx
 from export.optimize import canonicalize_rms_norm, fuse_sibling_matmuls, optimize
-from export.torch_backend import TorchBackend
+from export.backends.torch import TorchBackend
 from qwen_mlx.checkpoint import prepare_model
-from tests.tiny_models import write_tiny_model
+from tests.support.tiny_models import write_tiny_model
 
 E = 16
 
@@ -207,7 +207,7 @@ def test_optimize_is_idempotent(tiny) -> None:
 # ---- the backend's thread settings ----------------------------------------------------------------------
 
 def test_spinning_follows_the_load(monkeypatch) -> None:
-    import export.onnx_backend as ob
+    import export.backends.onnx as ob
 
     monkeypatch.setattr(ob.os, "getloadavg", lambda: (2.5, 2.0, 2.0))
     assert ob.cpu_oversubscribed(2)

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.test_cli import run
+from tests.support.cli import run
 
 
 def _loaded(folder, dtype="float32", quantize=None):
@@ -18,7 +18,7 @@ def _loaded(folder, dtype="float32", quantize=None):
 
 @pytest.mark.parametrize("name", ["gqa2-untied", "qwen3-untied", "qwen3moe-norm"])
 def test_reloaded_cache_gives_the_logits_of_prefilling(tiny_model, tmp_path, name):
-    from qwen_mlx.generate import Session
+    from qwen_mlx.backends.base import Session
     from qwen_mlx.prompt_cache import load_prompt_cache, save_prompt_cache
 
     folder = tiny_model(name)

@@ -13,26 +13,15 @@ import pytest
 
 from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.errors import QwenError
-from qwen_mlx.mlx_backend import MLXBackend
-from qwen_mlx.quant.affine import QuantParams, dequantize
+from qwen_mlx.backends.mlx import MLXBackend
+from qwen_mlx.formats.affine import QuantParams, dequantize
+from tests.support.tiny_models import mlx_lm_readable
 
 # (tiny model, bits, group size): dense tied, dense untied with only its 128-wide o_proj quantizable (a
 # folder mixing float and quantized layers), and MoE experts (mlx-lm's stacked switch_mlp,
 # with the router at mlx-lm's own 8-bit override).
 CASES = [("gqa4-tied", 4, 32), ("qwen3-untied", 8, 64), ("qwen3moe-q64", 4, 32)]
 PROMPT = [1, 5, 9, 33, 100, 7, 250]
-
-
-def _mlx_lm_readable(src: Path, dst: Path) -> Path:
-    """A copy of a tiny HF folder with the pre-transformers-5 config keys mlx-lm reads (top-level
-    rope_theta, num_experts); without them mlx-lm would silently use its defaults (rope_theta 1e6)."""
-    shutil.copytree(src, dst)
-    config = json.loads((dst / "config.json").read_text())
-    config["rope_theta"] = config["rope_parameters"]["rope_theta"]
-    if "num_local_experts" in config:
-        config["num_experts"] = config["num_local_experts"]
-    (dst / "config.json").write_text(json.dumps(config))
-    return dst
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +34,7 @@ def mlx_lm_quantized(tiny_model, tmp_path_factory):
     def get(name: str, bits: int, group: int) -> Path:
         if (name, bits, group) not in built:
             root = tmp_path_factory.mktemp(f"{name}-q{bits}")
-            src = _mlx_lm_readable(tiny_model(name), root / "hf")
+            src = mlx_lm_readable(tiny_model(name), root / "hf")
             convert(str(src), str(root / "q"), quantize=True, q_bits=bits, q_group_size=group)
             built[name, bits, group] = root / "q"
         return built[name, bits, group]
@@ -88,7 +77,7 @@ def test_mlx_lm_folder_matches_mlx_lm(mlx_lm_quantized, name, bits, group):
 @pytest.fixture
 def dequantized_path(monkeypatch):
     """Counts the CPU layers' choices: "dense"/"experts" -> how many multiplies took the dequantized matrix."""
-    import qwen_mlx.quant.layers as layers
+    import qwen_mlx.models.layers as layers
 
     taken = {"dense": 0, "experts": 0}
     original = layers._dequantize_pays
@@ -125,8 +114,9 @@ def test_batched_quantized_rows_get_their_tokens_alone(mlx_lm_quantized, dequant
     """Decoding 4 sequences together multiplies by the dequantized matrices, one alone by the quantized kernel:
     every row's greedy tokens still equal the ones it gets alone."""
     from qwen_mlx.backends import load
-    from qwen_mlx.engine import Engine, Request, Token, batch_backend, run_requests
-    from qwen_mlx.generate import Session, greedy_tokens
+    from qwen_mlx.engine import Engine, Request, Token, run_requests
+    from qwen_mlx.backends.batching import batch_backend
+    from qwen_mlx.backends.base import Session, greedy_tokens
     from qwen_mlx.sampling import SamplingParams
 
     loaded = load("mlx", str(mlx_lm_quantized(name, bits, group)), "float32")
@@ -145,8 +135,8 @@ def test_batched_quantized_rows_get_their_tokens_alone(mlx_lm_quantized, dequant
 
 def test_quantized_layers_choose_by_rows(dequantized_path):
     """Below the row thresholds the quantized kernel runs; above, the dequantized matrix gives the same output."""
-    from qwen_mlx.model import SwitchLinear
-    from qwen_mlx.quant.layers import Linear, QuantizedLinear
+    from qwen_mlx.models.qwen2 import SwitchLinear
+    from qwen_mlx.models.layers import Linear, QuantizedLinear
 
     mx.random.seed(0)
     for bias in (False, True):
@@ -169,7 +159,7 @@ def test_quantized_layers_choose_by_rows(dequantized_path):
 
 
 def test_slow_unpacks_and_big_matrices_keep_the_kernel_longer(dequantized_path, monkeypatch):
-    import qwen_mlx.quant.layers as layers
+    import qwen_mlx.models.layers as layers
 
     six = layers.Linear(256, 64, bias=False).to_quantized(64, 6)
     for rows in (4, 31, 32):
@@ -187,7 +177,7 @@ def test_slow_unpacks_and_big_matrices_keep_the_kernel_longer(dequantized_path, 
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: a KV cache's scales in a half model
 def test_fast_dequantize_is_mx_dequantize_bit_for_bit(bits, group, dtype):
-    from qwen_mlx.quant.layers import dequantize
+    from qwen_mlx.models.layers import dequantize
 
     for shape in [(96, 256), (3, 32, 128), (1, 2, 40, 128)]:  # 2-D, stacked experts, a KV cache B K T D
         q, s, b = mx.quantize(mx.random.normal(shape).astype(getattr(mx, dtype)), group, bits)
@@ -196,7 +186,7 @@ def test_fast_dequantize_is_mx_dequantize_bit_for_bit(bits, group, dtype):
 
 @pytest.mark.parametrize("name,bits,group", CASES)
 def test_torch_twin_takes_the_folder_dequantized(mlx_lm_quantized, name, bits, group):
-    from export.torch_backend import TorchBackend
+    from export.backends.torch import TorchBackend
 
     ckpt = prepare_model(str(mlx_lm_quantized(name, bits, group)))
     mlx_logits, mlx_tokens = _greedy(MLXBackend(ckpt, "float32"), PROMPT, 8)
@@ -249,7 +239,7 @@ OUT_CASES = [("gqa4-tied", "4", "32"), ("qwen3-untied", "8", "32"), ("qwen3moe-q
 
 @pytest.mark.parametrize("name,bits,group", OUT_CASES)
 def test_convert_quantize_runs_in_mlx_lm(tiny_model, tmp_path, name, bits, group):
-    from tests.test_cli import run
+    from tests.support.cli import run
 
     out = tmp_path / "q"
     r = run("convert", "--model", str(tiny_model(name)), "--quantize", bits, "--group-size", group, "--out", str(out))
@@ -270,7 +260,7 @@ def test_convert_quantize_runs_in_mlx_lm(tiny_model, tmp_path, name, bits, group
 
 
 def test_convert_quantize_bad_inputs(tiny_model, mlx_lm_quantized, tmp_path):
-    from tests.test_cli import run
+    from tests.support.cli import run
 
     r = run("convert", "--quantize", "4", "--out", str(tmp_path / "a"))
     assert r.returncode != 0 and r.stderr.strip().startswith("error: ") and "--model" in r.stderr
@@ -284,7 +274,7 @@ def test_convert_quantize_bad_inputs(tiny_model, mlx_lm_quantized, tmp_path):
 
 
 def test_info_shows_the_stored_quantization(mlx_lm_quantized):
-    from tests.test_cli import run
+    from tests.support.cli import run
 
     r = run("info", "--model", str(mlx_lm_quantized("qwen3moe-q64", 4, 32)))
     assert r.returncode == 0, r.stderr
@@ -298,7 +288,7 @@ def test_real_checkpoint_quantized_both_ways(real_model_dir, tmp_path):
     """The real 0.5B checkpoint: our 4-bit folder in mlx-lm, mlx-lm's 4-bit folder here, 16 greedy tokens."""
     from mlx_lm import convert
 
-    from tests.test_cli import run
+    from tests.support.cli import run
 
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     r = run("convert", "--model", str(real_model_dir), "--quantize", "4", "--out", str(ours))

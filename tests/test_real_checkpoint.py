@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.reference import load_reference, reference_greedy
+from tests.support.reference import load_reference, reference_greedy
 
 pytestmark = pytest.mark.real
 
@@ -38,7 +38,7 @@ def prompts(tokenizer):
 
 
 def test_mlx_float32_greedy_matches_transformers(mlx_loaded, reference):
-    from qwen_mlx.generate import Session, greedy_tokens
+    from qwen_mlx.backends.base import Session, greedy_tokens
 
     for name, ids in prompts(mlx_loaded.tokenizer).items():
         want = reference_greedy(reference, ids, N_TOKENS)
@@ -48,7 +48,7 @@ def test_mlx_float32_greedy_matches_transformers(mlx_loaded, reference):
 
 def test_cli_generate_reproduces_transformers(real_model_dir, mlx_loaded, reference):
     """The README's one-shot command, end to end, on the Chinese prompt (multi-byte streaming)."""
-    from tests.test_cli import run
+    from tests.support.cli import run
 
     ids = prompts(mlx_loaded.tokenizer)["chinese"]
     want = reference_greedy(reference, ids, N_TOKENS)
@@ -66,8 +66,8 @@ def test_cli_generate_reproduces_transformers(real_model_dir, mlx_loaded, refere
 
 def test_generate_straight_from_the_gguf(real_model_dir, mlx_loaded, reference):
     """`--model the.gguf` converts once (cached by content) and reproduces transformers' greedy tokens."""
-    from qwen_mlx.real_checkpoint import real_gguf
-    from tests.test_cli import run
+    from qwen_mlx.formats.real_checkpoint import real_gguf
+    from tests.support.cli import run
 
     tok = mlx_loaded.tokenizer
     ids = tok.encode(RAW_CODE)

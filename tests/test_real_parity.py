@@ -1,6 +1,6 @@
 """All backends on the real Qwen2.5-Coder-0.5B-Instruct checkpoint: float32 parity with HF transformers
-(logits and greedy text) and the quality of every reduced precision. The measuring code is tests/parity.py,
-shared with benchmarks/quality.py (which prints the same figures as tables).
+(logits and greedy text) and the quality of every reduced precision. The measuring code is
+tests/support/parity.py, shared with benchmarks/quality.py (which prints the same figures as tables).
 
 Budget (2 cores): the float32 ONNX export of the real model dominates; every backend is loaded alone and
 freed before the next, so the peak stays near one float32 copy of the model plus its export.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests import parity
+from tests.support import parity
 
 pytestmark = pytest.mark.real
 
@@ -148,14 +148,15 @@ def test_reduced_precision_quality(name, real_model_dir, onnx_export_dir, text_i
     assert q.max_abs_diff <= max_diff, f"max |logit diff| {q.max_abs_diff:.3g} (allowed {max_diff})"
 
 
-# ---- batching on ONNX (export/onnx_batch.py) ----------------------------------------------------------
+# ---- batching on ONNX (export/backends/onnx_batch.py) ----------------------------------------------------------
 
 def onnx_batch_matches_alone(folder, n_tokens: int = 16) -> tuple[list[list[int]], list[list[int]]]:
     """Eight chats of different lengths, greedy, through the batched engine and each alone (the serial
     ONNX path): (batched, alone) token lists."""
     from qwen_mlx.backends import load
-    from qwen_mlx.engine import Engine, Request, Token, batch_backend, run_requests
-    from qwen_mlx.generate import Session, greedy_tokens
+    from qwen_mlx.engine import Engine, Request, Token, run_requests
+    from qwen_mlx.backends.batching import batch_backend
+    from qwen_mlx.backends.base import Session, greedy_tokens
     from qwen_mlx.sampling import SamplingParams
 
     loaded = load("onnx", str(folder), "float32")

@@ -9,14 +9,14 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.chromium import chromium
+from tests.support.chromium import chromium
+from tests.support.server import Server
 
 import fastapi  # noqa: F401,E402  (the [serve] extra; [dev] installs it: a missing one is a failure)
 import httpx  # noqa: E402
@@ -24,49 +24,6 @@ import openai  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key-1234"
-
-
-class Server:
-    def __init__(self, folder: Path, *args: str):
-        env = dict(os.environ, QWEN_MLX_QUIET="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-        env.pop("QWEN_MLX_API_KEY", None)
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--model", str(folder),
-                                      "--dtype", "float32", "--port", "0", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-        self.lines: list[str] = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("the server exited: " + "".join(self.lines))
-            self.lines.append(line)
-            if " on http://" in line:
-                self.url = line.split(" on ")[1].split()[0]
-                break
-        threading.Thread(target=self._drain, daemon=True).start()
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise RuntimeError("the server did not come up")
-
-    def _drain(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def client(self, key: str | None = None, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, timeout=120, **kw)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            return self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +134,7 @@ def test_seed_replays_a_sampled_reply(server):
 def test_logprobs(server, library):
     import numpy as np
 
-    from qwen_mlx.generate import Session
+    from qwen_mlx.backends.base import Session
 
     c = server.client()
     r = c.chat.completions.create(model=_model(server), messages=MESSAGES, temperature=0, max_tokens=5,
@@ -360,7 +317,7 @@ def test_api_key_overload_and_ctrl_c(folder):
 
 
 def test_the_onnx_backend_serves_8_concurrent_clients_in_one_batch(tiny_model, tiny_onnx):
-    """`--backend onnx` batches (export/onnx_batch.py): every reply is the MLX library's, alone."""
+    """`--backend onnx` batches (export/backends/onnx_batch.py): every reply is the MLX library's, alone."""
     from qwen_mlx.backends import load
 
     mlx = load("mlx", str(tiny_model("gqa2-untied")), "float32")

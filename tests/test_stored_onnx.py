@@ -19,10 +19,10 @@ import pytest
 from onnx import numpy_helper
 
 from qwen_mlx.checkpoint import prepare_model
-from qwen_mlx.mlx_backend import MLXBackend
-from tests.needs import er, needs_peer
-from tests.test_cli import run
-from tests.test_quantized import _mlx_lm_readable
+from qwen_mlx.backends.mlx import MLXBackend
+from tests.support.cli import run
+from tests.support.needs import er, needs_peer
+from tests.support.tiny_models import mlx_lm_readable
 
 PROMPT = [1, 5, 9, 33, 100, 7, 250]
 STEPS = 8
@@ -31,7 +31,7 @@ STEPS = 8
 def _convert(tiny_model, root: Path, name: str, bits: int, group: int, dtype: str | None, **kw) -> Path:
     from mlx_lm import convert
 
-    src = _mlx_lm_readable(tiny_model(name), root / "hf")
+    src = mlx_lm_readable(tiny_model(name), root / "hf")
     convert(str(src), str(root / "q"), quantize=True, q_bits=bits, q_group_size=group, dtype=dtype, **kw)
     return root / "q"
 
@@ -140,7 +140,7 @@ def test_onnxruntime_logits_equal_mlx(bf16_export, tmp_path):
     """Float activations (accuracy_level 0): onnxruntime's logits are MLX's on the same folder to float
     rounding (measured 1.3e-6 of the largest logit); without the correction they are not. The exported level
     4 (int8 activations on the CPU) is the lossy default, with the same greedy tokens here."""
-    from export.onnx_backend import OnnxBackend
+    from export.backends.onnx import OnnxBackend
 
     folder, out = bf16_export
     reference, tokens = _mlx_reference(folder)
@@ -181,7 +181,7 @@ def test_mixed_bits_folder_carries_4_and_8_bits(tiny_model, tmp_path):
     """Per-module overrides: 4- and 8-bit modules carried at their own bits and group sizes (exact with float
     activations); a 3-bit module, which MatMulNBits cannot hold, named in a warning and re-quantized to int4
     by onnxruntime's quantizer, never carried wrong."""
-    from export.onnx_backend import OnnxBackend
+    from export.backends.onnx import OnnxBackend
 
     folder = _convert(tiny_model, tmp_path, "gqa4-tied", 4, 32, None, quant_predicate=_mixed)
     r = run("export-onnx", "--model", str(folder), "--quantize", "int4", "--out", str(tmp_path / "onnx"))
@@ -224,7 +224,7 @@ def test_real_checkpoint_quantized_by_mlx_lm_exports_exactly(real_model_dir, tmp
     tokens on a chat prompt (measured 97% over 32 steps; 8 steps asserted)."""
     from mlx_lm import convert
 
-    from export.onnx_backend import OnnxBackend
+    from export.backends.onnx import OnnxBackend
     from qwen_mlx.tokenizer import Tokenizer
 
     convert(str(real_model_dir), str(tmp_path / "q"), quantize=True, q_bits=4, q_group_size=64)

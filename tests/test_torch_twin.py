@@ -1,4 +1,4 @@
-"""The PyTorch twin (export/model.py) against HF transformers and the MLX model, on every tiny config.
+"""The PyTorch twin (export/models/qwen2.py) against HF transformers and the MLX model, on every tiny config.
 
 The reference is HF's own incremental decode (DynamicCache): for dynamic rope that is what matters, since
 HF grows the base step by step and keeps keys already rotated with the old one.
@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.torch_backend import TorchBackend
+from export.backends.torch import TorchBackend
 from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.errors import QwenError
-from qwen_mlx.generate import Session, greedy_tokens
-from tests.reference import backend_logits, load_reference, reference_greedy, reference_logits
-from tests.tiny_models import TINY_CONFIGS
+from qwen_mlx.backends.base import Session, greedy_tokens
+from tests.support.reference import backend_logits, load_reference, reference_greedy, reference_logits
+from tests.support.tiny_models import TINY_CONFIGS
 
 PROMPT = np.random.default_rng(0).integers(0, 512, size=20).tolist()
 STEPS = np.random.default_rng(1).integers(0, 512, size=24).tolist()  # 44 tokens: past dynamic's 16
@@ -36,7 +36,7 @@ def test_twin_greedy_equals_transformers_and_mlx(tiny_model, name: str) -> None:
     ckpt = prepare_model(str(folder))
     ours = greedy_tokens(Session(TorchBackend(ckpt)), PROMPT, 12)
     assert ours == reference_greedy(load_reference(folder), PROMPT, 12)
-    mlx_backend = pytest.importorskip("qwen_mlx.mlx_backend")
+    mlx_backend = pytest.importorskip("qwen_mlx.backends.mlx")
     assert greedy_tokens(Session(mlx_backend.MLXBackend(ckpt, "float32")), PROMPT, 12) == ours
 
 

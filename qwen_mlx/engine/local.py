@@ -9,14 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from ..errors import QwenError
-from ..generate import GenerationStats, check_stop_strings
+from .text import GenerationStats, check_stop_strings
 from ..sampling import SamplingParams
-from .batching import SerialBatch
+from ..backends.batching import SerialBatch
 from .requests import Done, Request, check_prompt_length
 from .scheduler import Engine
 
 if TYPE_CHECKING:
-    from ..generate import Backend, Session
+    from ..backends.base import Backend, Session
     from ..tokenizer import Tokenizer
 
 

@@ -5,7 +5,7 @@ in chunks (one chunk per step, so running streams keep flowing), then join the r
 is one batched forward for every running sequence. A request leaves at the token boundary where it ends
 (EOS, a stop string, its grammar's end, max_tokens, the context's end) or is cancelled (its client left).
 Sampling rules, stop strings and detokenizing are shared with the rest of the package (qwen_mlx.sampling,
-qwen_mlx.generate.TextStream); the engine adds OpenAI's presence/frequency penalties and grammar masks.
+qwen_mlx.backends.base.TextStream); the engine adds OpenAI's presence/frequency penalties and grammar masks.
 
 Two ways to run it: the server starts its thread (`start`, `submit`), and results go out through each
 request's `emit` callback, from that thread: zero or more `Token`s, then exactly one `Done` or `Failed`;
@@ -30,15 +30,16 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..errors import QwenError
-from ..generate import PREFILL_CHUNK, TextStream
-from ..sampling import Sampler
-from .batching import Draw, batch_backend
+from ..backends.base import PREFILL_CHUNK
+from ..sampling import Draw, Sampler, apply_penalties, log_softmax
+from ..backends.batching import batch_backend
+from .text import TextStream
 from .requests import Done, Failed, Handle, Overloaded, Request, ShuttingDown, Token, check_prompt_length
 
 if TYPE_CHECKING:
-    from ..generate import Backend
+    from ..backends.base import Backend
     from ..tokenizer import Tokenizer
-    from .batching import BatchBackend
+    from ..backends.batching import BatchBackend
 
 
 @dataclass
@@ -91,7 +92,7 @@ class Engine:
 
     @classmethod
     def for_backend(cls, backend: Backend, tokenizer: Tokenizer, max_batch: int = 1, **kwargs: Any) -> Engine:
-        """An engine over `backend`'s own batched implementation (qwen_mlx.engine.batching.batch_backend)."""
+        """An engine over `backend`'s own batched implementation (qwen_mlx.backends.batching.batch_backend)."""
         return cls(batch_backend(backend, max_batch), tokenizer, **kwargs)
 
     def start(self) -> Engine:
@@ -395,21 +396,6 @@ class Engine:
             live.emit(event)
         except Exception:  # the client's event loop is gone: nothing to tell
             live.handle.cancel()
-
-
-def apply_penalties(logits: np.ndarray, counts: collections.Counter, presence: float, frequency: float
-                    ) -> np.ndarray:
-    """OpenAI's rule: logit[t] -= frequency * count[t] + presence * (count[t] > 0), over generated tokens."""
-    ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
-    n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
-    out = logits.copy()
-    out[ids] -= frequency * n + presence
-    return out
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64) - np.max(x)
-    return x - np.log(np.sum(np.exp(x)))
 
 
 def run_requests(engine: Engine, requests: Sequence[Request], timeout: float = 600.0) -> list[list[Any]]:

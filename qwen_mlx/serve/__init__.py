@@ -38,7 +38,7 @@ def serve(loaded: LoadedModel, host: str = "127.0.0.1", port: int = 8000, max_ba
     require_extra()
     import uvicorn
 
-    from ..engine import batch_backend
+    from ..backends.batching import batch_backend
     from ..engine import Engine
     from .app import ServerConfig, create_app
     from .grammar import make_constraint

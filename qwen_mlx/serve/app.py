@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 
 from ..engine import Done, Engine, Failed, Overloaded, Request, ShuttingDown, Token
 from ..errors import QwenError
-from ..generate import check_stop_strings
+from ..engine.text import check_stop_strings
 from ..sampling import SamplingParams
 from ..tokenizer import check_template_kwargs
 from .logprobs import TokenText

@@ -1,0 +1,64 @@
+"""The MLX backend of the generation loop: one sequence over the model's own caches (qwen_mlx/models/cache.py)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from ..checkpoint import Checkpoint
+from ..errors import QwenError
+from ..models.cache import KV_GROUP_SIZE, check_kv_bits
+from ..models.load import load_model
+
+def default_dtype() -> str:
+    """bfloat16 where MLX has fast half-precision kernels (Metal, CUDA); float32 on a CPU, where MLX's
+    half-precision matmuls do not use BLAS and run several times slower than float32."""
+    return "float32" if mx.default_device() == mx.cpu else "bfloat16"
+
+
+class MLXBackend:
+    name = "mlx"
+
+    def __init__(self, ckpt: Checkpoint, dtype: str | None = None, quantize: int | None = None,
+                 kv_bits: int | None = None, kv_group_size: int = KV_GROUP_SIZE):
+        check_kv_bits(kv_bits, kv_group_size, ckpt.args.head_dim)  # before loading the weights
+        if kv_bits and ckpt.args.dual_chunk is not None:
+            raise QwenError("--kv-bits does not work with Dual Chunk Attention yet (it reads a float cache)")
+        self.args = ckpt.args
+        self.dtype = dtype or default_dtype()
+        self.quantize = quantize
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        self.model = load_model(ckpt, self.dtype, quantize)
+        self.cache = self.model.make_cache(kv_bits, kv_group_size)
+        device = "gpu" if mx.default_device() == mx.gpu else "cpu"
+        stored = ckpt.quantization and f", {ckpt.quantization['bits']}-bit as stored"
+        self.device = f"mlx {device}, {self.dtype}" + (f", {quantize}-bit" if quantize else stored or "") \
+            + (f", {kv_bits}-bit KV cache" if kv_bits else "")
+
+    def forward(self, tokens: Sequence[int]) -> np.ndarray:
+        logits = self.model(mx.array([list(tokens)], dtype=mx.int32), self.cache)
+        return np.array(logits[0, -1].astype(mx.float32))
+
+    @property
+    def cache_length(self) -> int:
+        return self.cache[0].offset
+
+    def trim(self, length: int) -> None:
+        for c in self.cache:
+            c.trim(length)
+
+    def peak_memory_gb(self) -> float:
+        return mx.get_peak_memory() / 1e9
+
+    def batched(self, max_batch: int):
+        """This model as a continuous-batching backend (qwen_mlx.backends.mlx_batch), or None where batching
+        would change the math: dynamic NTK RoPE rescales by each sequence's own length, and Dual Chunk
+        Attention cuts each sequence at its own chunk boundaries (one sequence at a time, served in turn)."""
+        if self.args.rope_type == "dynamic" or self.args.dual_chunk is not None:
+            return None
+        if self.kv_bits:  # the batch's left-padded cache is float: one sequence at a time on this cache
+            return None
+        from .mlx_batch import MLXBatch
+        return MLXBatch(self.model, self.args, self.device, max_batch)

@@ -1,0 +1,231 @@
+"""Continuous batching on MLX: many sequences in one left-padded KV cache, one forward per decode step.
+
+Each sequence prefills alone into its own `KVCache` (chunked by the engine), then joins the running batch
+at a token boundary: the batch cache is rebuilt with every row right-aligned on a shared write index, the
+shorter rows padded on the left. Rows carry their own RoPE positions (`mx.fast.rope` takes a vector of
+offsets) and a mask hides each row's padding, so a row computes what it would alone. Finished rows leave
+at the next step and the padding every row shares is cut. A small LRU keeps the KV of recent prompts
+(and of finished conversations) so a request sharing a prefix with one (a system prompt, the next turn of
+a chat) prefills only the rest. On a GPU, rows are sampled on the device and the next step is queued
+before the host reads the tokens (`decode_sampled`, qwen_mlx/sampling/device.py).
+
+Shapes: B rows, K kv heads, T cached positions (padding included), D head_dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from ..config import ModelArgs
+from ..models.cache import BatchKVCache, KVCache
+from ..models.qwen2 import Qwen2ForCausalLM
+from ..sampling import SamplingParams
+from .batching import Draw, PrefixCache
+from ..sampling.device import sample, seen_mask
+
+
+class MLXSeq:
+    def __init__(self, cache: list[KVCache]):
+        self.cache: list[KVCache] | None = cache  # its own cache until it joins the batch
+        self.length = cache[0].offset             # positions its KV holds
+
+
+def _own(layers: list[tuple[mx.array, mx.array]]) -> list[tuple[mx.array, mx.array]]:
+    layers = [(mx.contiguous(k), mx.contiguous(v)) for k, v in layers]
+    mx.eval(layers)
+    return layers
+
+
+def _single_cache(layers: list[tuple[mx.array, mx.array]], length: int) -> list[KVCache]:
+    cache = [KVCache() for _ in layers]
+    for c, (k, v) in zip(cache, layers):
+        c.fill(k[..., :length, :], v[..., :length, :])
+    return cache
+
+
+class Pending:
+    """A queued step's sampled tokens, still on the device, and the rows' seen-token masks after it."""
+
+    def __init__(self, tokens: mx.array, seen: mx.array | None):
+        self.tokens, self.seen = tokens, seen  # B int32; B V bool or None (no repetition penalty)
+
+
+class MLXBatch:
+    """The BatchBackend (qwen_mlx.backends.batching) of an MLXBackend: shares its model, keeps its own caches.
+
+    Where rows are sampled, `device_sampling`, is measured (docs/BENCHMARKS.md): "always" on a GPU, where
+    logits stay there and steps are pipelined; "greedy" on a CPU, where MLX's argmax (and pipelining)
+    beats numpy but numpy's top-k/top-p beat MLX's CPU sort; "never" copies every row's logits to numpy."""
+
+    def __init__(self, model: Qwen2ForCausalLM, args: ModelArgs, device: str, max_batch: int,
+                 prefix_tokens: int = 16384, device_sampling: str | None = None):
+        self.model, self.args, self.device = model, args, device
+        self.max_batch = max_batch
+        if device_sampling not in (None, "always", "greedy", "never"):
+            raise ValueError(f"device_sampling must be always, greedy or never, got {device_sampling!r}")
+        self.device_sampling = device_sampling or ("always" if mx.default_device() == mx.gpu else "greedy")
+        self.rows: list[MLXSeq] = []
+        self.cache: list[BatchKVCache] = []
+        self.prefixes = PrefixCache(prefix_tokens, _own)
+
+    # --- one sequence ------------------------------------------------------------------------------
+
+    def start(self, prompt: Sequence[int]) -> tuple[MLXSeq, int]:
+        layers, cached = self.prefixes.lookup(prompt)
+        return MLXSeq(self.model.make_cache() if layers is None else _single_cache(layers, cached)), cached
+
+    def prefill(self, seq: MLXSeq, tokens: Sequence[int]) -> np.ndarray:
+        logits = self.model(mx.array([list(tokens)], dtype=mx.int32), seq.cache)  # 1 1 V
+        seq.length += len(tokens)
+        return np.array(logits[0, -1].astype(mx.float32))
+
+    def prefill_batch(self, seqs: Sequence[MLXSeq], chunks: Sequence[Sequence[int]]) -> np.ndarray:
+        """Several sequences' next chunks in one forward (their weights read once): logits [len, vocab].
+
+        Row b holds P_b cached positions and gets L_b new tokens. In a temporary batch cache, its cached
+        KV is right-aligned on T0 = max P_b (zeros before it) and the Lmax new inputs are appended to
+        every row, row b's real tokens last: the Lmax - L_b inputs before them are filler that the mask
+        hides from every real query (and that attend only to themselves, so nothing is NaN). RoPE
+        offsets put each real token at P_b + i. Each row's cached and new KV is then copied out again."""
+        Lmax = max(len(c) for c in chunks)
+        P, L = [s.length for s in seqs], [len(c) for c in chunks]
+        T0, T = max(P), max(P) + Lmax
+        layers = []
+        for i in range(len(self.model.model.layers)):
+            ks, vs = [], []
+            for s, p in zip(seqs, P):
+                c = s.cache[i]
+                k = c.keys[..., :p, :] if p else None
+                v = c.values[..., :p, :] if p else None
+                shape = (1, self.args.num_key_value_heads, T0 - p, self.args.head_dim)
+                dtype = self.model.model.norm.weight.dtype  # the activations' (a quantized embedding's is not)
+                pad = mx.zeros(shape, dtype)
+                ks.append(pad if k is None else mx.concatenate([pad, k], axis=2))
+                vs.append(pad if v is None else mx.concatenate([pad, v], axis=2))
+            layers.append(BatchKVCache(mx.concatenate(ks, axis=0), mx.concatenate(vs, axis=0), [T0 - p for p in P]))
+        offsets = mx.array([p - (Lmax - n) for p, n in zip(P, L)], dtype=mx.int32)
+        for c in layers:
+            c.positions = offsets  # the filler's positions do not matter; each real token's do
+        ids = mx.array([[0] * (Lmax - len(c)) + list(c) for c in chunks], dtype=mx.int32)
+        t = mx.arange(T)[None, None, :]                                                # 1 1 T
+        q = (T0 + mx.arange(Lmax))[None, :, None]                                       # 1 Lmax 1
+        lo, start = mx.array([T0 - p for p in P])[:, None, None], mx.array([T - n for n in L])[:, None, None]
+        valid = ((t >= lo) & (t < T0)) | (t >= start)                                  # B 1 T
+        mask = ((valid & (t <= q)) | (t == q))[:, None]                                # B 1 Lmax T
+        logits = self.model(ids, layers, mask)                                         # B 1 V
+        for b, (s, p, n) in enumerate(zip(seqs, P, L)):
+            cache = []
+            for c in layers:
+                k = mx.concatenate([c.keys[b:b + 1, :, T0 - p:T0, :], c.keys[b:b + 1, :, T - n:T, :]], axis=2)
+                v = mx.concatenate([c.values[b:b + 1, :, T0 - p:T0, :], c.values[b:b + 1, :, T - n:T, :]], axis=2)
+                one = KVCache()
+                one.fill(k, v)
+                cache.append(one)
+            s.cache, s.length = cache, p + n
+        out = np.array(logits[:, -1].astype(mx.float32))
+        mx.eval([c.keys for s in seqs for c in s.cache], [c.values for s in seqs for c in s.cache])
+        return out
+
+    def remember(self, seq: MLXSeq, tokens: Sequence[int]) -> None:
+        self.prefixes.store(tokens[:seq.length], self._layers(seq))
+
+    def release(self, seq: MLXSeq, tokens: Sequence[int] | None = None) -> None:
+        if tokens is not None and seq.length > 0:
+            self.prefixes.store(tokens[:seq.length], self._layers(seq))
+        seq.cache = None  # a row still in the batch leaves at the next decode
+
+    def _layers(self, seq: MLXSeq) -> list[tuple[mx.array, mx.array]]:
+        if seq.cache is not None:
+            return [(c.keys[..., :seq.length, :], c.values[..., :seq.length, :]) for c in seq.cache]
+        b = self.rows.index(seq)
+        return [c.row(b, seq.length) for c in self.cache]
+
+    # --- the batch ---------------------------------------------------------------------------------
+
+    def decode(self, seqs: Sequence[MLXSeq], tokens: Sequence[int]) -> np.ndarray:
+        return np.array(self._forward(seqs, mx.array(list(tokens), dtype=mx.int32)))
+
+    def samples_on_device(self, params: Sequence[SamplingParams]) -> bool:
+        return self.device_sampling == "always" or (self.device_sampling == "greedy"
+                                                    and all(p.greedy for p in params))
+
+    def decode_sampled(self, seqs: Sequence[MLXSeq], tokens: Sequence[int] | Pending,
+                       draws: Sequence[Draw]) -> Pending:
+        if isinstance(tokens, Pending):  # the previous step's tokens, never read by the host
+            ids, seen = tokens.tokens, tokens.seen
+        else:
+            ids, seen = mx.array(list(tokens), dtype=mx.int32), None
+        logits = self._forward(seqs, ids)
+        if any(d.params.repetition_penalty != 1.0 for d in draws):
+            # each row's prompt and generated tokens, this step's input included
+            seen = seen_mask([d.history for d in draws], logits.shape[-1]) if seen is None else \
+                mx.put_along_axis(seen, ids[:, None], mx.array(True), axis=-1)
+        else:
+            seen = None
+        nxt = sample(logits, draws, seen)
+        mx.async_eval(nxt, *([] if seen is None else [seen]))
+        return Pending(nxt, seen)
+
+    def read(self, pending: Pending) -> list[int]:
+        return pending.tokens.tolist()
+
+    def _forward(self, seqs: Sequence[MLXSeq], tokens: mx.array) -> mx.array:
+        """One token per row (B int32) -> float32 logits B V, lazy."""
+        if [id(s) for s in seqs] != [id(r) for r in self.rows]:
+            self._reshape(seqs)
+        B = len(seqs)
+        idx, left = self.cache[0].idx, self.cache[0].left
+        mask = None
+        if any(left):  # B 1 1 T+1: a row sees its own positions and the new token, never its left padding
+            mask = (mx.arange(idx + 1)[None] >= mx.array(left)[:, None]).reshape(B, 1, 1, idx + 1)
+        logits = self.model(tokens[:, None], self.cache, mask)  # B 1 V
+        for s in seqs:
+            s.length += 1
+        return logits[:, -1].astype(mx.float32)
+
+    def _reshape(self, seqs: Sequence[MLXSeq]) -> None:
+        """Drop the rows not in `seqs`, append the sequences that joined, in the order of `seqs`."""
+        wanted = {id(s) for s in seqs}
+        keep = [i for i, r in enumerate(self.rows) if id(r) in wanted]
+        kept = [self.rows[i] for i in keep]
+        joining = [s for s in seqs if s.cache is not None]
+        if kept + joining != list(seqs):
+            raise ValueError("sequences must keep their order and new ones come last")
+        parts: list[tuple[list[tuple[mx.array, mx.array]], list[int], int]] = []  # (layers, left, T)
+        if kept:
+            take = mx.array(keep)
+            idx = self.cache[0].idx
+            layers = [(c.keys[take, :, :idx, :], c.values[take, :, :idx, :]) for c in self.cache]
+            parts.append((layers, [self.cache[0].left[i] for i in keep], idx))
+        for s in joining:
+            parts.append(([(c.keys[..., :s.length, :], c.values[..., :s.length, :]) for c in s.cache], [0], s.length))
+            s.cache = None
+        T = max(t for _, _, t in parts)
+        cut = min(pad + T - t for _, lefts, t in parts for pad in lefts)  # padding every row shares
+        new_layers = []
+        for layer in range(len(parts[0][0])):
+            ks, vs = [], []
+            for layers, _, t in parts:
+                k, v = layers[layer]
+                pad = T - t - cut
+                if pad > 0:
+                    k = mx.concatenate([mx.zeros((*k.shape[:2], pad, k.shape[3]), k.dtype), k], axis=2)
+                    v = mx.concatenate([mx.zeros((*v.shape[:2], pad, v.shape[3]), v.dtype), v], axis=2)
+                elif pad < 0:
+                    k, v = k[..., -pad:, :], v[..., -pad:, :]
+                ks.append(k)
+                vs.append(v)
+            new_layers.append((mx.concatenate(ks, axis=0), mx.concatenate(vs, axis=0)))
+        left = [pad + T - t - cut for _, lefts, t in parts for pad in lefts]
+        self.cache = [BatchKVCache(k, v, left) for k, v in new_layers]
+        mx.eval([c.keys for c in self.cache], [c.values for c in self.cache])
+        self.rows = list(seqs)
+
+    def reset(self) -> None:
+        self.rows, self.cache = [], []
+
+    def peak_memory_gb(self) -> float:
+        return mx.get_peak_memory() / 1e9
