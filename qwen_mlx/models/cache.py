@@ -19,7 +19,6 @@ Shapes: B batch, K kv heads, L new tokens, T cached + new tokens, D head_dim,
 P packed uint32 words per vector (D * bits / 32), S groups per vector (D / group_size).
 """
 
-
 from __future__ import annotations
 
 import mlx.core as mx
