@@ -88,7 +88,7 @@ def int4_from_stored(proto, ckpt: Checkpoint):
 def carry_stored(proto, ckpt: Checkpoint, accuracy_level: int = 4, zero_points: str = "exact") -> Carried:
     """Rewrite in place every MatMul and Gather of a stored 4- or 8-bit module (see the module docstring).
     `zero_points`: "exact" writes uint8 zero points round(-b / s) for a module where they leave no correction
-    (AWQ/GPTQ), else none; "always" and "never" force one form (benchmarks/mlx_onnx_int4.py compares them)."""
+    (AWQ/GPTQ), else none; "always" and "never" force one form (benchmarks/quality/mlx_onnx_int4.py compares them)."""
     from onnx import helper
 
     done = Carried()

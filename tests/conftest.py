@@ -10,7 +10,7 @@ import pytest
 
 import export  # noqa: F401  registers the torch and onnx backends, as cli.py does
 
-from tests.support.tiny_models import write_tiny_model
+from benchmarks.checkpoints.tiny_models import write_tiny_model
 from tests.support.tokenizer_fixtures import tiny_tokenizer_dir  # noqa: F401  (re-exported fixture)
 
 

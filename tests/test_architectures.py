@@ -1,5 +1,5 @@
 """Qwen2-MoE, Qwen3 and Qwen3-MoE against HF transformers' own Qwen2MoeForCausalLM, Qwen3ForCausalLM and
-Qwen3MoeForCausalLM, on the tiny random configs of tests/support/tiny_models.py (ARCH_CONFIGS): config and
+Qwen3MoeForCausalLM, on the tiny random configs of benchmarks/checkpoints/tiny_models.py (ARCH_CONFIGS): config and
 parameter counts, loader errors, MLX float32 logits and greedy decoding with the KV cache, quantized
 experts, and that only the routed experts are ever read. The torch twin and ONNX export are checked on the
 same configs further down (and in tests/test_onnx_export.py).
@@ -20,8 +20,8 @@ from qwen_mlx.config import ModelArgs
 from qwen_mlx.errors import QwenError
 from qwen_mlx.backends.base import Session, greedy_tokens
 from tests.support.gguf import write_gguf_from_hf
-from tests.support.reference import backend_logits, load_reference, reference_greedy, reference_logits
-from tests.support.tiny_models import ARCH_CONFIGS
+from benchmarks.quality.reference import backend_logits, load_reference, reference_greedy, reference_logits
+from benchmarks.checkpoints.tiny_models import ARCH_CONFIGS
 
 RNG = np.random.default_rng(99)
 # 70 prompt tokens: prefill sends >= 64 (token, expert) pairs, so MLX's sorted gather path runs; each

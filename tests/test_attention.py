@@ -12,8 +12,8 @@ import qwen_mlx.models.base as attn
 from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.backends.base import Session
 from qwen_mlx.backends.mlx import MLXBackend
-from tests.support.reference import PROMPT, STEPS, backend_logits, load_reference, reference_logits
-from tests.support.tiny_models import TINY_CONFIGS
+from benchmarks.quality.reference import PROMPT, STEPS, backend_logits, load_reference, reference_logits
+from benchmarks.checkpoints.tiny_models import TINY_CONFIGS
 
 
 @pytest.fixture

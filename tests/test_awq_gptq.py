@@ -3,7 +3,7 @@
 No AWQ/GPTQ quantizer runs on this CPU (AutoAWQ and gptqmodel need CUDA to quantize), so the test
 checkpoints are a tiny HF model quantized by plain min/max rounding and packed to the published layouts
 (AutoAWQ's GEMM words in AWQ_ORDER; GPTQ v1 with its stored zero - 1, and gptq_v2; act-order g_idx) by
-tests/support/awq_gptq.py. Each folder is then read by onnxruntime-genai's own quantized-model loader
+benchmarks/checkpoints/awq_gptq.py. Each folder is then read by onnxruntime-genai's own quantized-model loader
 (tests/support/genai_quant_reader.py, in the genai peer venv): its codes, zero points and scales must
 equal ours exactly, and so must the dequantized weights of our MLX layers equal s * (q - z) computed from
 them. Logits of the repacked model equal those of HF transformers running the dequantized float model. Norm
@@ -25,9 +25,11 @@ from safetensors.numpy import load_file, save_file
 from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.errors import QwenError
 from qwen_mlx.models.load import load_model
-from tests.support.awq_gptq import CASES, GENAI_READER, LINEARS, MODEL, make_checkpoint
+from benchmarks.checkpoints.awq_gptq import CASES, LINEARS, MODEL, make_checkpoint
 from tests.support.needs import er, needs_peer
 
+# Run in the genai peer venv (benchmarks/peers/setup_peers.sh), never importing qwen_mlx.
+GENAI_READER = Path(__file__).parent / "support" / "genai_quant_reader.py"
 PROMPT = [1, 5, 9, 33, 100, 7, 250, 3]
 
 

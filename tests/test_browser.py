@@ -4,7 +4,7 @@ and its greedy reply has the same token ids as our own ONNX backend on the same 
 
 Needs Debian's chromium (/usr/bin/chromium, or $QWEN_MLX_CHROMIUM), the `playwright` Python package (it
 drives that browser; it downloads none) and the peers' node project with @huggingface/transformers
-($QWEN_MLX_PEERS/node, made by benchmarks/setup_peers.sh). Without one of them these tests skip with the
+($QWEN_MLX_PEERS/node, made by benchmarks/peers/setup_peers.sh). Without one of them these tests skip with the
 reason, except in CI (CI=true), where they fail.
 """
 
@@ -22,10 +22,10 @@ from urllib.parse import urlencode, urlsplit
 
 import pytest
 
+from benchmarks.peers import edge_runtimes as er  # standard library only at import time
+from tests.support.chromium import chromium, unavailable
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import edge_runtimes as er  # noqa: E402  (standard library only at import time)
-from tests.support.chromium import chromium, unavailable  # noqa: E402
 
 SERVE = REPO / "examples" / "browser" / "serve.py"
 N_TOKENS = 12

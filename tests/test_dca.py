@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from export.backends.torch import TorchBackend
 from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.backends.base import Session, greedy_tokens
-from tests.support.reference import backend_logits
+from benchmarks.quality.reference import backend_logits
 
 PROMPT = np.random.default_rng(7).integers(0, 512, size=60).tolist()
 

@@ -1,10 +1,10 @@
 """Our ONNX export, loaded untouched by the edge runtimes, reproduces our ONNX backend's greedy tokens.
 
 The peers (onnxruntime-genai, optimum-onnx, transformers.js in Node) live in their own environments under
-$QWEN_MLX_PEERS (default /work/venvs), made by `bash benchmarks/setup_peers.sh`. A missing one is skipped with
-the reason on a developer's machine, and fails the run in CI (CI=true), where setup_peers.sh runs first.
-Each runtime runs as a subprocess through benchmarks/edge_runtimes.py, on tiny random Qwen2 models exported
-by export.onnx_export: an untied one in float32 (onnx/model.onnx) and int4 (onnx/model_q4.onnx), and a tied
+$QWEN_MLX_PEERS (default /work/venvs), made by `bash benchmarks/peers/setup_peers.sh`. A missing one is skipped
+with the reason on a developer's machine, and fails the run in CI (CI=true), where setup_peers.sh runs first.
+Each runtime runs as a subprocess through benchmarks/peers/edge_runtimes.py, on tiny random Qwen2 models
+exported by export.onnx_export: an untied one in float32 (onnx/model.onnx) and int4 (onnx/model_q4.onnx), and a tied
 one in int4, whose embedding is read through com.microsoft GatherBlockQuantized from the lm_head's
 MatMulNBits weight.
 """
@@ -12,15 +12,12 @@ MatMulNBits weight.
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import edge_runtimes as er  # noqa: E402  (standard library only at import time)
-from tests.support.needs import needs_peer  # noqa: E402
+from benchmarks.peers import edge_runtimes as er  # standard library only at import time
+from tests.support.needs import needs_peer
 
 N_TOKENS = 16
 # variant -> (tiny model, quantize, file)
@@ -75,7 +72,7 @@ def _snapshot(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory) -> dict[str, Path]:
-    from tests.support.tiny_models import write_tiny_model
+    from benchmarks.checkpoints.tiny_models import write_tiny_model
 
     root = tmp_path_factory.mktemp("edge")
     return {name: write_tiny_model(root / name, name) for name in MODELS}
@@ -83,7 +80,7 @@ def tiny_hf(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def prompts(tiny_hf) -> tuple[list[str], list[list[int]]]:
-    # One tokenizer for every tiny model (tests/support/tiny_tokenizer.py): the same ids for all of them.
+    # One tokenizer for every tiny model (benchmarks/checkpoints/tiny_tokenizer.py): the same ids for all of them.
     return er.reference_prompts(tiny_hf[MODELS[0]], ["hello world", "def f(x): return x"], chat=True)
 
 
@@ -154,7 +151,7 @@ def arch_exports(tmp_path_factory):
     """(name, variant) -> (export folder, prompt texts, ids, our ONNX backend's greedy tokens), on first use."""
     from export.onnx_export import export_onnx
     from qwen_mlx.checkpoint import prepare_model
-    from tests.support.tiny_models import write_tiny_model
+    from benchmarks.checkpoints.tiny_models import write_tiny_model
 
     base = tmp_path_factory.mktemp("arch-edge")
     cache: dict = {}

@@ -282,7 +282,7 @@ def test_real_gguf_blocks_greedy_equals_float32(real_kept, real_model_dir):
     dequantized float32 model's."""
     from qwen_mlx.backends import load
     from qwen_mlx.backends.base import Session, greedy_tokens
-    from tests.support import parity
+    from benchmarks.quality import parity
 
     runs = []
     for folder, dtype in ((real_kept, None), (real_model_dir, "float32")):

@@ -8,8 +8,9 @@ import pytest
 from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.backends.base import Session, greedy_tokens
 from qwen_mlx.backends.mlx import MLXBackend
-from tests.support.reference import PROMPT, STEPS, backend_logits, load_reference, reference_greedy, reference_logits
-from tests.support.tiny_models import TINY_CONFIGS
+from benchmarks.quality.reference import (PROMPT, STEPS, backend_logits, load_reference, reference_greedy,
+                                          reference_logits)
+from benchmarks.checkpoints.tiny_models import TINY_CONFIGS
 
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))

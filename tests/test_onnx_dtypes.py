@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +20,9 @@ from export.onnx_format import VARIANT_FILES, VARIANTS, parse_variants
 from export.onnx_validate import TOLERANCE, measure_export, tolerance_key, validate_export
 from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.errors import QwenError
+from benchmarks.peers import edge_runtimes as er  # standard library only at import time
 from tests.support.cli import run
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import edge_runtimes as er  # noqa: E402  (standard library only at import time)
-from tests.support.needs import needs_peer  # noqa: E402
+from tests.support.needs import needs_peer
 
 N_TOKENS = 16
 

@@ -21,7 +21,7 @@ from export.onnx_format import io_names
 from export.backends.torch import TorchBackend
 from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.errors import QwenError
-from tests.support.tiny_models import write_tiny_model
+from benchmarks.checkpoints.tiny_models import write_tiny_model
 
 PROMPT = np.random.default_rng(0).integers(0, 500, size=17).tolist()
 STEPS = np.random.default_rng(1).integers(0, 500, size=6).tolist()

@@ -16,7 +16,7 @@ from export.onnx_export import export_onnx
 from export.optimize import canonicalize_rms_norm, fuse_sibling_matmuls, optimize
 from export.backends.torch import TorchBackend
 from qwen_mlx.checkpoint import prepare_model
-from tests.support.tiny_models import write_tiny_model
+from benchmarks.checkpoints.tiny_models import write_tiny_model
 
 E = 16
 

@@ -15,7 +15,7 @@ from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.errors import QwenError
 from qwen_mlx.backends.mlx import MLXBackend
 from qwen_mlx.formats.affine import QuantParams, dequantize
-from tests.support.tiny_models import mlx_lm_readable
+from benchmarks.checkpoints.tiny_models import mlx_lm_readable
 
 # (tiny model, bits, group size): dense tied, dense untied with only its 128-wide o_proj quantizable (a
 # folder mixing float and quantized layers), and MoE experts (mlx-lm's stacked switch_mlp,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.support.reference import load_reference, reference_greedy
+from benchmarks.quality.reference import load_reference, reference_greedy
 
 pytestmark = pytest.mark.real
 

@@ -1,6 +1,6 @@
 """All backends on the real Qwen2.5-Coder-0.5B-Instruct checkpoint: float32 parity with HF transformers
 (logits and greedy text) and the quality of every reduced precision. The measuring code is
-tests/support/parity.py, shared with benchmarks/quality.py (which prints the same figures as tables).
+benchmarks/quality/parity.py, shared with benchmarks/quality/quality.py (which prints the same figures as tables).
 
 Budget (2 cores): the float32 ONNX export of the real model dominates; every backend is loaded alone and
 freed before the next, so the peak stays near one float32 copy of the model plus its export.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import parity
+from benchmarks.quality import parity
 
 pytestmark = pytest.mark.real
 
@@ -26,7 +26,7 @@ FLOAT32_BOUNDS = {  # measured:
     ("torch", "onnx"): 6e-5,  # 2.0e-5
 }
 
-# Teacher-forced over the first 1024 tokens of colorsys.py against MLX float32 (benchmarks/quality.py):
+# Teacher-forced over the first 1024 tokens of colorsys.py against MLX float32 (benchmarks/quality/quality.py):
 # name -> (max perplexity ratio, min top-1 agreement, max |logit diff|). Margins over the measured value:
 # 3x the perplexity loss (at least +0.001), 2x the disagreement (top-1 over 1023 positions moves only by
 # near-ties), 3x the logit diff. Loose enough for another CPU's summation order, tight enough that a

@@ -22,7 +22,7 @@ from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.backends.mlx import MLXBackend
 from tests.support.cli import run
 from tests.support.needs import er, needs_peer
-from tests.support.tiny_models import mlx_lm_readable
+from benchmarks.checkpoints.tiny_models import mlx_lm_readable
 
 PROMPT = [1, 5, 9, 33, 100, 7, 250]
 STEPS = 8

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from qwen_mlx.errors import QwenError
 from qwen_mlx.tokenizer import StreamingDetokenizer, Tokenizer, plain_chatml_template
-from tests.support.tiny_tokenizer import QWEN25_CHAT_TEMPLATE
+from benchmarks.checkpoints.tiny_tokenizer import QWEN25_CHAT_TEMPLATE
 from tests.support.tokenizer_fixtures import tiny_tokenizer_dir  # noqa: F401  (fixture)
 
 HYPOTHESIS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

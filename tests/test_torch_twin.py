@@ -13,8 +13,8 @@ from export.backends.torch import TorchBackend
 from qwen_mlx.checkpoint import prepare_model
 from qwen_mlx.errors import QwenError
 from qwen_mlx.backends.base import Session, greedy_tokens
-from tests.support.reference import backend_logits, load_reference, reference_greedy, reference_logits
-from tests.support.tiny_models import TINY_CONFIGS
+from benchmarks.quality.reference import backend_logits, load_reference, reference_greedy, reference_logits
+from benchmarks.checkpoints.tiny_models import TINY_CONFIGS
 
 PROMPT = np.random.default_rng(0).integers(0, 512, size=20).tolist()
 STEPS = np.random.default_rng(1).integers(0, 512, size=24).tolist()  # 44 tokens: past dynamic's 16

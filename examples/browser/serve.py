@@ -11,7 +11,7 @@ Nothing is fetched from a CDN or the Hub: every file the page needs comes from h
     /models.json          {"NAME": ["model.onnx", "model_q4.onnx", ...], ...}: the folders and their graphs
 
 node_modules comes from --node-modules, else ./node_modules beside this script (`npm install` here), else the
-peers' node project that benchmarks/setup_peers.sh makes ($QWEN_MLX_PEERS/node, default /work/venvs/node).
+peers' node project that benchmarks/peers/setup_peers.sh makes ($QWEN_MLX_PEERS/node, default /work/venvs/node).
 The first line printed is the page's URL. Standard library only.
 """
 
@@ -47,7 +47,7 @@ def find_node_modules(explicit: str | None) -> Path:
             return folder.resolve()
     tried = ", ".join(str(c) for c in candidates)
     raise ServeError(f"no @huggingface/transformers in {tried} (run `npm install` in {HERE}, "
-                     "or `bash benchmarks/setup_peers.sh` and set QWEN_MLX_PEERS)")
+                     "or `bash benchmarks/peers/setup_peers.sh` and set QWEN_MLX_PEERS)")
 
 
 def library_mounts(node_modules: Path) -> dict[str, Path]:

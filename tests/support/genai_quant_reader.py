@@ -1,5 +1,5 @@
 """An independent reader of AWQ/GPTQ folders: onnxruntime-genai's own quantized-model loader (the one its
-model builder uses), run in the genai peer venv (benchmarks/setup_peers.sh), never importing qwen_mlx.
+model builder uses), run in the genai peer venv (benchmarks/peers/setup_peers.sh), never importing qwen_mlx.
 
     $QWEN_MLX_PEERS/genai/bin/python tests/support/genai_quant_reader.py OUT.npz FOLDER [FOLDER ...]
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.checkpoints.tiny_tokenizer import QWEN25_CHAT_TEMPLATE
 from qwen_mlx.config import ModelArgs
 
-CHAT_TEMPLATE = (Path(__file__).parent.parent / "fixtures" / "qwen2.5_chat_template.jinja").read_text(
-    encoding="utf-8")
+CHAT_TEMPLATE = QWEN25_CHAT_TEMPLATE  # the real Qwen2.5 chat template, as the tiny tokenizer has it
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 

@@ -1,17 +1,14 @@
 """What a test needs from outside the venv (Chromium, the edge runtimes' environments): a missing piece is
 skipped with its reason on a developer's machine and fails in CI (CI=true), where .ci/run installs
-chromium and benchmarks/setup_peers.sh the peers before any test runs."""
+chromium and benchmarks/peers/setup_peers.sh the peers before any test runs."""
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import edge_runtimes as er  # noqa: E402  (standard library only at import time)
+from benchmarks.peers import edge_runtimes as er  # standard library only at import time
 
 
 def in_ci() -> bool:
@@ -21,7 +18,7 @@ def in_ci() -> bool:
 def unavailable(reason: str) -> None:
     """Skip here; fail in CI, which installs everything the tests need."""
     if in_ci():
-        pytest.fail(f"missing in CI: {reason} (.ci/run installs chromium, benchmarks/setup_peers.sh the peers)")
+        pytest.fail(f"missing in CI: {reason} (.ci/run installs chromium, benchmarks/peers/setup_peers.sh the peers)")
     pytest.skip(reason)
 
 

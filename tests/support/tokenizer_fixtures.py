@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.tiny_tokenizer import write_tiny_tokenizer
+from benchmarks.checkpoints.tiny_tokenizer import write_tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
