@@ -370,13 +370,14 @@ def attention(model, prompt, raw, system, layers, heads, dtype, out):
     out = Path(out)
     if out.suffix not in (".png", ".npz"):
         raise QwenError(f"--out must end in .png or .npz, got {out.name}")
-    from qwen_mlx.attention_maps import (attention_maps, float64_model, parse_indices, save_npz, save_png,
-                                         token_labels)
+    from qwen_mlx.attention_maps import (attention_maps, check_supported, float64_model, parse_indices, save_npz,
+                                         save_png, token_labels)
     from qwen_mlx.checkpoint import prepare_model
     from qwen_mlx.models.load import load_model
     from qwen_mlx.tokenizer import Tokenizer
 
     ckpt = prepare_model(model)
+    check_supported(ckpt.args)
     layer_ids = parse_indices(layers, ckpt.args.num_hidden_layers, "layer")
     head_ids = parse_indices(heads, ckpt.args.num_attention_heads, "head")
     tok = Tokenizer.from_folder(ckpt.folder)

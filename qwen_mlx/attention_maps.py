@@ -32,6 +32,13 @@ from .tokenizer import Tokenizer
 MAX_PANELS = 64  # a PNG grid beyond this is unreadable: ask for --layers / --heads instead
 
 
+def check_supported(args: ModelArgs) -> None:
+    """Attention maps are drawn from softmax attention; the hybrid family's linear layers have none."""
+    if args.hybrid:
+        raise QwenError(f"attention maps are not supported for {args.model_type} yet: its Gated DeltaNet layers "
+                        "hold a recurrent state, not attention weights")
+
+
 def parse_indices(text: str | None, count: int, what: str) -> list[int]:
     """'0,3,5' -> [0, 3, 5] checked against `count` (None: all of them)."""
     if text is None:

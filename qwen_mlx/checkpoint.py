@@ -93,10 +93,13 @@ def prepare_model(spec: str | None, gguf_blocks: bool = False) -> Checkpoint:
     args = ModelArgs.from_folder(folder)
     found: dict[str, TensorInfo] = {}
     for file in safetensors_files(folder):
-        found.update(read_safetensors_header(file))
+        for stored, info in read_safetensors_header(file).items():
+            key = args.checkpoint_key(stored)
+            if key is not None:
+                found[key] = info
     _check_expert_count(args, found, folder)
     quantization = read_quantization(read_json(folder / "config.json"))
-    expected = args.weight_shapes()
+    expected = _fused_experts_expected(args, args.weight_shapes(), found)
     if quantization is not None:
         expected = _quantized_expected(args, expected, quantization, found, folder)
     missing = [k for k in expected if k not in found]
@@ -115,6 +118,25 @@ def prepare_model(spec: str | None, gguf_blocks: bool = False) -> Checkpoint:
     if problems:
         raise QwenError(f"{folder}: " + "; ".join(problems))
     return Checkpoint(folder, args, {k: found[k] for k in expected}, quantization)
+
+
+def _fused_experts_expected(args: ModelArgs, expected: dict[str, tuple[int, ...]],
+                            found: dict[str, TensorInfo]) -> dict[str, tuple[int, ...]]:
+    """Experts stored fused, as transformers 5 holds them in memory (`mlp.experts.gate_up_proj` [X, 2I, E] and
+    `mlp.experts.down_proj` [X, E, I]), in place of one tensor per expert, layer by layer as found."""
+    fused = {k.removesuffix(".experts.gate_up_proj") for k in found if k.endswith(".mlp.experts.gate_up_proj")}
+    if not fused:
+        return expected
+    out: dict[str, tuple[int, ...]] = {}
+    for key, shape in expected.items():
+        m = re.fullmatch(r"(.*\.mlp)\.experts\.\d+\.(\w+)_proj\.weight", key)
+        if not (m and m[1] in fused):
+            out[key] = shape
+        elif m[2] == "gate":
+            out[f"{m[1]}.experts.gate_up_proj"] = (args.num_experts, 2 * shape[0], shape[1])
+        elif m[2] == "down":
+            out[f"{m[1]}.experts.down_proj"] = (args.num_experts, *shape)
+    return out
 
 
 def _quantized_expected(args: ModelArgs, expected: dict[str, tuple[int, ...]], quantization: dict,

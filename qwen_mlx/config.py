@@ -5,6 +5,10 @@ Four architectures share one decoder and differ by a few flags:
 - `qwen2_moe`: Qwen1.5-MoE and Qwen2-MoE (QKV bias, routed experts plus a sigmoid-gated shared expert);
 - `qwen3`: per-head RMSNorm of queries and keys before RoPE (`q_norm`/`k_norm`), `attention_bias` (off);
 - `qwen3_moe`: Qwen3 attention with routed experts and no shared expert.
+The hybrid family (Qwen3-Next, Qwen3.5, Qwen3.6) is another decoder, built from the same `ModelArgs`:
+- `qwen3_next`, `qwen3_5` and `qwen3_5_moe` (also their text-only `qwen3_5_text` / `qwen3_5_moe_text`): Gated
+  DeltaNet layers (`linear_attention` in `layer_types`) between gated full-attention layers with partial RoPE;
+  Qwen3.5's multimodal config nests the text model under `text_config`, which is what is read here.
 This module is pure Python (numpy at most): the MLX model and its PyTorch twin both build from the same
 `ModelArgs`, the same RoPE frequencies and the same table of expected tensor shapes.
 """
@@ -22,8 +26,12 @@ import numpy as np
 from .dual_chunk import DualChunk
 from .errors import QwenError
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
-MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
+HYBRID_MODEL_TYPES = ("qwen3_next", "qwen3_5", "qwen3_5_moe", "qwen3_5_text", "qwen3_5_moe_text")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe", *HYBRID_MODEL_TYPES)
+MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text")
+_HYBRID_DEFAULTS = dict(head_dim=256, attention_bias=False, partial_rotary_factor=0.25, linear_conv_kernel_dim=4,
+                        linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
+                        linear_num_value_heads=32, full_attention_interval=4)
 # What transformers' config classes assume when config.json omits a key (the keys that change the math).
 MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": {},
@@ -31,7 +39,17 @@ MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
                       shared_expert_intermediate_size=5632, qkv_bias=True),
     "qwen3": dict(head_dim=128, attention_bias=False),
     "qwen3_moe": dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, attention_bias=False),
+    "qwen3_next": dict(_HYBRID_DEFAULTS, num_experts=512, num_experts_per_tok=10, moe_intermediate_size=512,
+                       shared_expert_intermediate_size=512, norm_topk_prob=True),
+    "qwen3_5": _HYBRID_DEFAULTS,
+    "qwen3_5_text": _HYBRID_DEFAULTS,
+    # Qwen3.5-MoE's router always renormalizes its top-k weights (transformers ignores norm_topk_prob there).
+    "qwen3_5_moe": dict(_HYBRID_DEFAULTS, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+                        shared_expert_intermediate_size=512, norm_topk_prob=True),
+    "qwen3_5_moe_text": dict(_HYBRID_DEFAULTS, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+                             shared_expert_intermediate_size=512, norm_topk_prob=True),
 }
+_FORCED = {"qwen3_5_moe": dict(norm_topk_prob=True), "qwen3_5_moe_text": dict(norm_topk_prob=True)}
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 
 
@@ -67,6 +85,14 @@ class ModelArgs:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
+    # ---- the hybrid family (qwen3_next, qwen3_5*): Gated DeltaNet layers and gated full attention ----
+    partial_rotary_factor: float = 1.0  # the share of head_dim that RoPE rotates
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 0
+    full_attention_interval: int = 4
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -97,6 +123,32 @@ class ModelArgs:
         if self.hidden_act != "silu":
             raise QwenError(f"config.json: hidden_act {self.hidden_act!r} is not supported (Qwen uses 'silu')")
         self._check_moe()
+        self._check_hybrid()
+
+    def _check_hybrid(self) -> None:
+        if not self.hybrid:
+            if self.partial_rotary_factor != 1.0:
+                raise QwenError(f"config.json: partial_rotary_factor {self.partial_rotary_factor} is not supported "
+                                f"for model_type {self.model_type!r} (it rotates the whole head)")
+            return
+        if self.layer_types is None:  # transformers' rule: every full_attention_interval-th layer is full
+            self.layer_types = ["linear_attention" if (i + 1) % self.full_attention_interval else "full_attention"
+                                for i in range(self.num_hidden_layers)]
+        kinds = ("linear_attention", "full_attention")
+        if len(self.layer_types) != self.num_hidden_layers or any(t not in kinds for t in self.layer_types):
+            raise QwenError(f"config.json: layer_types must name {self.num_hidden_layers} layers, each "
+                            f"linear_attention or full_attention, got {self.layer_types!r}")
+        for name in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                     "linear_value_head_dim", "linear_conv_kernel_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise QwenError(f"config.json: {name} must be a positive integer, got {value!r}")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise QwenError(f"config.json: linear_num_value_heads ({self.linear_num_value_heads}) is not a "
+                            f"multiple of linear_num_key_heads ({self.linear_num_key_heads})")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
+            raise QwenError(f"config.json: partial_rotary_factor {self.partial_rotary_factor} must give an even "
+                            f"number of rotated features of head_dim {self.head_dim}")
 
     def _check_moe(self) -> None:
         if self.model_type not in MOE_MODEL_TYPES:
@@ -130,14 +182,22 @@ class ModelArgs:
                             f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints (Qwen1.5, Qwen2, Qwen2.5, "
                             "Qwen1.5-MoE, Qwen2-MoE, Qwen3, Qwen3-MoE)")
         config = dict(config)
+        if isinstance(config.get("text_config"), dict):
+            # Qwen3.5's multimodal config: the text model's fields nest under text_config (the vision tower's
+            # under vision_config are not read: images are not supported).
+            text = {k: v for k, v in config["text_config"].items() if k != "model_type"}
+            top = {k: v for k, v in config.items() if k in ("tie_word_embeddings", "torch_dtype", "dtype")}
+            config = {**text, **top, "model_type": model_type}
         if "num_local_experts" in config:  # transformers 5 saves Qwen3-MoE's num_experts under this name
             config.setdefault("num_experts", config.pop("num_local_experts"))
-        config = {**MODEL_TYPE_DEFAULTS[model_type], **config}
+        config = {**MODEL_TYPE_DEFAULTS[model_type], **config, **_FORCED.get(model_type, {})}
         # transformers >= 5 writes rope_theta and the scaling inside `rope_parameters`.
         rope_parameters = config.pop("rope_parameters", None)
         if isinstance(rope_parameters, dict):
             if config.get("rope_theta") is None:
                 config["rope_theta"] = rope_parameters.get("rope_theta", 10000.0)
+            if "partial_rotary_factor" in rope_parameters and "partial_rotary_factor" not in config:
+                config["partial_rotary_factor"] = rope_parameters["partial_rotary_factor"]
             kind = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
             if kind != "default" and not config.get("rope_scaling"):
                 config["rope_scaling"] = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
@@ -203,9 +263,24 @@ class ModelArgs:
 
     # ---- architecture flags (what the model files switch on) -------------------------------------------
     @property
+    def hybrid(self) -> bool:
+        """Qwen3-Next / Qwen3.5 / Qwen3.6: Gated DeltaNet layers between gated full-attention layers."""
+        return self.model_type in HYBRID_MODEL_TYPES
+
+    @property
+    def rotary_dim(self) -> int:
+        """Features of each head that RoPE rotates (the first ones); the rest pass through."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def linear_layers(self) -> list[int]:
+        """The Gated DeltaNet layers (a recurrent state instead of a KV cache)."""
+        return [i for i, t in enumerate(self.layer_types or []) if t == "linear_attention"] if self.hybrid else []
+
+    @property
     def qk_norm(self) -> bool:
-        """Qwen3: RMSNorm over head_dim of each query and key head, before RoPE."""
-        return self.model_type in ("qwen3", "qwen3_moe")
+        """Qwen3 and the hybrids: RMSNorm over head_dim of each query and key head, before RoPE."""
+        return self.model_type in ("qwen3", "qwen3_moe") or self.hybrid
 
     @property
     def qkv_has_bias(self) -> bool:
@@ -221,8 +296,8 @@ class ModelArgs:
 
     @property
     def shared_expert(self) -> bool:
-        """Qwen2-MoE's always-on expert, scaled by sigmoid(shared_expert_gate(x))."""
-        return self.model_type == "qwen2_moe" and self.shared_expert_intermediate_size > 0
+        """Qwen2-MoE's (and the hybrid MoEs') always-on expert, scaled by sigmoid(shared_expert_gate(x))."""
+        return (self.model_type == "qwen2_moe" or self.hybrid) and self.shared_expert_intermediate_size > 0
 
     def is_moe_layer(self, i: int) -> bool:
         """transformers' rule: sparse unless listed in mlp_only_layers, every decoder_sparse_step-th layer."""
@@ -264,7 +339,7 @@ class ModelArgs:
         `seq_len` matters only for dynamic NTK scaling, whose base grows once the sequence passes
         max_position_embeddings. The attention factor (yarn's mscale) multiplies both cos and sin.
         """
-        dim, base = self.head_dim, float(self.rope_theta)
+        dim, base = self.rotary_dim, float(self.rope_theta)
         exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
         scaling = self.rope_scaling or {}
         kind = self.rope_type
@@ -286,43 +361,92 @@ class ModelArgs:
         q, d = self.num_attention_heads * self.head_dim, self.head_dim
         shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab_size, h),
                                               "model.norm.weight": (h,)}
+        linear = set(self.linear_layers)
         for i in range(self.num_hidden_layers):
             p = f"model.layers.{i}."
+            if i in linear:
+                shapes.update(self._linear_attention_shapes(p + "linear_attn."))
+                shapes.update(self._mlp_layer_shapes(p, i))
+                continue
             a = p + "self_attn."
-            shapes.update({a + "q_proj.weight": (q, h), a + "k_proj.weight": (kv, h),
+            # Gated attention (the hybrids): q_proj also yields the output gate, one head_dim per head.
+            qp = 2 * q if self.hybrid else q
+            shapes.update({a + "q_proj.weight": (qp, h), a + "k_proj.weight": (kv, h),
                            a + "v_proj.weight": (kv, h), a + "o_proj.weight": (h, q)})
             if self.qkv_has_bias:
-                shapes.update({a + "q_proj.bias": (q,), a + "k_proj.bias": (kv,), a + "v_proj.bias": (kv,)})
+                shapes.update({a + "q_proj.bias": (qp,), a + "k_proj.bias": (kv,), a + "v_proj.bias": (kv,)})
             if self.o_has_bias:
                 shapes[a + "o_proj.bias"] = (h,)
             if self.qk_norm:
                 shapes.update({a + "q_norm.weight": (d,), a + "k_norm.weight": (d,)})
-            if self.is_moe_layer(i):
-                m = self.moe_intermediate_size
-                shapes[p + "mlp.gate.weight"] = (self.num_experts, h)  # the router
-                for j in range(self.num_experts):
-                    shapes.update(_mlp_shapes(f"{p}mlp.experts.{j}.", h, m))
-                if self.shared_expert:
-                    shapes.update(_mlp_shapes(p + "mlp.shared_expert.", h, self.shared_expert_intermediate_size))
-                    shapes[p + "mlp.shared_expert_gate.weight"] = (1, h)
-            else:
-                shapes.update(_mlp_shapes(p + "mlp.", h, self.intermediate_size))
-            shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
+            shapes.update(self._mlp_layer_shapes(p, i))
         if not self.tie_word_embeddings:
             shapes["lm_head.weight"] = (self.vocab_size, h)
+        return shapes
+
+    def _mlp_layer_shapes(self, p: str, i: int) -> dict[str, tuple[int, ...]]:
+        """Layer i's MLP (dense or experts) and its two norms."""
+        h, shapes = self.hidden_size, {}
+        if self.is_moe_layer(i):
+            m = self.moe_intermediate_size
+            shapes[p + "mlp.gate.weight"] = (self.num_experts, h)  # the router
+            for j in range(self.num_experts):
+                shapes.update(_mlp_shapes(f"{p}mlp.experts.{j}.", h, m))
+            if self.shared_expert:
+                shapes.update(_mlp_shapes(p + "mlp.shared_expert.", h, self.shared_expert_intermediate_size))
+                shapes[p + "mlp.shared_expert_gate.weight"] = (1, h)
+        else:
+            shapes.update(_mlp_shapes(p + "mlp.", h, self.intermediate_size))
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
+        return shapes
+
+    def checkpoint_key(self, key: str) -> str | None:
+        """A stored tensor's key as the model names it, or None for tensors the text model does not use: Qwen3.5's
+        multimodal checkpoints hold the text model under `model.language_model.`, a vision tower under
+        `model.visual.` (images are not supported) and a multi-token-prediction layer under `mtp.` (a drafter
+        for speculative decoding, not part of the forward)."""
+        if not self.hybrid:
+            return key
+        if key.startswith(("model.visual.", "mtp.")):
+            return None
+        return "model." + key.removeprefix("model.language_model.") if key.startswith("model.language_model.") \
+            else key
+
+    @property
+    def packed_linear_projections(self) -> bool:
+        """Qwen3-Next packs q, k, v, z into `in_proj_qkvz` and b, a into `in_proj_ba`, grouped per key head;
+        Qwen3.5 stores `in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a` apart."""
+        return self.model_type == "qwen3_next"
+
+    def _linear_attention_shapes(self, a: str) -> dict[str, tuple[int, ...]]:
+        """A Gated DeltaNet layer's tensors: projections, the depthwise conv over q, k, v, the decay's A_log and
+        dt_bias, the gated norm and the output projection."""
+        h, hv = self.hidden_size, self.linear_num_value_heads
+        kd, vd = self.linear_num_key_heads * self.linear_key_head_dim, hv * self.linear_value_head_dim
+        conv = 2 * kd + vd
+        if self.packed_linear_projections:
+            shapes = {a + "in_proj_qkvz.weight": (2 * kd + 2 * vd, h), a + "in_proj_ba.weight": (2 * hv, h)}
+        else:
+            shapes = {a + "in_proj_qkv.weight": (conv, h), a + "in_proj_z.weight": (vd, h),
+                      a + "in_proj_b.weight": (hv, h), a + "in_proj_a.weight": (hv, h)}
+        shapes.update({a + "conv1d.weight": (conv, 1, self.linear_conv_kernel_dim), a + "dt_bias": (hv,),
+                       a + "A_log": (hv,), a + "norm.weight": (self.linear_value_head_dim,),
+                       a + "out_proj.weight": (h, vd)})
         return shapes
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters by component, for `cli.py info`. `experts` are the routed experts (each token uses
         num_experts_per_tok of them), `shared_expert` includes its gate, `router` is `mlp.gate`."""
-        counts = {"embedding": 0, "attention": 0, "mlp": 0, "router": 0, "experts": 0, "shared_expert": 0,
-                  "norms": 0, "lm_head": 0}
+        counts = {"embedding": 0, "attention": 0, "linear_attention": 0, "mlp": 0, "router": 0, "experts": 0,
+                  "shared_expert": 0, "norms": 0, "lm_head": 0}
         for key, shape in self.weight_shapes().items():
             n = math.prod(shape)
             if "embed_tokens" in key:
                 counts["embedding"] += n
             elif "self_attn" in key and "norm" not in key:
                 counts["attention"] += n
+            elif "linear_attn" in key:
+                counts["linear_attention"] += n
             elif ".mlp.experts." in key:
                 counts["experts"] += n
             elif ".mlp.shared_expert" in key:

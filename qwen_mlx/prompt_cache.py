@@ -54,6 +54,9 @@ def _identity(loaded: LoadedModel) -> dict[str, str]:
 def _mlx_backend(loaded: LoadedModel):
     if loaded.backend.name != "mlx":
         raise QwenError(f"prompt caches work with the mlx backend only, not {loaded.backend.name}")
+    if loaded.backend.args.hybrid:
+        raise QwenError(f"prompt cache files hold keys and values; {loaded.backend.args.model_type} keeps a "
+                        "recurrent state in most layers, which they do not hold yet")
     return loaded.backend
 
 

@@ -69,9 +69,16 @@ def model_report(ckpt: Checkpoint) -> list[str]:
     for bits in (8, 4):
         row(f"{bits}-bit", (matrices * (bits + 0.5) + (total - matrices) * 16) / 8,
             (active_matrices * (bits + 0.5) + (active - active_matrices) * 16) / 8)
-    kv = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim
+    linear = len(a.linear_layers)  # the hybrids' Gated DeltaNet layers keep a state, not keys and values
+    kv = 2 * (a.num_hidden_layers - linear) * a.num_key_value_heads * a.head_dim
     out(f"KV cache       {kv * 2 / 1024:.1f} KiB per token in 16-bit ({kv * 2 * a.context_length / 1e9:.2f} GB "
-        f"for the full context)")
+        f"for the full context)" + (f", in the {a.num_hidden_layers - linear} attention layers" if linear else ""))
+    if linear:
+        conv = (a.linear_conv_kernel_dim - 1) * (2 * a.linear_num_key_heads * a.linear_key_head_dim
+                                                 + a.linear_num_value_heads * a.linear_value_head_dim)
+        delta = a.linear_num_value_heads * a.linear_key_head_dim * a.linear_value_head_dim
+        out(f"state          {linear * (conv + delta) * 4 / 2**20:.1f} MiB in float32 for the {linear} linear layers, "
+            "whatever the context")
     return lines
 
 

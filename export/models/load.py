@@ -28,11 +28,12 @@ def load_model(ckpt: Checkpoint, dtype: str = "float32", device: str | torch.dev
     by_file: dict[object, list[str]] = {}
     for key, info in ckpt.tensors.items():
         by_file.setdefault(info.file, []).append(key)
+    stored = {key: info.name or key for key, info in ckpt.tensors.items()}
     for file, keys in by_file.items():
         try:
             with safe_open(str(file), framework="pt") as f:
                 for key in progress_bar(keys, f"loading {file.name}", total=len(keys)):
-                    state[key] = f.get_tensor(key)
+                    state[key] = f.get_tensor(stored[key])
         except (OSError, RuntimeError, ValueError) as e:
             raise QwenError(f"cannot read {file}: {e}") from None
     if ckpt.quantization is not None:

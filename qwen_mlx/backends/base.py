@@ -36,7 +36,8 @@ class Backend(Protocol):
         """How many positions the KV cache holds."""
 
     def trim(self, length: int) -> None:
-        """Keep only the first `length` cached positions."""
+        """Keep at most the first `length` cached positions (fewer where the cache cannot go back exactly
+        there: `cache_length` then says what it kept)."""
 
     def peak_memory_gb(self) -> float: ...
 
@@ -64,17 +65,23 @@ class Session:
         """Make the cache hold exactly `prompt`; return the logits after its last token."""
         if not prompt:
             raise QwenError("the prompt is empty")
-        common = 0
-        limit = min(len(self.tokens), len(prompt) - 1)  # re-feed at least one token to get logits
-        while common < limit and self.tokens[common] == prompt[common]:
-            common += 1
-        self.backend.trim(common)
-        self.tokens = list(prompt[:common])
+        common = self.reuse(prompt)
         self.prefilled = len(prompt) - common
         logits = None
         for start in range(common, len(prompt), PREFILL_CHUNK):
             logits = self._feed(list(prompt[start:start + PREFILL_CHUNK]))
         return logits
+
+    def reuse(self, prompt: Sequence[int]) -> int:
+        """Keep the longest prefix of `prompt` (at most all but its last token, which is fed for logits) that
+        the cache holds and can go back to; returns its length. A KV cache goes back anywhere; a recurrent
+        state only to a position the backend marked, so the kept prefix may be shorter than the shared one."""
+        common, limit = 0, min(len(self.tokens), len(prompt) - 1)
+        while common < limit and self.tokens[common] == prompt[common]:
+            common += 1
+        self.backend.trim(common)
+        self.tokens = list(prompt[:self.backend.cache_length])
+        return len(self.tokens)
 
     def step(self, token: int) -> np.ndarray:
         return self._feed([token])
@@ -86,6 +93,7 @@ class Session:
             # Ctrl-C can land mid-forward, after some layers appended to their cache: roll them back so
             # the cache and `self.tokens` agree and the session stays usable.
             self.backend.trim(len(self.tokens))
+            del self.tokens[self.backend.cache_length:]
             raise
         self.tokens.extend(tokens)
         return logits

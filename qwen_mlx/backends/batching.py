@@ -84,9 +84,7 @@ class SerialBatch:
 
     def start(self, prompt: Sequence[int]) -> tuple[SerialSeq, int]:
         seq = SerialSeq(prompt)
-        common, limit = 0, min(len(self.session.tokens), len(prompt) - 1)
-        while common < limit and self.session.tokens[common] == prompt[common]:
-            common += 1
+        common = self.session.reuse(prompt)
         seq.tokens = list(prompt[:common])
         return seq, common
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..errors import QwenError
-from ..models.cache import KV_GROUP_SIZE, check_kv_bits
+from ..models.cache import KV_GROUP_SIZE, check_kv_bits, trim_caches
 from ..models.load import load_model
 
 def default_dtype() -> str:
@@ -39,15 +39,18 @@ class MLXBackend:
 
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
         logits = self.model(mx.array([list(tokens)], dtype=mx.int32), self.cache)
-        return np.array(logits[0, -1].astype(mx.float32))
+        out = np.array(logits[0, -1].astype(mx.float32))
+        if len(tokens) > 1:  # the end of a prompt chunk: where a recurrent state can be brought back to
+            for c in self.cache:
+                c.mark()
+        return out
 
     @property
     def cache_length(self) -> int:
         return self.cache[0].offset
 
     def trim(self, length: int) -> None:
-        for c in self.cache:
-            c.trim(length)
+        trim_caches(self.cache, length)
 
     def peak_memory_gb(self) -> float:
         return mx.get_peak_memory() / 1e9
@@ -57,6 +60,8 @@ class MLXBackend:
         would change the math: dynamic NTK RoPE rescales by each sequence's own length, and Dual Chunk
         Attention cuts each sequence at its own chunk boundaries (one sequence at a time, served in turn)."""
         if self.args.rope_type == "dynamic" or self.args.dual_chunk is not None:
+            return None
+        if self.args.hybrid:  # the batch cache is keys and values; recurrent states run one sequence at a time
             return None
         if self.kv_bits:  # the batch's left-padded cache is float: one sequence at a time on this cache
             return None

@@ -22,6 +22,7 @@ class TensorInfo:
     file: Path
     dtype: str  # safetensors dtype string: F32, BF16, F16, ...
     shape: tuple[int, ...]
+    name: str = ""  # the key in the file, where the model names it otherwise (ModelArgs.checkpoint_key)
 
 
 
@@ -68,5 +69,5 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise QwenError(f"{path}: corrupt safetensors header entry {key!r}") from None
         if end > data_size or start > end:
             raise QwenError(f"{path}: truncated safetensors file ({key} ends past the end of the file)")
-        tensors[key] = TensorInfo(path, dtype, shape)
+        tensors[key] = TensorInfo(path, dtype, shape, key)
     return tensors

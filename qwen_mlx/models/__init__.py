@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib
 
-FAMILIES = {"qwen2": "qwen2", "qwen2_moe": "qwen2", "qwen3": "qwen2", "qwen3_moe": "qwen2"}  # model_type -> file
+FAMILIES = {"qwen2": "qwen2", "qwen2_moe": "qwen2", "qwen3": "qwen2", "qwen3_moe": "qwen2",  # model_type -> file
+            "qwen3_next": "qwen3_next", "qwen3_5": "qwen3_next", "qwen3_5_moe": "qwen3_next",
+            "qwen3_5_text": "qwen3_next", "qwen3_5_moe_text": "qwen3_next"}
 
 
 def model_class(model_type: str) -> type:

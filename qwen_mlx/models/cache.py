@@ -1,10 +1,12 @@
 """Every cache kind a model attends over, in one module, each with the same small protocol.
 
-A cache holds one layer's past. `update(k, v)` appends the new positions' keys and values and returns what
-attention reads; `offset` is what RoPE reads (an int, or a vector of per-row positions in a batch);
-`trim(length)` keeps the first `length` positions where the kind can (`trimmable`), in O(1); `state` lists
-its arrays (to evaluate or save them). The model never asks which kind it holds: attention goes through
-`qwen_mlx.models.base.scaled_dot_product_attention`, which dispatches on the cache.
+A cache holds one layer's past. `update` takes the new positions (keys and values, or a recurrent state);
+`offset` is the positions it holds, what RoPE reads (an int, or a vector of per-row positions in a batch);
+`restorable(length)` says how many of the first `length` positions it can go back to and `trim(length)` goes
+there (a KV cache anywhere, in O(1); a recurrent state only to a `mark()`ed position), `trim_caches` moves a
+model's layers back together; `state` lists its arrays (to evaluate or save them). The model never asks which
+kind it holds: attention goes through `qwen_mlx.models.base.scaled_dot_product_attention`, which dispatches
+on the cache.
 
 - `KVCache`: float keys and values in a buffer that grows in steps (one sequence).
 - `QuantizedKVCache` (`--kv-bits 4|8`): keys and values stored as affine codes on entry with `mx.quantize`
@@ -12,6 +14,8 @@ its arrays (to evaluate or save them). The model never asks which kind it holds:
   the scheme and default group size of mlx-lm's QuantizedKVCache. A cache of T positions holds, per layer and
   kv head, T * D * bits / 8 bytes of codes plus 2 * T * D / group_size scales and biases, instead of T * D
   floats. Attention reads the codes in place (models/base.py: quantized_attention).
+- `RecurrentCache`: a Gated DeltaNet layer's conv window and delta-rule state (qwen_mlx/models/qwen3_next.py),
+  constant in size whatever the context; it keeps a few snapshots, since an earlier state cannot be cut out.
 - `BatchKVCache`: many rows of one continuous batch, right-aligned on a shared write index, each row with its
   own RoPE position (qwen_mlx/backends/mlx_batch.py builds and reshapes it).
 
@@ -75,8 +79,15 @@ class KVCache:
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
 
-    def trim(self, length: int) -> None:
+    def restorable(self, length: int) -> int:
+        return min(self.offset, length)
+
+    def trim(self, length: int) -> int:
         self.offset = min(self.offset, length)
+        return self.offset
+
+    def mark(self) -> None:
+        """Nothing to keep: any earlier position can be trimmed back to."""
 
     def fill(self, keys: mx.array, values: mx.array) -> None:
         """Replace the contents with keys and values B K T D (a saved prompt cache, a batch row leaving)."""
@@ -123,8 +134,15 @@ class QuantizedKVCache:
                 n[..., :self.offset, :] = o[..., :self.offset, :]
         return new
 
-    def trim(self, length: int) -> None:
+    def restorable(self, length: int) -> int:
+        return min(self.offset, length)
+
+    def trim(self, length: int) -> int:
         self.offset = min(self.offset, length)
+        return self.offset
+
+    def mark(self) -> None:
+        """Nothing to keep: any earlier position can be trimmed back to."""
 
     def fill(self, keys: mx.array, values: mx.array) -> None:
         """Replace the contents with float keys and values B K T D (a saved prompt cache), quantized."""
@@ -141,6 +159,54 @@ class QuantizedKVCache:
     @property
     def state(self) -> list[mx.array]:
         return [] if self.keys is None else [*self.keys, *self.values]
+
+
+class RecurrentCache:
+    """One Gated DeltaNet layer's state for B sequences: the last K-1 inputs of its causal depthwise conv
+    (`conv` B K-1 C) and the delta rule's matrix per value head (`recurrent` B Hv Dk Dv), after `offset`
+    positions. Unlike keys and values, an earlier position's state cannot be cut out of it, so `mark()`
+    records the state at the current position (references, not copies: MLX arrays are immutable and each
+    update makes new ones) and `trim` goes back to the latest mark at or before the length asked. The backend
+    marks after each prompt chunk, which is where a chat's next turn or an interrupted reply goes back to."""
+
+    trimmable = False
+    max_marks = 4  # a mark holds one state per layer; the newest few cover a chat's turns
+
+    def __init__(self) -> None:
+        self.conv: mx.array | None = None
+        self.recurrent: mx.array | None = None
+        self.offset = 0
+        self.marks: list[tuple[int, mx.array | None, mx.array | None]] = []
+
+    def update(self, conv: mx.array, recurrent: mx.array, length: int) -> None:
+        self.conv, self.recurrent = conv, recurrent
+        self.offset += length
+
+    def mark(self) -> None:
+        if self.marks and self.marks[-1][0] == self.offset:
+            self.marks.pop()
+        self.marks = [*self.marks, (self.offset, self.conv, self.recurrent)][-self.max_marks:]
+
+    def restorable(self, length: int) -> int:
+        if self.offset <= length:
+            return self.offset
+        return max((at for at, _, _ in self.marks if at <= length), default=0)
+
+    def trim(self, length: int) -> int:
+        at = self.restorable(length)
+        if at != self.offset:
+            found = [m for m in self.marks if m[0] == at]
+            self.offset, self.conv, self.recurrent = found[-1] if found else (0, None, None)
+            self.marks = [m for m in self.marks if m[0] <= at]
+        return self.offset
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in self.state)
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [x for x in (self.conv, self.recurrent) if x is not None]
 
 
 class BatchKVCache:
@@ -184,7 +250,16 @@ class BatchKVCache:
         return [self.keys, self.values]
 
 
-Cache = KVCache | QuantizedKVCache | BatchKVCache
+Cache = KVCache | QuantizedKVCache | RecurrentCache | BatchKVCache
+
+
+def trim_caches(caches: list[Cache], length: int) -> int:
+    """Move every layer back to the longest prefix of at most `length` positions that all of them can reach
+    (a recurrent layer only to a mark); returns its length."""
+    at = min((c.restorable(length) for c in caches), default=0)
+    for c in caches:
+        c.trim(at)
+    return at
 
 
 def make_cache(num_layers: int, kv_bits: int | None = None, kv_group_size: int = KV_GROUP_SIZE) -> list[Cache]:

@@ -34,9 +34,10 @@ def load_model(ckpt: Checkpoint, dtype: str = "float32", quantize: int | None = 
     except (RuntimeError, ValueError) as e:
         raise QwenError(f"cannot read {ckpt.folder}: {e}") from None
     target = getattr(mx, dtype)
-    # Packed codes stay uint32.
-    weights = model.sanitize({k: v if v.dtype == mx.uint32 else v.astype(target)
-                              for k, v in weights.items() if k in ckpt.tensors})
+    # The model's names for the stored keys it uses; packed codes stay uint32.
+    names = {info.name or key: key for key, info in ckpt.tensors.items()}
+    weights = model.sanitize({names[k]: v if v.dtype == mx.uint32 else v.astype(target)
+                              for k, v in weights.items() if k in names})
     model.load_weights(list(weights.items()), strict=True)
     # Read the weights layer by layer so the progress bar moves and peak memory stays one layer above
     # the model's size (the source dtype copy of a layer is freed once cast).

@@ -35,16 +35,18 @@ class RoPE(nn.Module):
         inv_freq, self.attention_factor = args.rope_frequencies()
         self._freqs = mx.array(1.0 / inv_freq)  # mx.fast.rope takes periods, not inverse frequencies
         self.dynamic = args.rope_type == "dynamic"
+        self.dims = args.rotary_dim  # the first features of a head are rotated (all but in the hybrid family)
 
     def __call__(self, x: mx.array, offset: int) -> mx.array:
         freqs = self._freqs
         if self.dynamic and offset + x.shape[2] > self.args.max_position_embeddings:
             # Dynamic NTK: the base grows with the sequence, as HF recomputes it past the trained length.
             freqs = mx.array(1.0 / self.args.rope_frequencies(offset + x.shape[2])[0])
-        if self.attention_factor != 1.0:  # yarn scales cos and sin, i.e. the rotated vector
-            x = x * self.attention_factor
-        return mx.fast.rope(x, x.shape[-1], traditional=False, base=None, scale=1.0, offset=offset,
-                            freqs=freqs)
+        if self.attention_factor != 1.0:  # yarn scales cos and sin, i.e. the rotated features
+            d = self.dims
+            x = x * self.attention_factor if d == x.shape[-1] else \
+                mx.concatenate([x[..., :d] * self.attention_factor, x[..., d:]], axis=-1)
+        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=freqs)
 
 
 class Attention(nn.Module):

@@ -1,0 +1,183 @@
+"""The hybrid family on MLX (Qwen3-Next, Qwen3.5, Qwen3.5-MoE / Qwen3.6) against HF transformers' own classes,
+on tiny random checkpoints saved as the releases are (tests/support/hybrid_models.py): logits of a prompt
+that spans several delta-rule chunks and of cached decode steps, greedy tokens, prefill in chunks of any size
+== token by token, a cut reply continued == the same transcript prefilled fresh, fused experts, and the
+commands a user runs (generate, --kv-bits, --quantize, info) with clear refusals where the family is not
+supported yet."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qwen_mlx.backends.base import Session, greedy_tokens
+from tests.support.cli import run
+from tests.support.hybrid_models import HYBRID_CONFIGS, HF_CLASSES, fuse_experts, write_hybrid_model
+
+NAMES = list(HYBRID_CONFIGS)
+RNG = np.random.default_rng(7)
+PROMPT = RNG.integers(3, 500, size=150).tolist()  # 150 positions: two full chunks of 64 and a padded one
+STEPS = RNG.integers(3, 500, size=12).tolist()
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory: pytest.TempPathFactory):
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = write_hybrid_model(tmp_path_factory.mktemp(name), name)
+        return built[name]
+
+    return get
+
+
+def _reference(folder: Path):
+    import torch
+    import transformers
+
+    config = json.loads((folder / "config.json").read_text())
+    cls = getattr(transformers, HF_CLASSES[config["model_type"]][1])
+    return cls.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _reference_rows(model, prompt: list[int], steps: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True)
+        rows, cache = [out.logits[0, -1].numpy()], out.past_key_values
+        for t in steps:
+            out = model(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+            rows.append(out.logits[0, -1].numpy())
+            cache = out.past_key_values
+    return np.stack(rows)
+
+
+def _close(got: np.ndarray, want: np.ndarray) -> None:
+    assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max()), np.abs(got - want).max()
+    assert got.argmax() == want.argmax()
+
+
+def _mlx_session(folder: Path, **kw) -> Session:
+    from qwen_mlx.backends.mlx import MLXBackend
+    from qwen_mlx.checkpoint import prepare_model
+
+    return Session(MLXBackend(prepare_model(str(folder)), "float32", **kw))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_and_greedy_equal_transformers(hybrid, name):
+    import torch
+
+    folder = hybrid(name)
+    ref = _reference(folder)
+    want = _reference_rows(ref, PROMPT, STEPS)
+    got = np.stack([(s := _mlx_session(folder)).prefill(PROMPT)] + [s.step(t) for t in STEPS])
+    assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([PROMPT[:40]]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                           repetition_penalty=1.0, temperature=None, top_p=None, top_k=None, pad_token_id=0)
+    assert greedy_tokens(_mlx_session(folder), PROMPT[:40], 32) == out[0, 40:].tolist()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 100])
+def test_prefill_in_chunks_equals_one_prefill(hybrid, monkeypatch, chunk):
+    import qwen_mlx.backends.base as base
+
+    folder = hybrid("next-moe")
+    whole = _mlx_session(folder).prefill(PROMPT)
+    monkeypatch.setattr(base, "PREFILL_CHUNK", chunk)
+    # The same arithmetic in another order (one update per token, or chunks of the parallel form): equal to
+    # float32 rounding over 150 positions of recurrence.
+    _close(_mlx_session(folder).prefill(PROMPT), whole)
+
+
+@pytest.mark.parametrize("name", ["next-moe", "q35-tied"])
+def test_a_cut_reply_continued_equals_the_transcript_prefilled_fresh(hybrid, name):
+    """A recurrent state cannot be trimmed: the session goes back to the end of the last prompt (a mark) and
+    re-feeds the kept part of the reply, so the cache ends exactly where the transcript is."""
+    folder = hybrid(name)
+    session = _mlx_session(folder)
+    session.prefill(PROMPT[:60])
+    for t in STEPS:  # a reply of 12 tokens, of which the next turn keeps 5 (a stop string cut it)
+        session.step(t)
+    turn2 = PROMPT[:60] + STEPS[:5] + PROMPT[100:130]
+    got = session.prefill(turn2)
+    assert session.prefilled == len(turn2) - 60  # back to the mark after the first prompt, not to zero
+    _close(got, _mlx_session(folder).prefill(turn2))
+    _close(session.step(STEPS[0]), _mlx_session(folder).prefill(turn2 + STEPS[:1]))
+
+
+def test_experts_stored_fused_load_the_same(hybrid, tmp_path):
+    folder = hybrid("q35-moe")
+    fused = fuse_experts(folder, tmp_path / "fused")
+    assert np.array_equal(_mlx_session(fused).prefill(PROMPT[:30]), _mlx_session(folder).prefill(PROMPT[:30]))
+
+
+def test_kv_bits_apply_to_the_attention_layers(hybrid):
+    folder = hybrid("q35-tied")
+    float_logits = _mlx_session(folder).prefill(PROMPT[:40])
+    session = _mlx_session(folder, kv_bits=8, kv_group_size=32)
+    kinds = {type(c).__name__ for c in session.backend.cache}
+    assert kinds == {"RecurrentCache", "QuantizedKVCache"}
+    assert np.abs(session.prefill(PROMPT[:40]) - float_logits).max() < 0.05  # 8-bit keys and values only
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_generate_command_runs(hybrid, name):
+    r = run("generate", "--model", str(hybrid(name)), "--prompt", "hello there", "--max-tokens", "8",
+            "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    r = run("generate", "--model", str(hybrid(name)), "--prompt", "hello", "--max-tokens", "4", "--quantize", "8")
+    assert r.returncode == 0, r.stderr
+
+
+def test_info_counts_linear_attention(hybrid):
+    r = run("info", "--model", str(hybrid("next-moe")))
+    assert r.returncode == 0, r.stderr
+    assert "qwen3_next" in r.stdout and "linear_attention" in r.stdout and "active/token" in r.stdout
+
+
+@pytest.mark.parametrize("command", [("attention", "--prompt", "hi", "--out", "{tmp}/x.npz"),
+                                     ("generate", "--backend", "torch", "--prompt", "hi"),
+                                     ("cache-prompt", "--file", "-", "--out", "{tmp}/doc.safetensors")])
+def test_unsupported_paths_refuse_in_one_line(hybrid, tmp_path, command):
+    args = [a.format(tmp=tmp_path) for a in command[1:]]
+    r = run(command[0], "--model", str(hybrid("q35-tied")), *args, stdin="a document")
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+    assert "qwen3_5" in r.stderr and not list(tmp_path.iterdir())
+
+
+def test_engine_serves_requests_in_turn_each_as_alone_and_reuses_the_last_prompt(hybrid):
+    """The server's engine on a hybrid model: one sequence at a time (its batch cache is keys and values);
+    each request gets its own greedy tokens, and the next turn of the last conversation, which kept only part
+    of the reply, goes back to the end of the last prompt (a mark) and prefills only the rest."""
+    from qwen_mlx.backends import load
+    from qwen_mlx.backends.batching import SerialBatch, batch_backend
+    from qwen_mlx.engine import Done, Engine, Request, Token, run_requests
+    from qwen_mlx.sampling import SamplingParams
+
+    folder = hybrid("q35-moe")
+    loaded = load("mlx", str(folder), dtype="float32")
+    loaded.tokenizer.eos_token_ids = frozenset()
+    greedy = SamplingParams(temperature=0.0)
+    first, second = PROMPT[:50], PROMPT[10:90]
+    reply = greedy_tokens(_mlx_session(folder), second, 10)
+    prompts = [first, second, second + reply[:5] + STEPS]
+    alone = [greedy_tokens(_mlx_session(folder), p, 10) for p in prompts]
+    backend = batch_backend(loaded.backend, 8)
+    assert isinstance(backend, SerialBatch)
+    engine = Engine(backend, loaded.tokenizer, prefill_chunk=16).start()
+    try:
+        events = [run_requests(engine, [Request(p, greedy, 10)])[0] for p in prompts]
+    finally:
+        engine.shutdown(0)
+    for ev, want in zip(events, alone):
+        assert [e.id for e in ev if isinstance(e, Token)] == want
+    done = events[2][-1]
+    assert isinstance(done, Done) and done.cached_tokens == len(second)  # the mark after the second prompt
