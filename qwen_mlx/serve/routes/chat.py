@@ -49,7 +49,7 @@ async def chat(body: ChatRequest, http: HTTPRequest, serving: ServingDep) -> Any
                   (body.top_logprobs or 0) if body.logprobs else None, constraint)
     handle, queue = serving.submit(req)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": serving.config.model_id}
-    filt = ToolCallFilter() if tools else None
+    filt = ToolCallFilter(tools) if tools else None
     want_logprobs = req.logprobs is not None
 
     def logprobs(event: Token) -> dict:
