@@ -1,11 +1,12 @@
 """Saved prompt caches: the KV cache of a long prompt written once, so later runs prefill only what follows.
 
-The file is safetensors (`mx.save_safetensors`): `{layer}.keys` / `{layer}.values` B K T D per layer, and
+The file is safetensors (`mx.save_safetensors`): `{layer}.keys` / `{layer}.values` B K T D per attention layer
+(`{layer}.conv` / `{layer}.recurrent` for a hybrid model's Gated DeltaNet layers: the state after the prompt), and
 metadata naming what the numbers are only valid for: the model (sha256 of config.json and of the weight
 files' safetensors headers, so another checkpoint or a re-export is caught without hashing gigabytes), the
 dtype and weight quantization, the tokenizer (sha256 of tokenizer.json), and the token ids themselves.
-MLX backend only: the cache is MLX arrays in the layout of qwen_mlx.models.cache.KVCache. The file is always float;
-a run with `--kv-bits` quantizes it on load (qwen_mlx/models/cache.py).
+MLX backend only: each cache kind says what it saves (qwen_mlx/models/cache.py: `saved`, `load_saved`). The
+file is always float; a run with `--kv-bits` quantizes the keys and values on load.
 """
 
 from __future__ import annotations
@@ -54,9 +55,6 @@ def _identity(loaded: LoadedModel) -> dict[str, str]:
 def _mlx_backend(loaded: LoadedModel):
     if loaded.backend.name != "mlx":
         raise QwenError(f"prompt caches work with the mlx backend only, not {loaded.backend.name}")
-    if loaded.backend.args.hybrid:
-        raise QwenError(f"prompt cache files hold keys and values; {loaded.backend.args.model_type} keeps a "
-                        "recurrent state in most layers, which they do not hold yet")
     return loaded.backend
 
 
@@ -74,9 +72,7 @@ def save_prompt_cache(path: Path, loaded: LoadedModel, tokens: Sequence[int], sy
         raise QwenError("a prompt cache is saved in float (it may be loaded with or without --kv-bits); "
                         "make it without --kv-bits")
     Session(backend).prefill(list(tokens))
-    arrays = {}
-    for i, c in enumerate(backend.cache):
-        arrays[f"{i}.keys"], arrays[f"{i}.values"] = c.keys[..., :c.offset, :], c.values[..., :c.offset, :]
+    arrays = {f"{i}.{name}": array for i, c in enumerate(backend.cache) for name, array in c.saved().items()}
     metadata = {**_identity(loaded), "tokens": json.dumps(list(tokens))}
     if system is not None:
         metadata["system"] = system
@@ -104,7 +100,8 @@ def load_prompt_cache(path: Path, loaded: LoadedModel) -> CachedPrompt:
                             "`cli.py cache-prompt` for this model")
     tokens = json.loads(metadata["tokens"])
     for i, c in enumerate(backend.cache):
-        c.fill(arrays[f"{i}.keys"], arrays[f"{i}.values"])  # a quantized cache (--kv-bits) quantizes them
+        c.load_saved({name.split(".", 1)[1]: a for name, a in arrays.items() if name.split(".", 1)[0] == str(i)},
+                     len(tokens))
     return CachedPrompt(tokens, metadata.get("system"))
 
 

@@ -143,8 +143,7 @@ def test_info_counts_linear_attention(hybrid):
 
 
 @pytest.mark.parametrize("command", [("attention", "--prompt", "hi", "--out", "{tmp}/x.npz"),
-                                     ("generate", "--backend", "torch", "--prompt", "hi"),
-                                     ("cache-prompt", "--file", "-", "--out", "{tmp}/doc.safetensors")])
+                                     ("generate", "--backend", "torch", "--prompt", "hi")])
 def test_unsupported_paths_refuse_in_one_line(hybrid, tmp_path, command):
     args = [a.format(tmp=tmp_path) for a in command[1:]]
     r = run(command[0], "--model", str(hybrid("q35-tied")), *args, stdin="a document")
@@ -181,3 +180,17 @@ def test_engine_serves_requests_in_turn_each_as_alone_and_reuses_the_last_prompt
         assert [e.id for e in ev if isinstance(e, Token)] == want
     done = events[2][-1]
     assert isinstance(done, Done) and done.cached_tokens == len(second)  # the mark after the second prompt
+
+
+def test_prompt_cache_file_holds_the_recurrent_state(hybrid, tmp_path):
+    """cache-prompt on a hybrid model writes the linear layers' states beside the attention layers' keys and
+    values; a run from the file continues exactly as one that prefilled the document."""
+    folder, cache = hybrid("next-moe"), tmp_path / "doc.safetensors"
+    doc = "a long document about the weather in many towns " * 8
+    r = run("cache-prompt", "--model", str(folder), "--file", "-", "--out", str(cache), stdin=doc)
+    assert r.returncode == 0, r.stderr
+    args = ("generate", "--model", str(folder), "--max-tokens", "12", "--temperature", "0", "--prompt", "and then")
+    cached = run(*args, "--prompt-cache", str(cache))  # the document is the cached system message
+    fresh = run(*args, "--system", doc)
+    assert cached.returncode == 0 and fresh.returncode == 0, cached.stderr + fresh.stderr
+    assert cached.stdout == fresh.stdout

@@ -93,6 +93,13 @@ class KVCache:
         """Replace the contents with keys and values B K T D (a saved prompt cache, a batch row leaving)."""
         self.keys, self.values, self.offset = keys, values, keys.shape[2]
 
+    def saved(self) -> dict[str, mx.array]:
+        """What a prompt cache file holds for this layer (qwen_mlx/prompt_cache.py)."""
+        return {"keys": self.keys[..., :self.offset, :], "values": self.values[..., :self.offset, :]}
+
+    def load_saved(self, arrays: dict[str, mx.array], length: int) -> None:
+        self.fill(arrays["keys"], arrays["values"])
+
     @property
     def state(self) -> list[mx.array]:
         return [] if self.keys is None else [self.keys, self.values]
@@ -149,6 +156,9 @@ class QuantizedKVCache:
         self.keys, self.values = list(self.quantize(keys)), list(self.quantize(values))
         self.offset = keys.shape[2]
 
+    def load_saved(self, arrays: dict[str, mx.array], length: int) -> None:
+        self.fill(arrays["keys"], arrays["values"])  # a prompt cache file is float: quantized here
+
     @property
     def nbytes(self) -> int:
         """Bytes of the valid positions (codes, scales and biases of keys and values)."""
@@ -199,6 +209,14 @@ class RecurrentCache:
             self.offset, self.conv, self.recurrent = found[-1] if found else (0, None, None)
             self.marks = [m for m in self.marks if m[0] <= at]
         return self.offset
+
+    def saved(self) -> dict[str, mx.array]:
+        """What a prompt cache file holds for this layer: the state after its `offset` positions."""
+        return {"conv": self.conv, "recurrent": self.recurrent}
+
+    def load_saved(self, arrays: dict[str, mx.array], length: int) -> None:
+        self.conv, self.recurrent, self.offset, self.marks = arrays["conv"], arrays["recurrent"], length, []
+        self.mark()
 
     @property
     def nbytes(self) -> int:
