@@ -154,7 +154,8 @@ def test_quantized_layers_choose_by_rows(dequantized_path):
         x, idx = mx.random.normal((pairs, 1, 128)), mx.sort(mx.random.randint(0, 4, (pairs,)))
         want = mx.gather_qmm(x, q.weight, q.scales, q.biases, rhs_indices=idx, transpose=True, group_size=64,
                              bits=8, sorted_indices=True)
-        np.testing.assert_allclose(np.array(q(x, idx, True)), np.array(want), atol=1e-5)
+        # float32 rounding of 128-term sums in another order (BLAS splits them by its thread count): relative
+        np.testing.assert_allclose(np.array(q(x, idx, True)), np.array(want), atol=1e-5, rtol=2e-6)
     assert dequantized_path["experts"] == 2  # 24 and 100 pairs over 4 experts
 
 
