@@ -80,9 +80,9 @@ def cpu_oversubscribed(cores: int) -> bool:
     """Whether other processes already keep every core busy (1-minute load average >= cores).
 
     onnxruntime's intra-op workers spin between kernels by default. On a machine with a free core that
-    wins (int4 decode on 2 cores, load ~1.8: 63 tok/s spinning vs 57 not); when every core is taken they
-    burn time slices the busy neighbours need (load ~2.5 on 2 cores: 21.5 vs 26 tok/s, and one thread
-    25 tok/s). Threads stay one per physical core either way: 2 threads beat 1 in both cases."""
+    wins; when every core is taken they burn time slices the busy neighbours need (both measured on int4
+    decode on 2 cores, interleaved). Threads stay one per physical core either way: 2 threads beat 1 in both
+    cases."""
     try:
         return os.getloadavg()[0] >= cores
     except (OSError, AttributeError):  # no load average (Windows)
@@ -153,8 +153,8 @@ class OnnxBackend:
         if not self.fused_attention:
             feed["position_ids"] = np.arange(P, P + L, dtype=np.int64)[None]
         # Plain run on the CPU: the numpy presents are fed back as they are (no copy). IO binding with
-        # OrtValues measured slower here (int4 decode 52.7 vs 57.5 tok/s, interleaved): the per-step
-        # binding calls cost more than the conversions they save.
+        # OrtValues measured slower here (int4 decode, interleaved): the per-step binding calls cost more
+        # than the conversions they save.
         feed.update(zip(self.past_names, self.past))
         logits, *self.past = self.session.run(self.outputs, feed)
         self._length = P + L

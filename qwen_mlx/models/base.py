@@ -12,15 +12,14 @@ quantized matmul reads. `attention_weights` writes the probabilities out for att
 
 The float kernel:
 
-On Metal and CUDA `mx.fast.scaled_dot_product_attention` is a fused kernel. On MLX's CPU backend it falls back
-to matmul, softmax, matmul, and the softmax's `exp` runs one scalar at a time on x86 (MLX vectorizes it only
-with NEON): for a 512-token chunk over 8K cached positions (Qwen2.5-0.5B, 14 heads) the softmax takes 1.25 s
-of the layer's 1.5 s attention. numpy's `exp` is SIMD, ~5x faster. So for float32 chunks of many scores on a
-CPU, `attention` computes the scores with MLX, then each kv head's softmax and probabilities-times-values in
-numpy, in blocks of rows on two threads (numpy releases the GIL): 2.1x faster attention on that chunk, and a
-16K-token prompt prefills 1.9x faster (docs/BENCHMARKS.md). It is the same arithmetic (max-subtracted
-float32 exp, sum, then weights times values); results equal the fused kernel's to float32 rounding. The
-extra memory is one block of probabilities per thread, not a second score matrix.
+On Metal and CUDA `mx.fast.scaled_dot_product_attention` is a fused kernel. On MLX's CPU backend it falls back to
+matmul, softmax, matmul, and the softmax's `exp` runs one scalar at a time on x86 (MLX vectorizes it only with
+NEON), so for a long prefill chunk the softmax is most of the layer's attention; numpy's `exp` is SIMD. So for
+float32 chunks of many scores on a CPU, `attention` computes the scores with MLX, then each kv head's softmax and
+probabilities-times-values in numpy, in blocks of rows on two threads (numpy releases the GIL) (the figures:
+docs/BENCHMARKS.md, "CPU attention" and "Long prompts beside mlx-lm"). It is the same arithmetic (max-subtracted
+float32 exp, sum, then weights times values); results equal the fused kernel's to float32 rounding. The extra memory
+is one block of probabilities per thread, not a second score matrix.
 
 Shapes: B batch, H heads, K kv heads, G = H / K, L new tokens, T cached + new tokens, D head_dim.
 """

@@ -1,15 +1,15 @@
 """MLX's quantized layers, with BLAS for prefill chunks on a CPU.
 
-On Metal and CUDA, `mx.quantized_matmul` and `mx.gather_qmm` are fast kernels. On MLX's CPU backend they are a
-plain loop that does not use BLAS: 64 rows times a 4-bit 4864 x 896 matrix take 372 ms, where unpacking the
-matrix to float32 and multiplying with (Open)BLAS takes 26 ms; 512 rows take 3099 ms against 87 ms
-(`python -m benchmarks.speed.bench_quantized_matmul`). Unpacking costs ~2.5 ns a weight whatever the rows, so it pays
-from 4 rows on. Here a float32 layer on a CPU multiplies a prefill chunk (or a batch of 4+ sequences) by its
-dequantized matrix, one matrix alive at a time, and keeps the quantized kernel for a single sequence's decode
-step, where it reads 4-8x fewer bytes than a float matrix. Stacked experts are unpacked whole, so they switch
-later, from 6 (token, expert) rows per expert; a matrix of over 64M weights keeps the kernel, so no more than
-256 MB of float32 is ever alive for this. Both forms compute w = scales * q + biases in float32; outputs
-agree to float32 rounding. Nothing changes on a GPU, or for half-precision scales (MLX's CPU half matmuls have
+On Metal and CUDA, `mx.quantized_matmul` and `mx.gather_qmm` are fast kernels. On MLX's CPU backend they are a plain
+loop that does not use BLAS, so unpacking the matrix to float32 and multiplying with (Open)BLAS is many times faster
+for a prompt chunk, and the unpack, whose cost does not depend on the rows, pays from 4 rows on (the figures:
+docs/BENCHMARKS.md, "Quantized MLX layers: prefill through BLAS"; `python -m
+benchmarks.speed.bench_quantized_matmul`). Here a float32 layer on a CPU multiplies a prefill chunk (or a batch of
+4+ sequences) by its dequantized matrix, one matrix alive at a time, and keeps the quantized kernel for a single
+sequence's decode step, where it reads 4-8x fewer bytes than a float matrix. Stacked experts are unpacked whole, so
+they switch later, from 6 (token, expert) rows per expert; a matrix of over 64M weights keeps the kernel, so no more
+than 256 MB of float32 is ever alive for this. Both forms compute w = scales * q + biases in float32; outputs agree
+to float32 rounding. Nothing changes on a GPU, or for half-precision scales (MLX's CPU half matmuls have
 no BLAS either).
 """
 
