@@ -180,7 +180,7 @@ class ModelArgs:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise QwenError(f"unsupported model_type {model_type!r}: qwen-mlx runs "
                             f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints (Qwen1.5, Qwen2, Qwen2.5, "
-                            "Qwen1.5-MoE, Qwen2-MoE, Qwen3, Qwen3-MoE)")
+                            "Qwen1.5-MoE, Qwen2-MoE, Qwen3, Qwen3-MoE, Qwen3-Next, Qwen3.5, Qwen3.6)")
         config = dict(config)
         if isinstance(config.get("text_config"), dict):
             # Qwen3.5's multimodal config: the text model's fields nest under text_config (the vision tower's

@@ -170,8 +170,8 @@ def test_loader_errors(tiny_model, tmp_path):
     more = _copy_without(src, tmp_path / "more", config_change={"num_local_experts": 6})
     with pytest.raises(QwenError, match="layer 0 holds 8 experts, but config.json says num_experts is 6"):
         prepare_model(str(more))
-    unknown = _copy_without(src, tmp_path / "unknown", config_change={"model_type": "qwen3_next"})
-    with pytest.raises(QwenError, match="unsupported model_type 'qwen3_next'"):
+    unknown = _copy_without(src, tmp_path / "unknown", config_change={"model_type": "llama"})
+    with pytest.raises(QwenError, match="unsupported model_type 'llama'"):
         prepare_model(str(unknown))
     dense = _copy_without(tiny_model("qwen3-untied"), tmp_path / "no-qnorm", lambda k: k.endswith("q_norm.weight"))
     with pytest.raises(QwenError, match="missing tensors: model.layers.0.self_attn.q_norm.weight"):
