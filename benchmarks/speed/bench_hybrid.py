@@ -88,6 +88,18 @@ class MlxLm:
         return times[0] - t0, times[-1] - times[0]
 
 
+def greedy(ours: Ours, theirs: MlxLm, prompt: list[int], n: int) -> int:
+    """How many greedy tokens the two runners agree on, from the first (the same weights, float32)."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    from qwen_mlx.backends.base import Session, greedy_tokens
+
+    mine = greedy_tokens(Session(ours.backend), prompt, n)
+    other = [int(t) for t, _ in generate_step(mx.array(prompt), theirs.model, max_tokens=n, sampler=make_sampler(0.0))]
+    return next((i for i, (x, y) in enumerate(zip(mine, other)) if x != y), n)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog=prog(__spec__.name), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,6 +116,8 @@ def main() -> None:
           f"{a.rounds} interleaved rounds", flush=True)
     runners = {"qwen-mlx": Ours(a.folder), "mlx-lm": MlxLm(a.folder)}
     names = list(runners)
+    same = greedy(runners["qwen-mlx"], runners["mlx-lm"], prompt, a.decode)
+    print(f"greedy tokens after the prompt: {same} of {a.decode} equal before the first difference", flush=True)
     for name in names:  # one warm-up each
         runners[name].run(prompt[:64], 4)
     out: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
