@@ -152,34 +152,44 @@ def test_unsupported_paths_refuse_in_one_line(hybrid, tmp_path, command):
     assert "qwen3_5" in r.stderr and not list(tmp_path.iterdir())
 
 
-def test_engine_serves_requests_in_turn_each_as_alone_and_reuses_the_last_prompt(hybrid):
-    """The server's engine on a hybrid model: one sequence at a time (its batch cache is keys and values);
-    each request gets its own greedy tokens, and the next turn of the last conversation, which kept only part
-    of the reply, goes back to the end of the last prompt (a mark) and prefills only the rest."""
+def test_engine_batches_rows_each_as_alone_and_reuses_prompts_whole(hybrid):
+    """The server's engine on a hybrid model: rows of different lengths decode together, each row's recurrent
+    state stacked in the batch, and each gets the greedy tokens it gets alone; a later request starting with
+    an earlier prompt, or with a finished conversation, prefills only what follows it (a recurrent state is
+    reused whole: a reply the next turn keeps in part goes back to the end of its prompt)."""
     from qwen_mlx.backends import load
-    from qwen_mlx.backends.batching import SerialBatch, batch_backend
+    from qwen_mlx.backends.batching import batch_backend
+    from qwen_mlx.backends.mlx_batch import HybridBatch
     from qwen_mlx.engine import Done, Engine, Request, Token, run_requests
     from qwen_mlx.sampling import SamplingParams
+    from tests.support.engine import Recorder
 
     folder = hybrid("q35-moe")
     loaded = load("mlx", str(folder), dtype="float32")
     loaded.tokenizer.eos_token_ids = frozenset()
     greedy = SamplingParams(temperature=0.0)
-    first, second = PROMPT[:50], PROMPT[10:90]
-    reply = greedy_tokens(_mlx_session(folder), second, 10)
-    prompts = [first, second, second + reply[:5] + STEPS]
-    alone = [greedy_tokens(_mlx_session(folder), p, 10) for p in prompts]
-    backend = batch_backend(loaded.backend, 8)
-    assert isinstance(backend, SerialBatch)
+    first = [PROMPT[:50], PROMPT[10:90], PROMPT[40:57], PROMPT[5:40]]
+    alone = [greedy_tokens(_mlx_session(folder), p, 10) for p in first]
+    second = PROMPT[10:90]
+    later = [second + alone[1][:5] + STEPS,  # the reply kept in part: back to the prompt's end
+             second + alone[1] + STEPS]      # the whole conversation (its last token was never fed)
+    later_alone = [greedy_tokens(_mlx_session(folder), p, 10) for p in later]
+    backend = Recorder(batch_backend(loaded.backend, 8))
+    assert isinstance(backend.inner, HybridBatch)
     engine = Engine(backend, loaded.tokenizer, prefill_chunk=16).start()
     try:
-        events = [run_requests(engine, [Request(p, greedy, 10)])[0] for p in prompts]
+        events = run_requests(engine, [Request(p, greedy, 10) for p in first])
+        events += [run_requests(engine, [Request(p, greedy, 10)])[0] for p in later]
     finally:
         engine.shutdown(0)
-    for ev, want in zip(events, alone):
+    assert max(backend.sizes) > 1  # rows were decoded together
+    for ev, want in zip(events, alone + later_alone):
         assert [e.id for e in ev if isinstance(e, Token)] == want
-    done = events[2][-1]
-    assert isinstance(done, Done) and done.cached_tokens == len(second)  # the mark after the second prompt
+    cached = [ev[-1].cached_tokens for ev in events[4:]]
+    assert all(isinstance(ev[-1], Done) for ev in events)
+    # the first goes back to the prompt's end; the second reuses the whole conversation (the 9 reply tokens
+    # fed, or all 10 when the engine queued the next step before the row finished)
+    assert cached[0] == len(second) and cached[1] >= len(second) + 9
 
 
 def test_prompt_cache_file_holds_the_recurrent_state(hybrid, tmp_path):

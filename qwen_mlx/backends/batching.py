@@ -118,15 +118,25 @@ def batch_backend(backend: Backend, max_batch: int) -> BatchBackend:
     return impl if impl is not None else SerialBatch(backend)
 
 
+Layers = list[tuple[Any, Any]]
+
+
+def _first(layers: Layers, n: int) -> Layers:
+    return [(k[..., :n, :], v[..., :n, :]) for k, v in layers]
+
+
 class PrefixCache:
     """An LRU of cached sequences (token ids and each layer's (keys, values) B=1 K T D), for reuse by
-    requests that share a prefix. Framework-neutral: arrays only need `[..., :n, :]` slicing; `own`
-    turns a slice into an array that holds its own memory (not a view pinning a larger buffer)."""
+    requests that share a prefix. Framework-neutral: `cut(layers, n)` keeps the first n positions (by default
+    `[..., :n, :]` slicing); `own` turns a slice into an array that holds its own memory (not a view pinning a
+    larger buffer). With `whole`, an entry is reused only whole (a recurrent state is valid at its own length
+    and no shorter one)."""
 
-    def __init__(self, budget: int, own: Callable[[list[tuple[Any, Any]]], list[tuple[Any, Any]]]):
+    def __init__(self, budget: int, own: Callable[[Layers], Layers], cut: Callable[[Layers, int], Layers] = _first,
+                 whole: bool = False):
         self.budget = budget  # cached positions, over all entries
-        self.own = own
-        self.entries: list[tuple[np.ndarray, list[tuple[Any, Any]]]] = []  # most recently used last
+        self.own, self.cut, self.whole = own, cut, whole
+        self.entries: list[tuple[np.ndarray, Layers]] = []  # most recently used last
 
     def lookup(self, prompt: Sequence[int]) -> tuple[list[tuple[Any, Any]] | None, int]:
         """The layers of the longest cached prefix of `prompt`, cut to it (at most len - 1 positions)."""
@@ -136,22 +146,27 @@ class PrefixCache:
             n = min(len(tokens), len(ids) - 1)
             diff = np.flatnonzero(tokens[:n] != ids[:n])
             common = int(diff[0]) if diff.size else n
+            if self.whole and common < len(tokens):
+                continue
             if common > best_len:
                 best, best_len = i, common
         if best is None:
             return None, 0
         entry = self.entries.pop(best)
         self.entries.append(entry)
-        return [(k[..., :best_len, :], v[..., :best_len, :]) for k, v in entry[1]], best_len
+        return self.cut(entry[1], best_len), best_len
 
     def store(self, tokens: Sequence[int], layers: list[tuple[Any, Any]]) -> None:
         ids = np.asarray(tokens, dtype=np.int64)
         if not 0 < len(ids) <= self.budget:
             return
-        layers = self.own([(k[..., :len(ids), :], v[..., :len(ids), :]) for k, v in layers])
-        # An entry that is a prefix of the new one is superseded by it.
+        layers = self.own(self.cut(layers, len(ids)))
+        # An entry that is a prefix of the new one is superseded by it, unless entries are only reused whole:
+        # then only the same tokens are (a chat's prompt stays beside its finished conversation, for a reply
+        # that the next turn keeps only in part).
         self.entries = [(t, kv) for t, kv in self.entries
-                        if not (len(t) <= len(ids) and np.array_equal(t, ids[:len(t)]))]
+                        if not (len(t) <= len(ids) and np.array_equal(t, ids[:len(t)]))
+                        or (self.whole and len(t) < len(ids))]
         self.entries.append((ids, layers))
         while sum(len(t) for t, _ in self.entries) > self.budget:
             self.entries.pop(0)

@@ -61,9 +61,7 @@ class MLXBackend:
         Attention cuts each sequence at its own chunk boundaries (one sequence at a time, served in turn)."""
         if self.args.rope_type == "dynamic" or self.args.dual_chunk is not None:
             return None
-        if self.args.hybrid:  # the batch cache is keys and values; recurrent states run one sequence at a time
-            return None
         if self.kv_bits:  # the batch's left-padded cache is float: one sequence at a time on this cache
             return None
-        from .mlx_batch import MLXBatch
-        return MLXBatch(self.model, self.args, self.device, max_batch)
+        from .mlx_batch import HybridBatch, MLXBatch
+        return (HybridBatch if self.args.hybrid else MLXBatch)(self.model, self.args, self.device, max_batch)

@@ -9,6 +9,11 @@ at the next step and the padding every row shares is cut. A small LRU keeps the 
 a chat) prefills only the rest. On a GPU, rows are sampled on the device and the next step is queued
 before the host reads the tokens (`decode_sampled`, qwen_mlx/sampling/device.py).
 
+The hybrid family (`HybridBatch`): its Gated DeltaNet layers hold one recurrent state per row instead of keys
+and values, stacked along the batch with no padding (a decode step feeds every row one token, so no row's state
+sees another's filler); the attention layers batch as above. Its prefix LRU keeps whole entries only: the state
+after a prompt, or after a finished conversation, is valid at that length and no shorter one.
+
 Shapes: B rows, K kv heads, T cached positions (padding included), D head_dim, V vocabulary.
 """
 
@@ -20,30 +25,27 @@ import mlx.core as mx
 import numpy as np
 
 from ..config import ModelArgs
-from ..models.cache import BatchKVCache, KVCache
-from ..models.qwen2 import Qwen2ForCausalLM
+import mlx.nn as nn
+
+from ..models.cache import BatchKVCache, KVCache, RecurrentCache
 from ..sampling import SamplingParams
 from .batching import Draw, PrefixCache
 from ..sampling.device import sample, seen_mask
 
 
+Layer = tuple[mx.array, mx.array]  # keys and values B K T D, or a linear layer's (conv window, state)
+
+
 class MLXSeq:
-    def __init__(self, cache: list[KVCache]):
-        self.cache: list[KVCache] | None = cache  # its own cache until it joins the batch
-        self.length = cache[0].offset             # positions its KV holds
+    def __init__(self, cache: list[KVCache | RecurrentCache]):
+        self.cache: list[KVCache | RecurrentCache] | None = cache  # its own cache until it joins the batch
+        self.length = cache[0].offset                               # positions its cache holds
 
 
-def _own(layers: list[tuple[mx.array, mx.array]]) -> list[tuple[mx.array, mx.array]]:
-    layers = [(mx.contiguous(k), mx.contiguous(v)) for k, v in layers]
+def _own(layers: list[Layer]) -> list[Layer]:
+    layers = [(mx.contiguous(a), mx.contiguous(b)) for a, b in layers]
     mx.eval(layers)
     return layers
-
-
-def _single_cache(layers: list[tuple[mx.array, mx.array]], length: int) -> list[KVCache]:
-    cache = [KVCache() for _ in layers]
-    for c, (k, v) in zip(cache, layers):
-        c.fill(k[..., :length, :], v[..., :length, :])
-    return cache
 
 
 class Pending:
@@ -60,22 +62,44 @@ class MLXBatch:
     logits stay there and steps are pipelined; "greedy" on a CPU, where MLX's argmax (and pipelining)
     beats numpy but numpy's top-k/top-p beat MLX's CPU sort; "never" copies every row's logits to numpy."""
 
-    def __init__(self, model: Qwen2ForCausalLM, args: ModelArgs, device: str, max_batch: int,
+    def __init__(self, model: nn.Module, args: ModelArgs, device: str, max_batch: int,
                  prefix_tokens: int = 16384, device_sampling: str | None = None):
         self.model, self.args, self.device = model, args, device
+        self.linear = [getattr(layer, "linear", False) for layer in model.model.layers]  # recurrent layers
         self.max_batch = max_batch
         if device_sampling not in (None, "always", "greedy", "never"):
             raise ValueError(f"device_sampling must be always, greedy or never, got {device_sampling!r}")
         self.device_sampling = device_sampling or ("always" if mx.default_device() == mx.gpu else "greedy")
         self.rows: list[MLXSeq] = []
-        self.cache: list[BatchKVCache] = []
-        self.prefixes = PrefixCache(prefix_tokens, _own)
+        self.cache: list[BatchKVCache | RecurrentCache] = []
+        # A recurrent state holds for its whole entry only: such entries are reused whole or not at all.
+        self.prefixes = PrefixCache(prefix_tokens, _own, cut=self._cut, whole=any(self.linear))
+
+    def _cut(self, layers: list[Layer], n: int) -> list[Layer]:
+        """The first n positions of each layer (a recurrent state is kept as it is)."""
+        return [pair if linear else (pair[0][..., :n, :], pair[1][..., :n, :])
+                for linear, pair in zip(self.linear, layers)]
+
+    def _kv0(self) -> BatchKVCache | None:
+        """The batch's first attention layer: its write index and padding are every attention layer's."""
+        return next((c for c in self.cache if isinstance(c, BatchKVCache)), None)
 
     # --- one sequence ------------------------------------------------------------------------------
 
     def start(self, prompt: Sequence[int]) -> tuple[MLXSeq, int]:
         layers, cached = self.prefixes.lookup(prompt)
-        return MLXSeq(self.model.make_cache() if layers is None else _single_cache(layers, cached)), cached
+        return MLXSeq(self.model.make_cache() if layers is None else self._single_cache(layers, cached)), cached
+
+    def _single_cache(self, layers: list[Layer], length: int) -> list[KVCache | RecurrentCache]:
+        cache: list[KVCache | RecurrentCache] = []
+        for linear, (a, b) in zip(self.linear, layers):
+            c = RecurrentCache() if linear else KVCache()
+            if linear:
+                c.update(a, b, length)
+            else:
+                c.fill(a[..., :length, :], b[..., :length, :])
+            cache.append(c)
+        return cache
 
     def prefill(self, seq: MLXSeq, tokens: Sequence[int]) -> np.ndarray:
         logits = self.model(mx.array([list(tokens)], dtype=mx.int32), seq.cache)  # 1 1 V
@@ -117,7 +141,7 @@ class MLXBatch:
         mask = ((valid & (t <= q)) | (t == q))[:, None]                                # B 1 Lmax T
         logits = self.model(ids, layers, mask)                                         # B 1 V
         for b, (s, p, n) in enumerate(zip(seqs, P, L)):
-            cache = []
+            cache: list[KVCache | RecurrentCache] = []
             for c in layers:
                 k = mx.concatenate([c.keys[b:b + 1, :, T0 - p:T0, :], c.keys[b:b + 1, :, T - n:T, :]], axis=2)
                 v = mx.concatenate([c.values[b:b + 1, :, T0 - p:T0, :], c.values[b:b + 1, :, T - n:T, :]], axis=2)
@@ -137,11 +161,13 @@ class MLXBatch:
             self.prefixes.store(tokens[:seq.length], self._layers(seq))
         seq.cache = None  # a row still in the batch leaves at the next decode
 
-    def _layers(self, seq: MLXSeq) -> list[tuple[mx.array, mx.array]]:
+    def _layers(self, seq: MLXSeq) -> list[Layer]:
         if seq.cache is not None:
-            return [(c.keys[..., :seq.length, :], c.values[..., :seq.length, :]) for c in seq.cache]
+            return [(c.conv, c.recurrent) if linear else (c.keys[..., :seq.length, :], c.values[..., :seq.length, :])
+                    for linear, c in zip(self.linear, seq.cache)]
         b = self.rows.index(seq)
-        return [c.row(b, seq.length) for c in self.cache]
+        return [(c.conv[b:b + 1], c.recurrent[b:b + 1]) if linear else c.row(b, seq.length)
+                for linear, c in zip(self.linear, self.cache)]
 
     # --- the batch ---------------------------------------------------------------------------------
 
@@ -177,7 +203,8 @@ class MLXBatch:
         if [id(s) for s in seqs] != [id(r) for r in self.rows]:
             self._reshape(seqs)
         B = len(seqs)
-        idx, left = self.cache[0].idx, self.cache[0].left
+        kv0 = self._kv0()
+        idx, left = (kv0.idx, kv0.left) if kv0 is not None else (0, [0] * B)
         mask = None
         if any(left):  # B 1 1 T+1: a row sees its own positions and the new token, never its left padding
             mask = (mx.arange(idx + 1)[None] >= mx.array(left)[:, None]).reshape(B, 1, 1, idx + 1)
@@ -194,34 +221,42 @@ class MLXBatch:
         joining = [s for s in seqs if s.cache is not None]
         if kept + joining != list(seqs):
             raise ValueError("sequences must keep their order and new ones come last")
-        parts: list[tuple[list[tuple[mx.array, mx.array]], list[int], int]] = []  # (layers, left, T)
+        parts: list[tuple[list[Layer], list[int], int]] = []  # (layers, left, T)
         if kept:
             take = mx.array(keep)
-            idx = self.cache[0].idx
-            layers = [(c.keys[take, :, :idx, :], c.values[take, :, :idx, :]) for c in self.cache]
-            parts.append((layers, [self.cache[0].left[i] for i in keep], idx))
+            kv0 = self._kv0()
+            idx = kv0.idx if kv0 is not None else 0
+            layers = [(c.conv[take], c.recurrent[take]) if linear
+                      else (c.keys[take, :, :idx, :], c.values[take, :, :idx, :])
+                      for linear, c in zip(self.linear, self.cache)]
+            parts.append((layers, [kv0.left[i] for i in keep] if kv0 is not None else [0] * len(keep), idx))
         for s in joining:
-            parts.append(([(c.keys[..., :s.length, :], c.values[..., :s.length, :]) for c in s.cache], [0], s.length))
+            parts.append((self._layers(s), [0], s.length))
             s.cache = None
         T = max(t for _, _, t in parts)
         cut = min(pad + T - t for _, lefts, t in parts for pad in lefts)  # padding every row shares
-        new_layers = []
-        for layer in range(len(parts[0][0])):
-            ks, vs = [], []
-            for layers, _, t in parts:
-                k, v = layers[layer]
-                pad = T - t - cut
-                if pad > 0:
-                    k = mx.concatenate([mx.zeros((*k.shape[:2], pad, k.shape[3]), k.dtype), k], axis=2)
-                    v = mx.concatenate([mx.zeros((*v.shape[:2], pad, v.shape[3]), v.dtype), v], axis=2)
-                elif pad < 0:
-                    k, v = k[..., -pad:, :], v[..., -pad:, :]
-                ks.append(k)
-                vs.append(v)
-            new_layers.append((mx.concatenate(ks, axis=0), mx.concatenate(vs, axis=0)))
         left = [pad + T - t - cut for _, lefts, t in parts for pad in lefts]
-        self.cache = [BatchKVCache(k, v, left) for k, v in new_layers]
-        mx.eval([c.keys for c in self.cache], [c.values for c in self.cache])
+        self.cache = []
+        for layer, linear in enumerate(self.linear):
+            firsts, seconds = [], []
+            for layers, _, t in parts:
+                a, b = layers[layer]
+                pad = T - t - cut
+                if not linear and pad > 0:
+                    a = mx.concatenate([mx.zeros((*a.shape[:2], pad, a.shape[3]), a.dtype), a], axis=2)
+                    b = mx.concatenate([mx.zeros((*b.shape[:2], pad, b.shape[3]), b.dtype), b], axis=2)
+                elif not linear and pad < 0:
+                    a, b = a[..., -pad:, :], b[..., -pad:, :]
+                firsts.append(a)
+                seconds.append(b)
+            a, b = mx.concatenate(firsts, axis=0), mx.concatenate(seconds, axis=0)
+            if linear:  # the rows' states, stacked
+                c = RecurrentCache()
+                c.update(a, b, 0)
+                self.cache.append(c)
+            else:
+                self.cache.append(BatchKVCache(a, b, left))
+        mx.eval([c.state for c in self.cache])
         self.rows = list(seqs)
 
     def reset(self) -> None:
@@ -229,3 +264,10 @@ class MLXBatch:
 
     def peak_memory_gb(self) -> float:
         return mx.get_peak_memory() / 1e9
+
+
+class HybridBatch(MLXBatch):
+    """MLXBatch for the hybrid family. It has no batched prefill: there the chunks of different lengths are
+    left-padded with filler tokens, which the attention mask hides but which would enter a recurrent state."""
+
+    prefill_batch = None

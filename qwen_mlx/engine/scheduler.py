@@ -277,7 +277,7 @@ class Engine:
             if group and (len(group) + 1) * max(len(chunk), *(len(c) for _, c in group)) > self.prefill_chunk:
                 break
             group.append((live, chunk))
-            if not hasattr(self.backend, "prefill_batch"):
+            if getattr(self.backend, "prefill_batch", None) is None:  # optional in the BatchBackend protocol
                 break
         if len(group) > 1:
             logits = self.backend.prefill_batch([x.seq for x, _ in group], [c for _, c in group])
