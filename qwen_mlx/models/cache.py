@@ -49,12 +49,29 @@ def check_kv_bits(bits: int | None, group_size: int, head_dim: int) -> None:
                         f"pick one of {', '.join(str(g) for g in KV_GROUP_SIZES if head_dim % g == 0) or 'none'}")
 
 
-class KVCache:
+class _Positions:
+    """What KV caches share: `offset` positions, any prefix of which they can be cut back to in O(1) (the
+    buffers keep their contents; the next update overwrites past `offset`)."""
+
+    offset: int
+    trimmable = True
+
+    def restorable(self, length: int) -> int:
+        return min(self.offset, length)
+
+    def trim(self, length: int) -> int:
+        self.offset = min(self.offset, length)
+        return self.offset
+
+    def mark(self) -> None:
+        """Nothing to keep: any earlier position can be trimmed back to."""
+
+
+class KVCache(_Positions):
     """Keys and values of one layer in a preallocated buffer that grows in steps, so decoding does not
     copy the whole cache every token. `offset` is the number of valid positions; trimming is O(1)."""
 
     step = 256
-    trimmable = True
 
     def __init__(self) -> None:
         self.keys: mx.array | None = None
@@ -79,16 +96,6 @@ class KVCache:
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
 
-    def restorable(self, length: int) -> int:
-        return min(self.offset, length)
-
-    def trim(self, length: int) -> int:
-        self.offset = min(self.offset, length)
-        return self.offset
-
-    def mark(self) -> None:
-        """Nothing to keep: any earlier position can be trimmed back to."""
-
     def fill(self, keys: mx.array, values: mx.array) -> None:
         """Replace the contents with keys and values B K T D (a saved prompt cache, a batch row leaving)."""
         self.keys, self.values, self.offset = keys, values, keys.shape[2]
@@ -105,12 +112,11 @@ class KVCache:
         return [] if self.keys is None else [self.keys, self.values]
 
 
-class QuantizedKVCache:
+class QuantizedKVCache(_Positions):
     """KVCache's interface (`update`, `offset`, O(1) trim by lowering `offset`) over quantized buffers that
     grow in steps; `update` returns the valid prefix as (codes, scales, biases) triples."""
 
     step = 256
-    trimmable = True
 
     def __init__(self, bits: int, group_size: int = KV_GROUP_SIZE) -> None:
         self.bits, self.group_size = bits, group_size
@@ -140,16 +146,6 @@ class QuantizedKVCache:
             for n, o in zip(new, old):
                 n[..., :self.offset, :] = o[..., :self.offset, :]
         return new
-
-    def restorable(self, length: int) -> int:
-        return min(self.offset, length)
-
-    def trim(self, length: int) -> int:
-        self.offset = min(self.offset, length)
-        return self.offset
-
-    def mark(self) -> None:
-        """Nothing to keep: any earlier position can be trimmed back to."""
 
     def fill(self, keys: mx.array, values: mx.array) -> None:
         """Replace the contents with float keys and values B K T D (a saved prompt cache), quantized."""

@@ -2,7 +2,7 @@
 
 Most layers are Gated DeltaNet (`linear_attention` in `layer_types`): linear attention whose past is a
 fixed-size recurrent state, not keys and values. Every `full_attention_interval`-th layer is gated softmax
-attention. What differs from the Qwen2/Qwen3 decoder (qwen2.py, whose MLP, experts and RoPE are reused):
+attention. What differs from the Qwen2/Qwen3 decoder (qwen2.py, whose MLP, experts, RoPE and forward are reused):
 - GatedDeltaNet: q, k, v (and the output gate z, and per value head b and a) are projected; q, k, v pass a
   causal depthwise conv of `linear_conv_kernel_dim` taps and SiLU; q and k are L2-normalized; with
   beta = sigmoid(b) and the decay g = -exp(A_log) * softplus(a + dt_bias), the state S [Dk, Dv] of each value
@@ -31,7 +31,7 @@ from ..config import ModelArgs
 from .base import scaled_dot_product_attention
 from .cache import KV_GROUP_SIZE, Cache, KVCache, QuantizedKVCache, RecurrentCache
 from .layers import Linear
-from .qwen2 import MLP, RoPE, SparseMoeBlock, stack_experts
+from .qwen2 import MLP, Qwen2ForCausalLM, Qwen2Model, RoPE, SparseMoeBlock, stack_experts
 
 CHUNK = 64  # positions per chunk of the delta rule's parallel form (the reference's chunk size)
 
@@ -247,37 +247,25 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Qwen3NextModel(nn.Module):
+class Qwen3NextModel(Qwen2Model):
+    """The decoder stack: the dense family's forward over this family's layers and zero-centred final norm."""
+
     def __init__(self, args: ModelArgs):
-        super().__init__()
+        nn.Module.__init__(self)
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def __call__(self, input_ids: mx.array, cache: list[Cache], mask: mx.array | None = None,
-                 last_only: bool = False) -> mx.array:
-        h = self.embed_tokens(input_ids)                                              # B L E
-        if mask is None and input_ids.shape[1] > 1:
-            mask = "causal"  # for the attention layers; the linear ones are causal by construction
-        for i, (layer, c) in enumerate(zip(self.layers, cache)):
-            h = layer(h, mask, c, last_only and i == len(self.layers) - 1)
-        return self.norm(h)
 
+class Qwen3NextForCausalLM(Qwen2ForCausalLM):
+    """The dense family's head and forward over Qwen3NextModel; its own checkpoint renames and caches."""
 
-class Qwen3NextForCausalLM(nn.Module):
     def __init__(self, args: ModelArgs):
-        super().__init__()
+        nn.Module.__init__(self)
         self.args = args
         self.model = Qwen3NextModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def __call__(self, input_ids: mx.array, cache: list[Cache], mask: mx.array | None = None,
-                 last_only: bool = True) -> mx.array:
-        h = self.model(input_ids, cache, mask, last_only)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """The checkpoint's keys as this model names them: experts stored fused (transformers 5's
