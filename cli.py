@@ -14,6 +14,7 @@ Every user error ends as one `error: ...` line on stderr and exit status 2; Ctrl
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -419,7 +420,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:  # the last line of defence: a bug, said in one line, its traceback kept in a file
+        print(f"error: internal error: {type(e).__name__}: {e} (a bug in qwen-mlx; {_save_traceback()})",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def _save_traceback() -> str:
+    """Write the current exception's traceback under the cache folder; say where (or why it could not be)."""
+    import time
+    import traceback
+
+    from qwen_mlx.paths import cache_dir
+
+    try:
+        folder = cache_dir() / "errors"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+        path.write_text(f"qwen-mlx {' '.join(sys.argv)}\n\n{traceback.format_exc()}", encoding="utf-8")
+    except OSError as e:
+        return f"its traceback could not be saved: {e}"
+    return f"the traceback is in {path}; please include it in a report"
 
 
 if __name__ == "__main__":

@@ -226,3 +226,24 @@ def test_dual_chunk_attention_runs_says_so_and_is_not_exported(tiny_model, tmp_p
     r = run("export-onnx", "--model", folder, "--out", str(tmp_path / "onnx"))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Dual Chunk Attention" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "onnx").exists()
+
+
+def test_an_unexpected_exception_is_one_line_and_a_saved_traceback(tiny_model, monkeypatch, tmp_path, capsys):
+    """A bug anywhere in a command: one `error: internal error: ...` line naming the file that holds the
+    traceback (under the cache folder), and a non-zero exit; never a traceback on the terminal."""
+    import qwen_mlx.report
+    from cli import main
+
+    def broken(ckpt):
+        raise RuntimeError("something the code did not expect")
+
+    folder = tiny_model("gqa2-untied")
+    monkeypatch.setattr(qwen_mlx.report, "model_report", broken)
+    monkeypatch.setenv("QWEN_MLX_CACHE", str(tmp_path))
+    capsys.readouterr()  # what building the tiny model printed
+    assert main(["info", "--model", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: internal error: RuntimeError: something the code did not expect (a bug")
+    (saved,) = (tmp_path / "errors").iterdir()
+    assert str(saved) in err and "Traceback" in saved.read_text() and "model_report" not in err
