@@ -341,15 +341,17 @@ def export_onnx_cmd(model, out, dtypes, dtype, quantize, opset, force, attention
     from qwen_mlx.checkpoint import prepare_model
 
     export.require("export-onnx")
-    from export.onnx_export import export_onnx_variants
-    from export.onnx_format import DEFAULT_VARIANTS, parse_variants
+    from export.onnx_export import default_variants, export_onnx_variants
+    from export.onnx_format import parse_variants
 
     if dtypes is not None and (dtype or quantize):
         raise QwenError("--dtypes names every file to write; --dtype/--quantize name a single one: use one or the other")
     variants = parse_variants(dtypes) if dtypes is not None else None  # checked before loading the model
-    if variants is None and not (dtype or quantize):
-        variants = list(DEFAULT_VARIANTS)
     ckpt = prepare_model(model)
+    if variants is None and not (dtype or quantize):  # the default set: what this model can hold, said
+        variants, note = default_variants(ckpt, moe)
+        if note:
+            print(f"warning: {note}", file=sys.stderr)
     for path in export_onnx_variants(ckpt, Path(out), variants, dtype or "float32", quantize, opset, force,
                                      attention=attention, moe=moe):
         print(path)

@@ -29,8 +29,8 @@ from qwen_mlx.checkpoint import Checkpoint, read_generation_config
 from qwen_mlx.errors import QwenError
 from qwen_mlx.files import staged_folder
 
-from .onnx_format import (BASE_DTYPE, DEFAULT_MOE_GRAPH, EIGHT_BIT, MOE_GRAPHS, QUANTIZATION, VARIANT_FILES,
-                          check_attention, io_names, normalize_options, parse_variants, variant_of)
+from .onnx_format import (BASE_DTYPE, DEFAULT_MOE_GRAPH, DEFAULT_VARIANTS, EIGHT_BIT, MOE_GRAPHS, QUANTIZATION,
+                          VARIANT_FILES, check_attention, io_names, normalize_options, parse_variants, variant_of)
 from .onnx_validate import validate_export
 from .optimize import fuse_skip_rms_norm, optimize, pack_gqa_qkv
 from .quantize import INT4_BLOCK_SIZE, eight_bit_weights, quantize_8bit, quantize_int4
@@ -69,6 +69,19 @@ def export_onnx(ckpt: Checkpoint, out_dir: Path, dtype: str = "float32", quantiz
     the routed experts as onnxruntime's com.microsoft MoE/QMoE op ("fused") or standard ops ("standard");
     see export/moe_onnx.py."""
     return export_onnx_variants(ckpt, out_dir, variants, dtype, quantize, opset, force, validate, attention, moe)[0]
+
+
+def default_variants(ckpt: Checkpoint, moe: str = DEFAULT_MOE_GRAPH) -> tuple[list[str], str | None]:
+    """The files `export-onnx` writes when none are named: DEFAULT_VARIANTS less those this model cannot hold,
+    and a note saying which were left out and why (None when none were)."""
+    variants = list(DEFAULT_VARIANTS)
+    if ckpt.args.num_experts and moe == "fused":
+        left_out = [v for v in variants if v in EIGHT_BIT]
+        variants = [v for v in variants if v not in EIGHT_BIT]
+        return variants, (f"{', '.join(left_out)} left out: the 8-bit ONNX variants cannot hold the fused MoE "
+                          "experts (onnxruntime's dynamic quantizer leaves com.microsoft MoE float32); for them, "
+                          "pass --moe standard --dtypes with the files you want")
+    return variants, None
 
 
 def export_onnx_variants(ckpt: Checkpoint, out_dir: Path, variants: Sequence[str] | str | None = None,

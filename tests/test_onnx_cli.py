@@ -50,3 +50,17 @@ def test_onnx_backend_on_a_folder_without_onnx(tiny_model):
     r = run(*GEN, "--backend", "onnx", "--model", str(tiny_model("gqa2-untied")))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "ONNX" in r.stderr, r.stderr
+
+
+
+@pytest.mark.parametrize("name, left_out", [("qwen2moe-shared", ["q8"]), ("gqa2-untied", [])])
+def test_the_default_file_set_leaves_out_what_a_model_cannot_hold(tiny_model, name, left_out):
+    """With no --dtypes, export-onnx writes what the model can hold: a MoE's fused experts have no 8-bit form,
+    so q8 is left out with a note (printed as one `warning:` line) instead of failing the whole run."""
+    from export.onnx_export import default_variants
+    from export.onnx_format import DEFAULT_VARIANTS
+    from qwen_mlx.checkpoint import prepare_model
+
+    variants, note = default_variants(prepare_model(str(tiny_model(name))))
+    assert variants == [v for v in DEFAULT_VARIANTS if v not in left_out]
+    assert (note is None) == (not left_out) and (not left_out or note.startswith("q8 left out"))
