@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 
 from ..config import ModelArgs
 from ..errors import QwenError
-
-if TYPE_CHECKING:
-    pass
 
 PREFILL_CHUNK = 512  # bounds the attention scores and activations of a long prompt
 

@@ -5,7 +5,7 @@ in chunks (one chunk per step, so running streams keep flowing), then join the r
 is one batched forward for every running sequence. A request leaves at the token boundary where it ends
 (EOS, a stop string, its grammar's end, max_tokens, the context's end) or is cancelled (its client left).
 Sampling rules, stop strings and detokenizing are shared with the rest of the package (qwen_mlx.sampling,
-qwen_mlx.backends.base.TextStream); the engine adds OpenAI's presence/frequency penalties and grammar masks.
+qwen_mlx.engine.text.TextStream); the engine adds OpenAI's presence/frequency penalties and grammar masks.
 
 Two ways to run it: the server starts its thread (`start`, `submit`), and results go out through each
 request's `emit` callback, from that thread: zero or more `Token`s, then exactly one `Done` or `Failed`;
