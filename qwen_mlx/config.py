@@ -32,6 +32,8 @@ MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "qwen3
 _HYBRID_DEFAULTS = dict(head_dim=256, attention_bias=False, partial_rotary_factor=0.25, linear_conv_kernel_dim=4,
                         linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
                         linear_num_value_heads=32, full_attention_interval=4)
+_QWEN35_MOE_DEFAULTS = dict(_HYBRID_DEFAULTS, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+                            shared_expert_intermediate_size=512)
 # What transformers' config classes assume when config.json omits a key (the keys that change the math).
 MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": {},
@@ -43,12 +45,10 @@ MODEL_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
                        shared_expert_intermediate_size=512, norm_topk_prob=True),
     "qwen3_5": _HYBRID_DEFAULTS,
     "qwen3_5_text": _HYBRID_DEFAULTS,
-    # Qwen3.5-MoE's router always renormalizes its top-k weights (transformers ignores norm_topk_prob there).
-    "qwen3_5_moe": dict(_HYBRID_DEFAULTS, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
-                        shared_expert_intermediate_size=512, norm_topk_prob=True),
-    "qwen3_5_moe_text": dict(_HYBRID_DEFAULTS, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
-                             shared_expert_intermediate_size=512, norm_topk_prob=True),
+    "qwen3_5_moe": _QWEN35_MOE_DEFAULTS,
+    "qwen3_5_moe_text": _QWEN35_MOE_DEFAULTS,
 }
+# Qwen3.5-MoE's router always renormalizes its top-k weights (transformers ignores norm_topk_prob there).
 _FORCED = {"qwen3_5_moe": dict(norm_topk_prob=True), "qwen3_5_moe_text": dict(norm_topk_prob=True)}
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 

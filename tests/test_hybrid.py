@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.quality.reference import backend_logits, reference_greedy, reference_logits
 from qwen_mlx.backends.base import Session, greedy_tokens
 from tests.support.cli import run
 from tests.support.hybrid_models import HYBRID_CONFIGS, HF_CLASSES, fuse_experts, write_hybrid_model
@@ -44,19 +45,6 @@ def _reference(folder: Path):
     return cls.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def _reference_rows(model, prompt: list[int], steps: list[int]) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        out = model(torch.tensor([prompt]), use_cache=True)
-        rows, cache = [out.logits[0, -1].numpy()], out.past_key_values
-        for t in steps:
-            out = model(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
-            rows.append(out.logits[0, -1].numpy())
-            cache = out.past_key_values
-    return np.stack(rows)
-
-
 def _close(got: np.ndarray, want: np.ndarray) -> None:
     assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max()), np.abs(got - want).max()
     assert got.argmax() == want.argmax()
@@ -71,17 +59,12 @@ def _mlx_session(folder: Path, **kw) -> Session:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_and_greedy_equal_transformers(hybrid, name):
-    import torch
-
     folder = hybrid(name)
     ref = _reference(folder)
-    want = _reference_rows(ref, PROMPT, STEPS)
-    got = np.stack([(s := _mlx_session(folder)).prefill(PROMPT)] + [s.step(t) for t in STEPS])
+    want = reference_logits(ref, PROMPT, STEPS)
+    got = backend_logits(_mlx_session(folder), PROMPT, STEPS)
     assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
-    with torch.no_grad():
-        out = ref.generate(torch.tensor([PROMPT[:40]]), max_new_tokens=32, do_sample=False, eos_token_id=None,
-                           repetition_penalty=1.0, temperature=None, top_p=None, top_k=None, pad_token_id=0)
-    assert greedy_tokens(_mlx_session(folder), PROMPT[:40], 32) == out[0, 40:].tolist()
+    assert greedy_tokens(_mlx_session(folder), PROMPT[:40], 32) == reference_greedy(ref, PROMPT[:40], 32)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 100])

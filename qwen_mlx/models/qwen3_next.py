@@ -31,7 +31,7 @@ from ..config import ModelArgs
 from .base import scaled_dot_product_attention
 from .cache import KV_GROUP_SIZE, Cache, KVCache, QuantizedKVCache, RecurrentCache
 from .layers import Linear
-from .qwen2 import MLP, Qwen2ForCausalLM, Qwen2Model, RoPE, SparseMoeBlock, stack_experts
+from .qwen2 import MLP, Qwen2ForCausalLM, Qwen2Model, RoPE, SparseMoeBlock
 
 CHUNK = 64  # positions per chunk of the delta rule's parallel form (the reference's chunk size)
 
@@ -273,7 +273,6 @@ class Qwen3NextForCausalLM(Qwen2ForCausalLM):
         `experts.<proj>.weight`, and experts stored one by one are stacked."""
         out = {}
         for key, value in weights.items():
-            key = key.replace(".mlp.switch_mlp.", ".mlp.experts.")
             if key.endswith(".mlp.experts.gate_up_proj"):
                 prefix, i = key.removesuffix("gate_up_proj"), value.shape[1] // 2
                 out[prefix + "gate_proj.weight"], out[prefix + "up_proj.weight"] = value[:, :i], value[:, i:]
@@ -281,7 +280,7 @@ class Qwen3NextForCausalLM(Qwen2ForCausalLM):
                 out[key + ".weight"] = value
             else:
                 out[key] = value
-        return stack_experts(out, self.args)
+        return super().sanitize(out)  # switch_mlp renamed, experts stored one by one stacked
 
     def make_cache(self, kv_bits: int | None = None, kv_group_size: int = KV_GROUP_SIZE) -> list[Cache]:
         """A recurrent state per linear layer; per attention layer a KV cache (quantized with `kv_bits`)."""
