@@ -684,3 +684,53 @@ def test_server_chat_template_kwargs(thinking_model):
             prompt_tokens(server, extra_body={"chat_template_kwargs": {"messages": []}})
     finally:
         assert server.stop() == 0
+
+
+# Qwen3.5's generation tail: the template opens the reasoning block for the model unless thinking is off.
+QWEN35_TAIL = ("{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
+               "    {%- if enable_thinking is defined and enable_thinking is false %}\n"
+               "        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- else %}\n        {{- '<think>\\n' }}\n"
+               "    {%- endif %}\n{%- endif %}\n")
+
+
+def test_server_reasoning_apart(thinking_model, tmp_path):
+    """A reply that starts inside the block the prompt opened comes back as `reasoning_content`, streamed or
+    not, equal to the raw completion of the same prompt; `include_reasoning: false` drops it; with thinking
+    off the same model's reply is all content."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    from qwen_mlx.tokenizer import Tokenizer
+    from tests.support.server import Server
+
+    folder = tmp_path / "qwen3"
+    shutil.copytree(thinking_model, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = config["chat_template"].removesuffix(QWEN3_TAIL) + QWEN35_TAIL
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    chat = [{"role": "user", "content": "Why is the sky blue?"}]
+    tokenizer = Tokenizer.from_folder(folder)
+    server = Server(folder)
+    try:
+        client = server.client()
+
+        def raw(**kwargs) -> str:
+            ids = tokenizer.encode_chat(chat, **kwargs)
+            return client.completions.create(model="qwen3", prompt=ids, max_tokens=8, temperature=0).choices[0].text
+
+        def reply(**extra):
+            return client.chat.completions.create(model="qwen3", messages=chat, max_tokens=8, temperature=0,
+                                                  **extra).choices[0].message
+
+        thought = raw()
+        assert "</think>" not in thought and thought.strip("\n")
+        message = reply()
+        assert (message.content, message.reasoning_content) == ("", thought.strip("\n"))
+        stream = client.chat.completions.create(model="qwen3", messages=chat, max_tokens=8, temperature=0, stream=True)
+        deltas = [c.choices[0].delta for c in stream if c.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == thought.strip("\n")
+        assert "".join(d.content or "" for d in deltas) == ""
+        assert getattr(reply(extra_body={"include_reasoning": False}), "reasoning_content", None) is None
+        off = reply(extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        assert (off.content, getattr(off, "reasoning_content", None)) == (raw(enable_thinking=False), None)
+    finally:
+        assert server.stop() == 0

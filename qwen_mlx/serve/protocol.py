@@ -53,6 +53,7 @@ class Message(Strict):
     name: Optional[str] = None
     tool_calls: Optional[list[ToolCall]] = None
     tool_call_id: Optional[str] = None
+    reasoning_content: Optional[str] = None  # an assistant turn's reasoning, as this server returned it
 
 
 class JsonSchema(Strict):
@@ -109,6 +110,8 @@ class ChatRequest(Sampling):
     response_format: Optional[ResponseFormat] = None
     # vLLM's extension: extra chat template variables, e.g. {"enable_thinking": false} for Qwen3.
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    # vLLM's extension: false drops a thinking model's reasoning from the reply instead of returning it apart.
+    include_reasoning: bool = True
 
 
 class CompletionRequest(Sampling):

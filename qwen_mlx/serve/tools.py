@@ -46,6 +46,8 @@ def template_messages(messages: list[Message]) -> list[dict[str, Any]]:
             msg["tool_call_id"] = m.tool_call_id
         if m.name:
             msg["name"] = m.name
+        if m.reasoning_content is not None:  # Qwen3's template writes it back inside <think> on the last turn
+            msg["reasoning_content"] = m.reasoning_content
         out.append(msg)
     return out
 

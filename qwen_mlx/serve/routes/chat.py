@@ -1,8 +1,9 @@
 """`/v1/chat/completions`: messages through the chat template, with tools, structured output and logprobs.
 
 The body's checks and the prompt are this module's; submitting, collecting and streaming are the
-serving core's. With tools, a `ToolCallFilter` holds back `<tool_call>` blocks from the text and turns
-them into OpenAI's `tool_calls` (finish_reason "tool_calls").
+serving core's. A thinking model's reasoning is returned apart as `reasoning_content` (engine/reasoning.py);
+with tools, a `ToolCallFilter` holds back `<tool_call>` blocks from the answer and turns them into OpenAI's
+`tool_calls` (finish_reason "tool_calls").
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request as HTTPRequest
 
 from ...engine import Done, Request, Token
+from ...engine.reasoning import ReasoningSplitter, starts_thinking, thinks
 from ...errors import QwenError
 from ...tokenizer import check_template_kwargs
 from ..core import ApiError, Serving, ServingDep, guarded, sse, usage
@@ -40,10 +42,14 @@ async def chat(body: ChatRequest, http: HTTPRequest, serving: ServingDep) -> Any
     except QwenError as e:
         raise ApiError(400, str(e), param="chat_template_kwargs") from None
     try:
-        prompt = serving.tokenizer.encode_chat(template_messages(body.messages), tools=tools,
-                                               **(body.chat_template_kwargs or {}))
+        rendered = serving.tokenizer.apply_chat_template(template_messages(body.messages), tools=tools,
+                                                         **(body.chat_template_kwargs or {}))
     except QwenError as e:
         raise ApiError(400, str(e), param="messages") from None
+    prompt = serving.tokenizer.encode(rendered)
+    # A thinking model's reasoning goes apart from the answer; a forced (grammar-bound) reply has none.
+    splitter = ReasoningSplitter(starts_thinking(rendered)) \
+        if thinks(serving.tokenizer.chat_template) and constraint is None else None
     req = Request(prompt, params, serving.budget(prompt, body.max_completion_tokens or body.max_tokens),
                   body.stop_strings(), body.presence_penalty, body.frequency_penalty,
                   (body.top_logprobs or 0) if body.logprobs else None, constraint)
@@ -59,6 +65,7 @@ async def chat(body: ChatRequest, http: HTTPRequest, serving: ServingDep) -> Any
 
     if not body.stream:
         text, tokens, done = await serving.collect(handle, queue, http)
+        reasoning, text = splitter.split(text) if splitter is not None else ("", text)
         message: dict[str, Any] = {"role": "assistant", "content": text}
         finish = done.finish_reason
         if filt is not None:
@@ -67,6 +74,8 @@ async def chat(body: ChatRequest, http: HTTPRequest, serving: ServingDep) -> Any
             if calls:
                 message = {"role": "assistant", "content": content or None, "tool_calls": calls}
                 finish = "tool_calls"
+        if reasoning and body.include_reasoning:
+            message["reasoning_content"] = reasoning
         choice = {"index": 0, "message": message,
                   "logprobs": {"content": [logprobs(t) for t in tokens]} if want_logprobs else None,
                   "finish_reason": finish}
@@ -80,19 +89,31 @@ async def chat(body: ChatRequest, http: HTTPRequest, serving: ServingDep) -> Any
         return sse({**head, "object": "chat.completion.chunk", "choices": [choice],
                     **({"usage": None} if include_usage else {})})
 
+    def split(text: str, last: bool) -> tuple[str, str]:
+        """(reasoning, content) of a piece; the content has been through the tool-call filter."""
+        reasoning, content = splitter.add(text) if splitter is not None else ("", text)
+        if last and splitter is not None:
+            more_reasoning, more_content = splitter.finish()
+            reasoning, content = reasoning + more_reasoning, content + more_content
+        content = filt.add(content) if filt is not None else content
+        return (reasoning if body.include_reasoning else ""), content
+
+    def delta(reasoning: str, content: str) -> dict:
+        return {**({"reasoning_content": reasoning} if reasoning else {}), **({"content": content} if content else {})}
+
     def render(event: Token | Done) -> Iterator[str]:
-        piece = filt.add(event.text) if filt is not None else event.text
+        reasoning, piece = split(event.text, isinstance(event, Done))
         if isinstance(event, Token):
             lp = [logprobs(event)] if want_logprobs else None
-            if piece or lp:
-                yield chunk({"content": piece}, lp=lp)
+            if reasoning or piece or lp:
+                yield chunk(delta(reasoning, piece) or {"content": ""}, lp=lp)
             return
         finish, calls = event.finish_reason, []
         if filt is not None:
             rest, calls = filt.finish()
             piece += rest
-        if piece:
-            yield chunk({"content": piece})
+        if reasoning or piece:
+            yield chunk(delta(reasoning, piece))
         if calls:
             finish = "tool_calls"
             yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
