@@ -362,33 +362,33 @@ def export_onnx_cmd(model, out, dtypes, dtype, quantize, opset, force, attention
 @click.option("--prompt", required=True, help="the prompt; '-' reads standard input")
 @click.option("--raw", is_flag=True, help="the prompt as plain text, not through the chat template")
 @click.option("--system", default=None, help="system message (chat template only)")
-@click.option("--layers", default=None, help="comma-separated layer indices [default: all]")
+@click.option("--layers", default=None,
+              help="comma-separated layer indices [default: all; a hybrid model's full-attention layers]")
 @click.option("--heads", default=None, help="comma-separated head indices [default: all]")
 @click.option("--dtype", type=click.Choice(["float64", *DTYPES]), default=None,
               help="float64: the exact maps of the weights (CPU); another dtype: the maps as the model runs at it "
-                   "[default: float64, float32 for MoE models]")
+                   "[default: float64, float32 for MoE and hybrid models]")
 @click.option("--out", required=True, help="FILE.png (a grid of heatmaps) or FILE.npz (the numbers)")
 def attention(model, prompt, raw, system, layers, heads, dtype, out):
     """Attention maps (MLX): the softmax weights of chosen layers and heads over the prompt's tokens."""
     out = Path(out)
     if out.suffix not in (".png", ".npz"):
         raise QwenError(f"--out must end in .png or .npz, got {out.name}")
-    from qwen_mlx.attention_maps import (attention_maps, check_supported, float64_model, parse_indices, save_npz,
+    from qwen_mlx.attention_maps import (attention_maps, float64_model, parse_indices, parse_layers, save_npz,
                                          save_png, token_labels)
     from qwen_mlx.checkpoint import prepare_model
     from qwen_mlx.models.load import load_model
     from qwen_mlx.tokenizer import Tokenizer
 
     ckpt = prepare_model(model)
-    check_supported(ckpt.args)
-    layer_ids = parse_indices(layers, ckpt.args.num_hidden_layers, "layer")
+    layer_ids = parse_layers(layers, ckpt.args)
     head_ids = parse_indices(heads, ckpt.args.num_attention_heads, "head")
     tok = Tokenizer.from_folder(ckpt.folder)
     if prompt == "-":
         prompt = sys.stdin.read()
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     ids = tok.encode(prompt) if raw else tok.encode_chat(messages)
-    dtype = dtype or ("float32" if ckpt.args.num_experts else "float64")
+    dtype = dtype or ("float32" if ckpt.args.num_experts or ckpt.args.hybrid else "float64")
     if dtype == "float64":  # float32 weights widened; see qwen_mlx/attention_maps.py for why
         model = float64_model(load_model(ckpt, "float32"))
     else:

@@ -2,7 +2,8 @@
 
 The MLX model's attention runs on a fused kernel that returns no weights; each chosen layer's `Attention`
 gets an `on_weights` callback for one forward pass, which receives softmax(q k^T * scale + causal mask)
-computed explicitly after q/k norms and RoPE (qwen_mlx.models.qwen2.attention_weights).
+computed explicitly after q/k norms and RoPE (qwen_mlx.models.base.attention_weights). In the hybrid family
+(Qwen3-Next, Qwen3.5) only the full-attention layers have such weights.
 
 Precision (`float64_model`, the CLI's default): in float32 the maps are only known to ~5e-5 on real Qwen2
 checkpoints. Their q/k biases make some attention scores large (|score| ~1,500 in the 0.5B model's first
@@ -32,11 +33,24 @@ from .tokenizer import Tokenizer
 MAX_PANELS = 64  # a PNG grid beyond this is unreadable: ask for --layers / --heads instead
 
 
-def check_supported(args: ModelArgs) -> None:
-    """Attention maps are drawn from softmax attention; the hybrid family's linear layers have none."""
-    if args.hybrid:
-        raise QwenError(f"attention maps are not supported for {args.model_type} yet: its Gated DeltaNet layers "
-                        "hold a recurrent state, not attention weights")
+def attention_layers(args: ModelArgs) -> list[int]:
+    """The layers that have attention weights: all of them, or the hybrid family's full-attention layers (its
+    Gated DeltaNet layers hold a recurrent state, not softmax weights)."""
+    if not args.hybrid:
+        return list(range(args.num_hidden_layers))
+    return [i for i, kind in enumerate(args.layer_types) if kind != "linear_attention"]
+
+
+def parse_layers(text: str | None, args: ModelArgs) -> list[int]:
+    """--layers checked against the model's layers; a hybrid model's linear layers are refused by name."""
+    allowed = attention_layers(args)
+    layers = allowed if text is None else parse_indices(text, args.num_hidden_layers, "layer")
+    for i in layers:
+        if i not in allowed:
+            raise QwenError(f"layer {i} of this {args.model_type} model is a Gated DeltaNet (linear attention) "
+                            f"layer: it has no attention weights. Its attention layers are "
+                            f"{', '.join(map(str, allowed))}")
+    return layers
 
 
 def parse_indices(text: str | None, count: int, what: str) -> list[int]:
@@ -97,6 +111,9 @@ def float64_model(model: Qwen2ForCausalLM) -> Qwen2ForCausalLM:
     if model.args.num_experts:
         raise QwenError("float64 attention maps need a dense model: MLX's gather_mm (the experts) has no float64; "
                         "use --dtype float32")
+    if model.args.hybrid:  # its islands (partial RoPE, zero-centred norms, the float32 delta rule) differ
+        raise QwenError(f"float64 attention maps are for Qwen2/Qwen3 models; for {model.args.model_type} use "
+                        "--dtype float32")
     model.set_dtype(mx.float64)
     for layer in model.model.layers:
         a = layer.self_attn

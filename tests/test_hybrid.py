@@ -125,7 +125,8 @@ def test_info_counts_linear_attention(hybrid):
     assert "qwen3_next" in r.stdout and "linear_attention" in r.stdout and "active/token" in r.stdout
 
 
-@pytest.mark.parametrize("command", [("attention", "--prompt", "hi", "--out", "{tmp}/x.npz"),
+@pytest.mark.parametrize("command", [("attention", "--prompt", "hi", "--layers", "0,3", "--out", "{tmp}/x.npz"),
+                                     ("attention", "--prompt", "hi", "--dtype", "float64", "--out", "{tmp}/x.npz"),
                                      ("generate", "--backend", "torch", "--prompt", "hi")])
 def test_unsupported_paths_refuse_in_one_line(hybrid, tmp_path, command):
     args = [a.format(tmp=tmp_path) for a in command[1:]]
@@ -133,6 +134,34 @@ def test_unsupported_paths_refuse_in_one_line(hybrid, tmp_path, command):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
     assert "qwen3_5" in r.stderr and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["next-moe", "q35-tied"])
+def test_attention_maps_of_the_full_attention_layers_equal_hf_eager(hybrid, name, tmp_path):
+    """The full-attention layers' maps equal HF's eager attentions (which records only those layers); the CLI
+    draws them by default."""
+    import torch
+    import transformers
+
+    folder = hybrid(name)
+    ids = [(7 * i + 3) % 500 for i in range(40)]
+    model_type = json.loads((folder / "config.json").read_text())["model_type"]
+    cls = getattr(transformers, HF_CLASSES[model_type][1])
+    ref = cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = np.stack([a[0].numpy() for a in ref(torch.tensor([ids]), output_attentions=True).attentions])
+    r = run("attention", "--model", str(folder), "--prompt", "x", "--out", str(tmp_path / "a.npz"))
+    assert r.returncode == 0, r.stderr
+    from qwen_mlx.attention_maps import attention_layers, attention_maps
+    from qwen_mlx.checkpoint import prepare_model
+    from qwen_mlx.models.load import load_model
+
+    ckpt = prepare_model(str(folder))
+    layers = attention_layers(ckpt.args)
+    assert list(np.load(tmp_path / "a.npz")["layers"]) == layers == {"next-moe": [1, 3], "q35-tied": [3]}[name]
+    got = attention_maps(load_model(ckpt, "float32"), ids, layers, list(range(ckpt.args.num_attention_heads)))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)  # float32 through the delta rule: the logits' 1e-4
 
 
 def test_engine_batches_rows_each_as_alone_and_reuses_prompts_whole(hybrid):

@@ -24,11 +24,13 @@ linear layer, Dk/Dv their dims, C = 2 Hk Dk + Hv Dv conv channels, N chunks of Q
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelArgs
-from .base import scaled_dot_product_attention
+from .base import attention_weights, scaled_dot_product_attention
 from .cache import KV_GROUP_SIZE, Cache, KVCache, QuantizedKVCache, RecurrentCache
 from .layers import Linear
 from .qwen2 import MLP, Qwen2ForCausalLM, Qwen2Model, RoPE, SparseMoeBlock
@@ -213,6 +215,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(D, args.rms_norm_eps)
         self.k_norm = RMSNorm(D, args.rms_norm_eps)
         self.rope = RoPE(args)
+        self.on_weights: Callable[[mx.array], None] | None = None  # attention maps, as qwen2.Attention's
 
     def __call__(self, x: mx.array, mask: mx.array | str | None, cache: Cache) -> mx.array:
         B, L, _ = x.shape
@@ -222,6 +225,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         q, k = self.rope(q, cache.offset), self.rope(k, cache.offset)
         k, v = cache.update(k, v)                                                     # B K T D
+        if self.on_weights is not None:
+            self.on_weights(attention_weights(q, k, self.scale, mask))
         o = scaled_dot_product_attention(q, k, v, cache, self.scale, mask)           # B H L D
         o = o.transpose(0, 2, 1, 3).reshape(B, L, -1) * mx.sigmoid(gate.reshape(B, L, -1))
         return self.o_proj(o)
