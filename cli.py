@@ -23,6 +23,16 @@ import click
 import export  # registers the torch and onnx backends (no torch import until one is used)
 from qwen_mlx.dtypes import DTYPES
 from qwen_mlx.errors import QwenError
+from qwen_mlx.files import check_writable, staged_file
+from qwen_mlx.text_input import check_text, read_stdin, read_text_file
+
+
+def _utf8(ctx: click.Context, param: click.Parameter, value):
+    """A text option's value(s) checked as UTF-8 before any work starts (arguments decode bad bytes silently)."""
+    for text in (value if isinstance(value, tuple) else (value,)):
+        if isinstance(text, str):
+            check_text(text, f"--{param.name}")
+    return value
 
 # `cli` and `export` are generic top-level names. Run as `python cli.py`, this folder is sys.path[0] and wins;
 # through the installed `qwen-mlx` script another distribution's `export` could shadow ours: refuse clearly.
@@ -69,7 +79,7 @@ def run_options(f):
         click.option("--min-p", type=float, default=None),
         click.option("--repetition-penalty", type=float, default=None),
         click.option("--seed", type=int, default=None),
-        click.option("--stop", multiple=True, help="stop string (repeatable)"),
+        click.option("--stop", multiple=True, callback=_utf8, help="stop string (repeatable)"),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -147,7 +157,7 @@ def cli():
 
 @cli.command()
 @run_options
-@click.option("--system", default=None, help="system message")
+@click.option("--system", default=None, callback=_utf8, help="system message")
 @NO_THINK
 @PROMPT_CACHE
 @kv_options
@@ -173,9 +183,9 @@ def chat(backend, model, dtype, quantize, onnx_dtype, max_tokens, stop, system, 
 
 @cli.command()
 @run_options
-@click.option("--prompt", required=True, help="the prompt; '-' reads standard input")
+@click.option("--prompt", required=True, callback=_utf8, help="the prompt; '-' reads standard input")
 @click.option("--raw", is_flag=True, help="send the prompt as plain text, not through the chat template")
-@click.option("--system", default=None, help="system message (chat template only)")
+@click.option("--system", default=None, callback=_utf8, help="system message (chat template only)")
 @NO_THINK
 @PROMPT_CACHE
 @kv_options
@@ -186,7 +196,7 @@ def generate(backend, model, dtype, quantize, onnx_dtype, max_tokens, stop, prom
     from qwen_mlx.engine.text import GenerationStats
 
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = read_stdin("--prompt -")
     _check_prompt_cache_backend(prompt_cache, backend)
     loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, kv_bits, kv_group_size, onnx_dtype,
                               **sampling)
@@ -224,10 +234,10 @@ def cache_prompt(backend, model, dtype, quantize, onnx_dtype, doc, raw, out):
     from qwen_mlx.prompt_cache import save_prompt_cache
 
     _check_prompt_cache_backend(True, backend)
-    try:
-        text = sys.stdin.read() if doc == "-" else Path(doc).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise QwenError(f"cannot read --file {doc}: {e}") from None
+    if Path(out).suffix != ".safetensors":
+        raise QwenError(f"--out must end in .safetensors, got {Path(out).name}")
+    check_writable(Path(out))
+    text = read_stdin("--file -") if doc == "-" else read_text_file(doc, f"--file {doc}")
     loaded = load(backend, model, dtype, quantize, onnx_dtype=onnx_dtype)
     tok = loaded.tokenizer
     ids = tok.encode(text) if raw else tok.encode_chat([{"role": "system", "content": text}], add_generation_prompt=False)
@@ -359,9 +369,9 @@ def export_onnx_cmd(model, out, dtypes, dtype, quantize, opset, force, attention
 
 @cli.command()
 @model_option
-@click.option("--prompt", required=True, help="the prompt; '-' reads standard input")
+@click.option("--prompt", required=True, callback=_utf8, help="the prompt; '-' reads standard input")
 @click.option("--raw", is_flag=True, help="the prompt as plain text, not through the chat template")
-@click.option("--system", default=None, help="system message (chat template only)")
+@click.option("--system", default=None, callback=_utf8, help="system message (chat template only)")
 @click.option("--layers", default=None,
               help="comma-separated layer indices [default: all; a hybrid model's full-attention layers]")
 @click.option("--heads", default=None, help="comma-separated head indices [default: all]")
@@ -374,6 +384,7 @@ def attention(model, prompt, raw, system, layers, heads, dtype, out):
     out = Path(out)
     if out.suffix not in (".png", ".npz"):
         raise QwenError(f"--out must end in .png or .npz, got {out.name}")
+    check_writable(out)
     from qwen_mlx.attention_maps import (attention_maps, float64_model, parse_indices, parse_layers, save_npz,
                                          save_png, token_labels)
     from qwen_mlx.checkpoint import prepare_model
@@ -385,7 +396,7 @@ def attention(model, prompt, raw, system, layers, heads, dtype, out):
     head_ids = parse_indices(heads, ckpt.args.num_attention_heads, "head")
     tok = Tokenizer.from_folder(ckpt.folder)
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = read_stdin("--prompt -")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     ids = tok.encode(prompt) if raw else tok.encode_chat(messages)
     dtype = dtype or ("float32" if ckpt.args.num_experts or ckpt.args.hybrid else "float64")
@@ -395,10 +406,11 @@ def attention(model, prompt, raw, system, layers, heads, dtype, out):
         model = load_model(ckpt, dtype)
     weights = attention_maps(model, ids, layer_ids, head_ids)
     tokens, special = token_labels(tok, ids)
-    if out.suffix == ".npz":
-        save_npz(out, weights, tokens, layer_ids, head_ids)
-    else:
-        save_png(out, weights, tokens, special, layer_ids, head_ids, title=f"{ckpt.folder.name}, {dtype}")
+    with staged_file(out) as staging:
+        if out.suffix == ".npz":
+            save_npz(staging, weights, tokens, layer_ids, head_ids)
+        else:
+            save_png(staging, weights, tokens, special, layer_ids, head_ids, title=f"{ckpt.folder.name}, {dtype}")
     print(out)
 
 
@@ -441,7 +453,7 @@ def _save_traceback() -> str:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
         path.write_text(f"qwen-mlx {' '.join(sys.argv)}\n\n{traceback.format_exc()}", encoding="utf-8")
-    except OSError as e:
+    except (OSError, QwenError) as e:
         return f"its traceback could not be saved: {e}"
     return f"the traceback is in {path}; please include it in a report"
 

@@ -17,6 +17,7 @@ from .errors import QwenError
 from .backends.base import Session
 from .engine.text import GenerationStats
 from .sampling import SamplingParams
+from .text_input import check_text
 
 HELP = "/reset forgets the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops a reply."
 
@@ -43,6 +44,11 @@ def run_chat(loaded: LoadedModel, params: SamplingParams, max_tokens: int, syste
             continue
         text = line.strip()
         if not text:
+            continue
+        try:
+            check_text(line, "that message")
+        except QwenError as e:  # a bad line must not end the conversation
+            print(f"error: {e}", file=err)
             continue
         if text in ("/exit", "/quit"):
             return messages, engine

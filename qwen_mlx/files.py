@@ -1,4 +1,5 @@
-"""Writing a folder all at once: every command that writes one (convert, export-onnx) goes through here.
+"""Writing a folder or a file all at once: every command that writes one (convert, export-onnx, cache-prompt,
+attention) goes through here.
 
 The folder is built in a hidden staging sibling and renamed into place only when complete, so a failure or
 Ctrl-C never leaves a half-written result, and an existing folder is replaced only when asked (`force`).
@@ -21,8 +22,46 @@ from typing import Iterator
 from .errors import QwenError
 
 
+def check_writable(path: Path) -> None:
+    """Refuse, before any long work, an output whose folder cannot be made or written (a read-only or
+    special file system, a file where a folder should be): one line naming the path and the reason. The
+    nearest existing folder above `path` is probed by creating a file in it, which is what the write will do."""
+    path = Path(path).expanduser().absolute()
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise QwenError(f"cannot write {path}: {ancestor} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as e:
+        raise QwenError(f"cannot write {path}: {ancestor} is not writable ({e.strerror})") from None
+
+
+@contextlib.contextmanager
+def staged_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same suffix, which some writers insist on); on success it
+    replaces `path`, on any exception it is removed: a failed or interrupted write leaves no half a file."""
+    path = Path(path).expanduser().absolute()
+    check_writable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
+    os.close(handle)
+    staging = Path(name)
+    try:
+        yield staging
+        staging.chmod(0o666 & ~_umask())  # mkstemp makes it private; the result is an ordinary file
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
 def check_output_folder(out_dir: Path, force: bool) -> None:
-    """Refuse a path that is a file, or a non-empty folder unless `force`: nothing is ever clobbered silently."""
+    """Refuse a path that is a file, or a non-empty folder unless `force`, or one that cannot be written:
+    nothing is ever clobbered silently."""
+    check_writable(out_dir)
     if out_dir.exists():
         if not out_dir.is_dir():
             raise QwenError(f"{out_dir} exists and is not a folder")

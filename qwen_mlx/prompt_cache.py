@@ -21,6 +21,7 @@ from typing import Sequence
 from .backends import LoadedModel
 from .formats.safetensors import safetensors_files
 from .errors import QwenError
+from .files import staged_file
 
 FORMAT = "qwen-mlx-prompt-cache/1"
 
@@ -64,6 +65,8 @@ def save_prompt_cache(path: Path, loaded: LoadedModel, tokens: Sequence[int], sy
 
     from .backends.base import Session
 
+    if Path(path).suffix != ".safetensors":  # MLX names the file by it, and reads the format from it
+        raise QwenError(f"a prompt cache file must end in .safetensors, got {Path(path).name}")
     backend = _mlx_backend(loaded)
     if len(tokens) >= backend.args.context_length:
         raise QwenError(f"the document has {len(tokens)} tokens; this model's context holds "
@@ -76,7 +79,8 @@ def save_prompt_cache(path: Path, loaded: LoadedModel, tokens: Sequence[int], sy
     metadata = {**_identity(loaded), "tokens": json.dumps(list(tokens))}
     if system is not None:
         metadata["system"] = system
-    mx.save_safetensors(str(path), arrays, metadata)
+    with staged_file(path) as staging:
+        mx.save_safetensors(str(staging), arrays, metadata)
 
 
 def load_prompt_cache(path: Path, loaded: LoadedModel) -> CachedPrompt:

@@ -23,6 +23,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
 from qwen_mlx.errors import QwenError
+from qwen_mlx.text_input import check_text
 
 # The named special tokens transformers passes to every chat template (its SPECIAL_TOKENS_ATTRIBUTES).
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -249,7 +250,7 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text`, like HF `tokenizer(text, add_special_tokens=False)`; special tokens in text match."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(check_text(text, "the text"), add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids` (invalid UTF-8 becomes U+FFFD, as in HF)."""

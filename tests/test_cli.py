@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.cli import run
+from tests.support.cli import ROOT, run
 
 
 def test_generate_prints_text_then_a_stats_line(tiny_model):
@@ -247,3 +250,72 @@ def test_an_unexpected_exception_is_one_line_and_a_saved_traceback(tiny_model, m
     assert err.startswith("error: internal error: RuntimeError: something the code did not expect (a bug")
     (saved,) = (tmp_path / "errors").iterdir()
     assert str(saved) in err and "Traceback" in saved.read_text() and "model_report" not in err
+
+
+def _run_bytes(*args: bytes, stdin: bytes = b"") -> subprocess.CompletedProcess:
+    """cli.py with arguments and standard input as raw bytes (not valid UTF-8, as a user's file may be)."""
+    env = dict(os.environ, QWEN_MLX_QUIET="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], input=stdin, capture_output=True,
+                          env=env, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("command, stdin, names", [
+    ([b"generate", b"--prompt", b"-"], b"caf\xe9", "--prompt -: standard input"),
+    ([b"generate", b"--prompt", b"caf\xe9"], b"", "--prompt"),
+    ([b"generate", b"--prompt", b"hi", b"--system", b"\xff"], b"", "--system"),
+    ([b"generate", b"--prompt", b"hi", b"--stop", b"\xff"], b"", "--stop"),
+    ([b"attention", b"--prompt", b"-", b"--out", b"{tmp}/a.npz"], b"\xff", "--prompt -: standard input"),
+    ([b"cache-prompt", b"--file", b"-", b"--out", b"{tmp}/c.safetensors"], b"\xffdoc", "--file -: standard input"),
+    ([b"cache-prompt", b"--file", b"{tmp}/doc.txt", b"--out", b"{tmp}/c.safetensors"], b"", "--file"),
+])
+def test_text_that_is_not_utf8_is_one_line_naming_the_input(tiny_model, tmp_path, command, stdin, names):
+    """Issue 27: bytes that are not UTF-8, wherever a user's text comes in, end in one line naming that input
+    (not a traceback, not an 'internal error'), and nothing is written."""
+    (tmp_path / "doc.txt").write_bytes(b"a document \xff\xfe")
+    args = [a.replace(b"{tmp}", str(tmp_path).encode()) for a in command]
+    r = _run_bytes(*args[:1], b"--model", str(tiny_model("gqa2-untied")).encode(), *args[1:], stdin=stdin)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {names}") and "not valid UTF-8" in err and "internal" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.txt"]
+
+
+def test_a_chat_line_that_is_not_utf8_keeps_the_conversation(tiny_model):
+    r = _run_bytes(b"chat", b"--model", str(tiny_model("gqa2-untied")).encode(), b"--max-tokens", b"2",
+                   stdin=b"hi\n\xff\xfe\nagain\n/exit\n")
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "error: that message is not valid UTF-8 text (byte 0xff at character 0)" in err
+    assert err.count("prompt tokens") == 2  # the turns before and after it both ran
+
+
+@pytest.mark.parametrize("command", [
+    ("convert", "--quantize", "4", "--out", "{out}"),
+    ("export-onnx", "--dtypes", "fp32", "--out", "{out}"),
+    ("cache-prompt", "--file", "README.md", "--out", "{out}.safetensors"),
+    ("attention", "--prompt", "hi", "--out", "{out}.npz"),
+])
+@pytest.mark.parametrize("where", ["under-a-file", "proc"])
+def test_an_output_that_cannot_be_written_is_refused_first(tiny_model, tmp_path, command, where):
+    """Issue 27: an output path whose folder cannot be made or written: one line naming it and why, before
+    the model is even loaded; nothing is left behind."""
+    if where == "proc" and not Path("/proc/self").exists():
+        pytest.skip("no /proc here")
+    (tmp_path / "file").write_text("a file, not a folder")
+    out = str(tmp_path / "file" / "sub") if where == "under-a-file" else "/proc/qwen-mlx-test"
+    args = [a.format(out=out) for a in command]
+    r = run(args[0], "--model", str(tiny_model("gqa2-untied")), *args[1:])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: cannot write {out}"), r.stderr
+    assert ("is not a folder" if where == "under-a-file" else "is not writable") in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_cache_folder_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    env = dict(os.environ, QWEN_MLX_QUIET="1", QWEN_MLX_CACHE=str(tmp_path / "file" / "cache"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "generate", "--model", str(tmp_path / "m.gguf"),
+                        "--prompt", "hi"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: ") and "QWEN_MLX_CACHE" in r.stderr, r.stderr

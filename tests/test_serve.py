@@ -176,6 +176,14 @@ def test_bad_requests_get_openai_errors(server):
     assert huge.status_code == 413 and "error" in huge.json()
     missing = httpx.post(server.url + "/v1/chat/completions", json={"temperature": 0})
     assert missing.status_code == 400 and "messages" in missing.json()["error"]["message"]
+    # Issue 27: JSON may spell a lone surrogate, which no tokenizer encodes: a 400 naming the field, not a 500
+    headers = {"content-type": "application/json"}
+    for path, body in (("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\udcff"}]}'),
+                       ("/v1/completions", b'{"prompt": "a\\udcff"}')):
+        bad = httpx.post(server.url + path, content=body, headers=headers)
+        error = bad.json()["error"]
+        assert bad.status_code == 400 and "not valid UTF-8" in error["message"], bad.text
+        assert error["param"] in ("messages", "prompt")
 
 
 def test_8_concurrent_clients_get_their_own_replies(server, library):

@@ -44,9 +44,9 @@ async def chat(body: ChatRequest, http: HTTPRequest, serving: ServingDep) -> Any
     try:
         rendered = serving.tokenizer.apply_chat_template(template_messages(body.messages), tools=tools,
                                                          **(body.chat_template_kwargs or {}))
+        prompt = serving.tokenizer.encode(rendered)
     except QwenError as e:
         raise ApiError(400, str(e), param="messages") from None
-    prompt = serving.tokenizer.encode(rendered)
     # A thinking model's reasoning goes apart from the answer; a forced (grammar-bound) reply has none.
     splitter = ReasoningSplitter(starts_thinking(rendered)) \
         if thinks(serving.tokenizer.chat_template) and constraint is None else None

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request as HTTPRequest
 
 from ...engine import Done, Request, Token
+from ...errors import QwenError
 from ..core import ApiError, Serving, ServingDep, guarded, sse, usage
 from ..protocol import CompletionRequest
 
@@ -85,7 +86,10 @@ def _prompt_ids(serving: Serving, prompt: Any) -> list[int]:
             raise ApiError(400, "one prompt per request: a list of prompts is not supported", param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        ids = serving.tokenizer.encode(prompt)
+        try:
+            ids = serving.tokenizer.encode(prompt)
+        except QwenError as e:
+            raise ApiError(400, str(e).replace("the text", "prompt"), param="prompt") from None
     else:
         ids = list(prompt)
         bad = [i for i in ids if not 0 <= i < serving.engine.backend.args.vocab_size]
