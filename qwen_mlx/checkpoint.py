@@ -99,7 +99,7 @@ def prepare_model(spec: str | None, gguf_blocks: bool = False) -> Checkpoint:
                 found[key] = info
     _check_expert_count(args, found, folder)
     quantization = read_quantization(read_json(folder / "config.json"))
-    expected = _fused_experts_expected(args, args.weight_shapes(), found)
+    expected = _mlx_lm_conv_expected(_fused_experts_expected(args, args.weight_shapes(), found), found)
     if quantization is not None:
         expected = _quantized_expected(args, expected, quantization, found, folder)
     missing = [k for k in expected if k not in found]
@@ -137,6 +137,16 @@ def _fused_experts_expected(args: ModelArgs, expected: dict[str, tuple[int, ...]
         elif m[2] == "down":
             out[f"{m[1]}.experts.down_proj"] = (args.num_experts, *shape)
     return out
+
+
+def _mlx_lm_conv_expected(expected: dict[str, tuple[int, ...]],
+                          found: dict[str, TensorInfo]) -> dict[str, tuple[int, ...]]:
+    """The hybrids' depthwise conv weight where it is stored as mlx-lm saves it, C K 1 (MLX's Conv1d layout)
+    instead of HF's C 1 K; the model's `sanitize` turns it back (qwen_mlx/models/qwen3_next.py)."""
+    def stored(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        mlx_lm = (shape[0], shape[2], shape[1]) if key.endswith(".conv1d.weight") else None
+        return mlx_lm if mlx_lm and key in found and found[key].shape == mlx_lm else shape
+    return {key: stored(key, shape) for key, shape in expected.items()}
 
 
 def _quantized_expected(args: ModelArgs, expected: dict[str, tuple[int, ...]], quantization: dict,

@@ -404,11 +404,15 @@ class ModelArgs:
         """A stored tensor's key as the model names it, or None for tensors the text model does not use: Qwen3.5's
         multimodal checkpoints hold the text model under `model.language_model.`, a vision tower under
         `model.visual.` (images are not supported) and a multi-token-prediction layer under `mtp.` (a drafter
-        for speculative decoding, not part of the forward)."""
+        for speculative decoding, not part of the forward). Folders mlx-lm wrote hold the text model under
+        `language_model.` (`language_model.model.layers...`, `language_model.lm_head`); a vision tower under
+        `vision_tower.` (mlx-vlm's name, which mlx-lm's loader skips too) is not read."""
         if not self.hybrid:
             return key
-        if key.startswith(("model.visual.", "mtp.")):
+        if key.startswith(("model.visual.", "vision_tower.", "mtp.")):
             return None
+        if key.startswith("language_model."):
+            return key.removeprefix("language_model.")
         return "model." + key.removeprefix("model.language_model.") if key.startswith("model.language_model.") \
             else key
 

@@ -3,7 +3,8 @@
 The weights are quantized by the same rule as `--quantize` at load time (every matrix whose rows split into
 groups, experts included; the MoE router and shared-expert gate stay float), then saved under mlx-lm's
 names: stacked experts as `mlp.switch_mlp.<proj>`, each quantized module as weight/scales/biases, and
-config.json's `quantization` (copied to `quantization_config`, as mlx-lm writes it).
+config.json's `quantization` (copied to `quantization_config`, as mlx-lm writes it). The hybrid family is saved
+as mlx-lm saves it (`_mlx_lm_hybrid`), which is what mlx-community's folders hold and what this project reads back.
 """
 
 from __future__ import annotations
@@ -16,10 +17,18 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .checkpoint import Checkpoint
+from .config import ModelArgs
 from .errors import QwenError
 from .files import staged_folder
+from .formats.affine import (
+    COPIED_SKIPPED,
+    GROUP_SIZES,
+    mlx_lm_config_keys,
+    mlx_lm_full_attention_interval,
+)
 from .models.load import load_model
-from .formats.affine import COPIED_SKIPPED, GROUP_SIZES, mlx_lm_config_keys
+from .models.qwen3_next import MLX_LM_PLUS_ONE_NORMS
+
 
 def quantize_folder(ckpt: Checkpoint, out: Path, bits: int, group_size: int = 64, dtype: str = "float32",
                     force: bool = False) -> Path:
@@ -28,11 +37,16 @@ def quantize_folder(ckpt: Checkpoint, out: Path, bits: int, group_size: int = 64
                         "re-quantizing would round twice")
     if group_size not in GROUP_SIZES:
         raise QwenError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+    if ckpt.args.hybrid:
+        _check_mlx_lm_runs(ckpt.args)
     model = load_model(ckpt, dtype, quantize=bits, group_size=group_size)
     weights = {k.replace(".mlp.experts.", ".mlp.switch_mlp."): v for k, v in tree_flatten(model.parameters())}
     config = json.loads((ckpt.folder / "config.json").read_text(encoding="utf-8"))
     quantization = {"group_size": group_size, "bits": bits, "mode": "affine"}
     config.update(mlx_lm_config_keys(ckpt.args, config), quantization=quantization, quantization_config=quantization)
+    if ckpt.args.hybrid:
+        weights = _mlx_lm_hybrid(weights, ckpt.args)
+        config.pop("vision_config", None)  # the vision tower is not written (mlx-lm's save_config drops it too)
     with staged_folder(out, force) as staging:
         for src in sorted(ckpt.folder.iterdir()):
             if src.is_file() and src.name != "config.json" and not src.name.endswith(COPIED_SKIPPED) \
@@ -41,3 +55,33 @@ def quantize_folder(ckpt: Checkpoint, out: Path, bits: int, group_size: int = 64
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
     return out
+
+
+def _mlx_lm_hybrid(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
+    """The hybrids' weights as mlx-lm's sanitize leaves them and its save writes them: the conv weight C K 1 (MLX's
+    Conv1d; HF's is C 1 K), the zero-centred norms as 1 + w (mlx-lm runs them as plain RMSNorm), and Qwen3.5's text
+    model under `language_model.` (its module path). Its loader then takes them as they are; so does ours
+    (Qwen3NextForCausalLM.sanitize undoes each)."""
+    prefix = "" if args.model_type == "qwen3_next" else "language_model."
+
+    def stored(key: str, value: mx.array) -> mx.array:
+        if key.endswith(".conv1d.weight"):
+            return value.swapaxes(1, 2)
+        return 1.0 + value if key.endswith(MLX_LM_PLUS_ONE_NORMS) else value
+    return {prefix + key: stored(key, value) for key, value in weights.items()}
+
+
+def _check_mlx_lm_runs(args: ModelArgs) -> None:
+    """Refuse a hybrid that mlx-lm's classes would build otherwise than this project runs it: they place full
+    attention every full_attention_interval-th layer (layer_types unread), give each MoE a shared expert, and
+    Qwen3.5's make every layer MoE (mlp_only_layers and decoder_sparse_step unread)."""
+    why = None
+    if mlx_lm_full_attention_interval(args) is None:
+        why = f"its layer_types are not every n-th layer full attention ({args.layer_types})"
+    elif args.num_experts and not args.shared_expert:
+        why = "its MoE layers have no shared expert"
+    elif args.num_experts and args.model_type != "qwen3_next" and len(args.moe_layers) != args.num_hidden_layers:
+        why = "not every layer is MoE (mlx-lm's Qwen3.5 ignores mlp_only_layers and decoder_sparse_step)"
+    if why:
+        raise QwenError(f"convert --quantize writes mlx-lm's layout, and mlx-lm cannot run this {args.model_type} "
+                        f"model as it is: {why}")

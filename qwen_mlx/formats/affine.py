@@ -43,6 +43,9 @@ def read_quantization(config: dict[str, Any]) -> dict[str, Any] | None:
     if mode != "affine":
         raise QwenError(f"quantization mode {mode!r} is not supported (only MLX's affine mode is)")
     _check_params("quantization", q)
+    # mlx-lm names Qwen3.5's modules by its own path to the text model (`language_model.model.layers.0.mlp.gate`);
+    # the checkpoint reader names them as the text model does (ModelArgs.checkpoint_key drops the prefix).
+    q = {k.removeprefix("language_model."): v for k, v in q.items()}
     for path, override in q.items():
         if isinstance(override, dict):
             if override.get("mode", "affine") != "affine":
@@ -108,7 +111,7 @@ def describe(quantization: dict[str, Any]) -> str:
     """One line for `info`: the default, then the per-module overrides grouped by what they say."""
     text = f"{quantization['bits']}-bit affine, group size {quantization['group_size']}"
     overrides: dict[str, int] = {}
-    for path, o in quantization.items():
+    for o in quantization.values():
         if isinstance(o, dict):
             key = f"{o['bits']}-bit/{o['group_size']}"
         elif o is False:
@@ -130,6 +133,8 @@ def mlx_lm_config_keys(args, config: dict) -> dict:
     """Top-level keys mlx-lm's model classes read but transformers >= 5 nests or renames: without them
     mlx-lm's qwen2 falls back to its default rope_theta (1e6) and its MoE classes fail on num_experts."""
     a, extra = args, {}
+    if a.hybrid:
+        return _mlx_lm_hybrid_keys(a, config)
     if "rope_theta" not in config:
         extra["rope_theta"] = a.rope_theta
     if "rope_scaling" not in config and a.rope_type != "default":
@@ -137,3 +142,50 @@ def mlx_lm_config_keys(args, config: dict) -> dict:
     if a.num_experts and "num_experts" not in config:
         extra["num_experts"] = a.num_experts
     return extra
+
+
+# What mlx-lm's qwen3_next.py / qwen3_5.py read of the text model, written from what this project runs.
+_MLX_LM_HYBRID_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                         "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "max_position_embeddings",
+                         "tie_word_embeddings", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                         "linear_value_head_dim", "linear_conv_kernel_dim")
+_MLX_LM_MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+                      "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
+# mlx-lm has no module for the text-only Qwen3.5 types; its qwen3_5 / qwen3_5_moe take a flat text config.
+_MLX_LM_MODEL_TYPES = {"qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}
+
+
+def _mlx_lm_hybrid_keys(a, config: dict) -> dict:
+    """The hybrids' text config as mlx-lm reads it, every field it reads written out, so that its defaults (which
+    differ: norm_topk_prob False for Qwen3-Next, a rope_theta of 1e5 for Qwen3.5) never fill a gap. Its Qwen3-Next
+    requires rope_theta and partial_rotary_factor at the top level (transformers 5 nests them in rope_parameters);
+    its Qwen3.5 reads them from rope_parameters only, and tie_word_embeddings from text_config (transformers 5 writes
+    the top-level one). Both place full attention by full_attention_interval, not layer_types."""
+    nested = isinstance(config.get("text_config"), dict)
+    text = dict(config["text_config"] if nested else config)
+    # mlx-lm's Qwen3-Next requires the MoE fields even of a dense model; its Qwen3.5 has defaults for them.
+    fields = _MLX_LM_HYBRID_FIELDS + (_MLX_LM_MOE_FIELDS if a.num_experts or a.model_type == "qwen3_next" else ())
+    text.update({f: getattr(a, f) for f in fields}, attention_bias=bool(a.attention_bias))
+    interval = mlx_lm_full_attention_interval(a)
+    if interval is not None:
+        text["full_attention_interval"] = interval
+    if a.model_type == "qwen3_next":
+        text.update(rope_theta=a.rope_theta, partial_rotary_factor=a.partial_rotary_factor)
+        if a.rope_type != "default":
+            text["rope_scaling"] = a.rope_scaling
+    else:
+        text["rope_parameters"] = {**(a.rope_scaling or {"rope_type": "default"}), **(text.get("rope_parameters") or {}),
+                                   "rope_theta": a.rope_theta, "partial_rotary_factor": a.partial_rotary_factor}
+    if not nested:
+        return {**text, "model_type": _MLX_LM_MODEL_TYPES.get(a.model_type, a.model_type)}
+    return {"text_config": text, "tie_word_embeddings": a.tie_word_embeddings}
+
+
+def mlx_lm_full_attention_interval(args) -> int | None:
+    """n when exactly every n-th layer is full attention, the only pattern mlx-lm builds the hybrids in; else None."""
+    types = args.layer_types
+    if "full_attention" not in types:
+        return None
+    n = types.index("full_attention") + 1
+    return n if types == ["full_attention" if (i + 1) % n == 0 else "linear_attention" for i in range(len(types))] \
+        else None

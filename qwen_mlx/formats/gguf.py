@@ -1,13 +1,31 @@
-"""GGUF (architectures `qwen2`, `qwen2moe`, `qwen3`, `qwen3moe`) -> a standard Hugging Face folder, or an MLX
-quantized folder that keeps the GGUF's blocks where MLX holds them exactly (qwen_mlx/formats/gguf_blocks.py).
+"""GGUF (architectures `qwen2`, `qwen2moe`, `qwen3`, `qwen3moe`, and the hybrid family's `qwen3next`, `qwen35`,
+`qwen35moe`) -> a standard Hugging Face folder, or an MLX quantized folder that keeps the GGUF's blocks where MLX
+holds them exactly (qwen_mlx/formats/gguf_blocks.py).
 
 The folder holds config.json, generation_config.json, model.safetensors, tokenizer.json and
 tokenizer_config.json, and loads with transformers' `AutoModelForCausalLM.from_pretrained` (Qwen2, Qwen2-MoE,
-Qwen3 or Qwen3-MoE) as well as with this project's own loaders. GGUF stacks each layer's experts into one
-[X, out, in] tensor (`ffn_gate_exps`); they are written back one per expert, as HF checkpoints hold them. Weights are dequantized with the `gguf` package's own
+Qwen3, Qwen3-MoE, Qwen3-Next, or Qwen3.5(-MoE)'s text-only class) as well as with this project's own loaders.
+GGUF stacks each layer's experts into one [X, out, in] tensor (`ffn_gate_exps`); they are written back one per
+expert, as HF checkpoints hold them. Weights are dequantized with the `gguf` package's own
 `gguf.quants.dequantize` (the code llama.cpp ships), so float32 output is exact. Kept blocks are repacked
 bit for bit into MLX's uint32 codes with float32 scales and biases (config.json `quantization`, as mlx-lm
 writes it), and load in this project's MLX backend and in `mlx_lm.load` alike.
+
+The hybrid family: llama.cpp's converter (`convert_hf_to_gguf.py`, conversion/qwen.py) rewrites tensors, and
+each rewrite is undone here (`Source`: which GGUF tensors, which rows and columns, which value fix):
+- `A_log` is stored as -exp(A_log) (`ssm_a`); `dt_bias` as `ssm_dt.bias`; the conv weight C 1 K squeezed to C K;
+- the zero-centred norms (all but the linear layer's gated `ssm_norm`) are stored as 1 + w;
+- Qwen3-Next's `in_proj_qkvz` (q, k, v, z per key head) is split into `attn_qkv` (all q, all k, all v) and
+  `attn_gate` (z); `in_proj_ba` is kept as `ssm_ba`;
+- Qwen3.5's value heads, where they outnumber key heads, are reordered from grouped by key head to tiled
+  (rows of the v part of `attn_qkv`, of `attn_gate`, `ssm_alpha`, `ssm_beta`, `ssm_a`, `ssm_dt`, the conv's v
+  channels, and the columns of `ssm_out`);
+- the multi-token-prediction layer is appended as one more block ("nextn", `{arch}.nextn_predict_layers`):
+  `_block_prefix` and _MTP_NAMES name its tensors as the release does (`mtp.*`), `read_mtp` reads them, and the
+  conversion leaves them out of the folder for now;
+- `--fuse-qkv` (a full-attention layer's `attn_qkv`) and `--fuse-gate-up-exps` (`ffn_gate_up_exps`) are split.
+A row permutation keeps quantized blocks (a block never spans rows); a column permutation keeps them where
+whole blocks move, else the tensor is dequantized.
 
 Deliberately free of torch and mlx: numpy, gguf and tokenizers only.
 """
@@ -15,6 +33,7 @@ Deliberately free of torch and mlx: numpy, gguf and tokenizers only.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -33,8 +52,13 @@ from ..progress import progress_bar
 QWEN2_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# llama.cpp's `tokenizer.ggml.pre` names that use exactly that regex.
-_QWEN2_PRE = {"qwen2", "deepseek-r1-qwen"}
+# Qwen3.5's: letters and combining marks stay together (`[\p{L}\p{M}]+`), as its tokenizer.json has it.
+QWEN35_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+# llama.cpp's `tokenizer.ggml.pre` names -> the split regex each stands for.
+_PRE_REGEX = {"qwen2": QWEN2_SPLIT_REGEX, "deepseek-r1-qwen": QWEN2_SPLIT_REGEX, "qwen35": QWEN35_SPLIT_REGEX}
 
 # gguf leaf name -> HF name inside a decoder layer. llama.cpp's converter does NOT permute q/k rows for
 # qwen2 (it only does for llama-family models), and transformers' GGUF loader agrees: plain renames.
@@ -74,13 +98,46 @@ _EXPERT_NAMES = {
     "ffn_up_exps.weight": "up_proj.weight",
     "ffn_down_exps.weight": "down_proj.weight",
 }
-# GGUF architecture -> (HF model_type, HF class).
+# The hybrid family's tensors (linear layers, gated attention), and the fused ones llama.cpp's converter writes
+# on request. The zero-centred norms among them hold 1 + w (`_PLUS_ONE`).
+_HYBRID_LAYER_NAMES = {
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ssm_ba.weight": "linear_attn.in_proj_ba.weight",
+    "ssm_beta.weight": "linear_attn.in_proj_b.weight",
+    "ssm_alpha.weight": "linear_attn.in_proj_a.weight",
+    "ssm_a": "linear_attn.A_log",
+    "ssm_dt.bias": "linear_attn.dt_bias",
+    "ssm_conv1d.weight": "linear_attn.conv1d.weight",
+    "ssm_norm.weight": "linear_attn.norm.weight",
+    "ssm_out.weight": "linear_attn.out_proj.weight",
+    "attn_gate.weight": "linear_attn.in_proj_z.weight",  # Qwen3.5; Qwen3-Next's joins attn_qkv (_qkvz_rows)
+}
+_HYBRID_ALL_NAMES = _LAYER_NAMES | _HYBRID_LAYER_NAMES
+_PLUS_ONE = ("input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight", "q_norm.weight",
+             "k_norm.weight", "mtp.norm.weight", "pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight")
+# The nextn block's own tensors -> the release's `mtp.*` names (the rest of the block is a decoder layer).
+_MTP_NAMES = {
+    "nextn.eh_proj.weight": "mtp.fc.weight",
+    "nextn.enorm.weight": "mtp.pre_fc_norm_embedding.weight",
+    "nextn.hnorm.weight": "mtp.pre_fc_norm_hidden.weight",
+    "nextn.shared_head_norm.weight": "mtp.norm.weight",
+}
+# GGUF architecture -> (HF model_type, HF class). Qwen3.5's GGUF holds the text model only (its vision tower
+# goes to a separate mmproj file), so it becomes the text-only class.
 ARCHITECTURES = {
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
     "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    "qwen3next": ("qwen3_next", "Qwen3NextForCausalLM"),
+    "qwen35": ("qwen3_5_text", "Qwen3_5ForCausalLM"),
+    "qwen35moe": ("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM"),
 }
+HYBRID_ARCHITECTURES = ("qwen3next", "qwen35", "qwen35moe")
+_MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe", "qwen3next", "qwen35moe")
+_HYBRID_MODEL_TYPES = {ARCHITECTURES[arch][0] for arch in HYBRID_ARCHITECTURES}
+# HF tensors llama.cpp stores squeezed: the [1, hidden] shared-expert gate (may be a vector), the conv's C 1 K.
+_RESHAPED = ("shared_expert_gate.weight", "conv1d.weight")
 _CONTROL, _USER_DEFINED = 3, 4  # gguf.TokenType values
 
 
@@ -143,6 +200,8 @@ def _build_config(meta: dict[str, Any], tensors: dict[str, Any], dtype: str, arc
     heads = int(_require(meta, f"{arch}.attention.head_count"))
     kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
     head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
+    # llama.cpp appends the multi-token-prediction layers to the blocks: they are not decoder layers.
+    layers = int(_require(meta, f"{arch}.block_count")) - int(meta.get(f"{arch}.nextn_predict_layers", 0))
     embed = tensors.get("token_embd.weight")
     if embed is None:
         raise QwenError("GGUF has no token_embd.weight tensor")
@@ -153,7 +212,7 @@ def _build_config(meta: dict[str, Any], tensors: dict[str, Any], dtype: str, arc
         "hidden_size": hidden,
         "intermediate_size": int(meta.get(f"{arch}.feed_forward_length") or 0)
         or int(_require(meta, f"{arch}.expert_feed_forward_length")),  # all-MoE: the dense size is unused
-        "num_hidden_layers": int(_require(meta, f"{arch}.block_count")),
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
@@ -165,7 +224,7 @@ def _build_config(meta: dict[str, Any], tensors: dict[str, Any], dtype: str, arc
         "tie_word_embeddings": "output.weight" not in tensors,
         "use_sliding_window": False,
         "sliding_window": None,
-        "max_window_layers": int(meta[f"{arch}.block_count"]),
+        "max_window_layers": layers,
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
         "use_cache": True,
@@ -187,9 +246,56 @@ def _build_config(meta: dict[str, Any], tensors: dict[str, Any], dtype: str, arc
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
     if model_type == "qwen2_moe":
         config["qkv_bias"] = "blk.0.attn_q.bias" in tensors
-    if model_type.endswith("_moe"):
+    if arch in HYBRID_ARCHITECTURES:
+        for key in ("use_sliding_window", "sliding_window", "max_window_layers"):  # no sliding window there
+            del config[key]
+        config.update(_hybrid_config(meta, arch, config))
+    if arch in _MOE_ARCHITECTURES:
         config.update(_moe_config(meta, tensors, arch, config["num_hidden_layers"]))
     return config
+
+
+def _hybrid_config(meta: dict[str, Any], arch: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The hybrid family's fields from llama.cpp's keys: the Gated DeltaNet sizes (`ssm.*`: the value heads are
+    its time-step rank, the key heads its group count), which layers are linear (`attention.recurrent_layers`,
+    else every `full_attention_interval`-th is full), the rotated share of a head (`rope.dimension_count`)."""
+    layers, head_dim = config["num_hidden_layers"], config["head_dim"]
+    sizes = {key: int(_require(meta, f"{arch}.ssm.{key}")) for key in
+             ("conv_kernel", "state_size", "group_count", "time_step_rank", "inner_size")}
+    if min(sizes.values()) <= 0:
+        raise QwenError(f"GGUF {arch}.ssm.* sizes must be positive, got {sizes}")
+    value_heads = sizes["time_step_rank"]
+    interval = int(meta.get(f"{arch}.full_attention_interval", 4))
+    # The per-layer list first: the converter writes an interval of 4 whenever config.json has none (transformers
+    # 5 saves layer_types alone), whatever the layers are.
+    recurrent = meta.get(f"{arch}.attention.recurrent_layers")
+    if recurrent is not None and len(recurrent) < layers:
+        raise QwenError(f"GGUF {arch}.attention.recurrent_layers names {len(recurrent)} layers, the model has {layers}")
+    kinds = ([bool(r) for r in recurrent[:layers]] if recurrent is not None
+             else [(i + 1) % interval != 0 for i in range(layers)])
+    rotated = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
+    out: dict[str, Any] = {
+        "layer_types": ["linear_attention" if linear else "full_attention" for linear in kinds],
+        "full_attention_interval": interval,
+        "linear_conv_kernel_dim": sizes["conv_kernel"],
+        "linear_key_head_dim": sizes["state_size"],
+        "linear_num_key_heads": sizes["group_count"],
+        "linear_num_value_heads": value_heads,
+        "linear_value_head_dim": sizes["inner_size"] // value_heads,
+        "partial_rotary_factor": rotated / head_dim,
+        "attention_bias": False,
+        # transformers 5 reads RoPE from here; the top-level keys stay for older readers (Qwen3-Next's release).
+        "rope_parameters": {"rope_type": "default", "rope_theta": config["rope_theta"],
+                            "partial_rotary_factor": rotated / head_dim},
+    }
+    sections = meta.get(f"{arch}.rope.dimension_sections")
+    if arch != "qwen3next" and sections is not None:
+        # Qwen3.5's interleaved multimodal RoPE: with text alone every section sees the same position, so it
+        # is plain RoPE here; kept for the record.
+        out["rope_parameters"] |= {"mrope_section": [int(x) for x in sections[:3]], "mrope_interleaved": True}
+    if f"{arch}.nextn_predict_layers" in meta:
+        out["mtp_num_hidden_layers"] = int(meta[f"{arch}.nextn_predict_layers"])
+    return out
 
 
 def _moe_config(meta: dict[str, Any], tensors: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
@@ -206,10 +312,11 @@ def _moe_config(meta: dict[str, Any], tensors: dict[str, Any], arch: str, layers
                                      or (first.shape[1] if first is not None else 0)),
         "decoder_sparse_step": 1,
         "mlp_only_layers": [n for n in range(layers) if n not in moe_layers],
-        # llama.cpp renormalizes the top-k weights of qwen3moe and not those of qwen2moe unless the file says.
-        "norm_topk_prob": bool(meta.get(f"{arch}.expert_weights_norm", arch == "qwen3moe")),
+        # llama.cpp renormalizes the top-k weights of qwen3moe and the hybrids, not those of qwen2moe, unless the
+        # file says.
+        "norm_topk_prob": bool(meta.get(f"{arch}.expert_weights_norm", arch != "qwen2moe")),
     }
-    if arch == "qwen2moe":
+    if arch in ("qwen2moe", "qwen3next", "qwen35moe"):  # the shared expert
         shared = tensors.get(f"blk.{moe_layers[0]}.ffn_gate_shexp.weight")
         out["shared_expert_intermediate_size"] = int(meta.get(f"{arch}.expert_shared_feed_forward_length")
                                                      or (shared.shape[1] if shared is not None else 0))
@@ -241,8 +348,8 @@ def _write_tokenizer(meta: dict[str, Any], folder: Path, model_max_length: int) 
     if model != "gpt2":
         raise QwenError(f"GGUF tokenizer model is {model!r}; a qwen2 checkpoint needs byte-level BPE ('gpt2')")
     pre = meta.get("tokenizer.ggml.pre")
-    if pre not in _QWEN2_PRE:
-        raise QwenError(f"GGUF pre-tokenizer is {pre!r}; supported: {sorted(_QWEN2_PRE)}")
+    if pre not in _PRE_REGEX:
+        raise QwenError(f"GGUF pre-tokenizer is {pre!r}; supported: {sorted(_PRE_REGEX)}")
     tokens: list[str] = list(_require(meta, "tokenizer.ggml.tokens"))
     types: list[int] = [int(t) for t in meta.get("tokenizer.ggml.token_type", [1] * len(tokens))]
     merges_raw: list[str] = list(_require(meta, "tokenizer.ggml.merges"))
@@ -276,7 +383,7 @@ def _write_tokenizer(meta: dict[str, Any], folder: Path, model_max_length: int) 
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(_PRE_REGEX[pre]), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
         ]
     )
@@ -341,19 +448,159 @@ class Job(NamedTuple):
     run: Callable[[], list[np.ndarray]]
 
 
+class Source(NamedTuple):
+    """Where one HF tensor's values sit in the GGUF: its `parts` (GGUF tensors) stacked along their rows, then
+    `rows` taken from those (None: all, in order; an index array: all, reordered; a slice: one part of a fused
+    tensor), `cols` reordered, and `fix` applied to the float values: each undoes one of llama.cpp's rewrites
+    (the module docstring lists them). An expert stack's rows are each expert's own."""
+    parts: tuple[Any, ...]
+    rows: np.ndarray | slice | None = None
+    cols: np.ndarray | None = None
+    fix: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+class Entry(NamedTuple):
+    """One HF tensor of the folder: where it comes from, its name and shape, its expert index in a stack."""
+    source: Source
+    name: str
+    shape: tuple[int, ...]
+    expert: int | None
+
 
 def _hf_names(gguf_name: str, config: dict[str, Any]) -> list[tuple[str, int | None]]:
     """The HF tensor(s) one GGUF tensor becomes: [(name, None)], or [(expert j's name, j)] for a stack."""
     if gguf_name in _TOP_NAMES:
         return [(_TOP_NAMES[gguf_name], None)]
     match = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
-    if match and int(match[1]) < config["num_hidden_layers"]:
-        if match[2] in _LAYER_NAMES:
-            return [(f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}", None)]
-        if match[2] in _EXPERT_NAMES and "num_experts" in config:
-            leaf = _EXPERT_NAMES[match[2]]
-            return [(f"model.layers.{match[1]}.mlp.experts.{j}.{leaf}", j) for j in range(config["num_experts"])]
+    prefix = _block_prefix(int(match[1]), config) if match else None
+    if prefix is not None:
+        leaf = match[2]
+        names = _HYBRID_ALL_NAMES if config["model_type"] in _HYBRID_MODEL_TYPES else _LAYER_NAMES
+        if prefix.startswith("mtp.") and leaf in _MTP_NAMES:
+            return [(_MTP_NAMES[leaf], None)]
+        if leaf in names:
+            return [(prefix + names[leaf], None)]
+        if leaf in _EXPERT_NAMES and "num_experts" in config:
+            return [(f"{prefix}mlp.experts.{j}.{_EXPERT_NAMES[leaf]}", j) for j in range(config["num_experts"])]
     raise QwenError(f"unexpected tensor {gguf_name!r} in a {config['model_type']} GGUF")
+
+
+def _block_prefix(n: int, config: dict[str, Any]) -> str | None:
+    """Block n's HF prefix: a decoder layer's, or for the blocks after them (llama.cpp's "nextn") the release's
+    multi-token-prediction layer's. With _MTP_NAMES (its `mtp.fc` and norms) the one place that block is named:
+    `_plan` leaves `mtp.*` out of the folder for now and `read_mtp` reads it."""
+    layers = config["num_hidden_layers"]
+    if n < layers:
+        return f"model.layers.{n}."
+    return f"mtp.layers.{n - layers}." if n < layers + config.get("mtp_num_hidden_layers", 0) else None
+
+
+def _sources(tensors: dict[str, Any], config: dict[str, Any], arch: str) -> list[tuple[Source, str, int | None]]:
+    """(Source, HF name, expert index or None) for every HF tensor the GGUF holds. Most are one GGUF tensor
+    as stored; the hybrid family's rewrites are undone (`_hybrid_source`), and fused tensors are split."""
+    out: list[tuple[Source, str, int | None]] = []
+    for gguf_name, tensor in tensors.items():
+        leaf = gguf_name.split(".", 2)[-1]
+        if arch in HYBRID_ARCHITECTURES and leaf in ("attn_qkv.weight", "attn_gate.weight"):
+            out += _hybrid_qkv(gguf_name, tensors, config, arch)
+            continue
+        if leaf == "ffn_gate_up_exps.weight":  # --fuse-gate-up-exps: gate rows, then up rows, per expert
+            half = int(tensor.shape[1]) // 2
+            for part, rows in (("ffn_gate_exps", slice(0, half)), ("ffn_up_exps", slice(half, 2 * half))):
+                names = _hf_names(gguf_name.replace("ffn_gate_up_exps", part), config)
+                out += [(Source((tensor,), rows), name, j) for name, j in names]
+            continue
+        for name, expert in _hf_names(gguf_name, config):
+            source = Source((tensor,))
+            out.append((_hybrid_source(source, name, config) if arch in HYBRID_ARCHITECTURES else source, name, expert))
+    return out
+
+
+def _hybrid_qkv(gguf_name: str, tensors: dict[str, Any], config: dict[str, Any],
+                arch: str) -> list[tuple[Source, str, int | None]]:
+    """`attn_qkv` / `attn_gate`: a linear layer's projections (Qwen3-Next's two joined back into
+    `in_proj_qkvz`), or, in a full-attention layer, `--fuse-qkv`'s q, k, v stacked (split again)."""
+    _, n, leaf = gguf_name.split(".", 2)
+    prefix, tensor = _block_prefix(int(n), config), tensors[gguf_name]
+    if prefix is None:
+        raise QwenError(f"unexpected tensor {gguf_name!r} in a {config['model_type']} GGUF")
+    if prefix.startswith("model.") and config["layer_types"][int(n)] == "linear_attention":
+        if arch != "qwen3next":
+            name = prefix + ("linear_attn.in_proj_qkv.weight" if leaf == "attn_qkv.weight" else
+                             "linear_attn.in_proj_z.weight")
+            return [(_hybrid_source(Source((tensor,)), name, config), name, None)]
+        if leaf == "attn_gate.weight":
+            return []  # joined to its attn_qkv
+        gate = tensors.get(gguf_name.replace("attn_qkv", "attn_gate"))
+        if gate is None:
+            raise QwenError(f"GGUF has {gguf_name!r} but not its attn_gate (Qwen3-Next's z projection)")
+        return [(Source((tensor, gate), _qkvz_rows(config)), prefix + "linear_attn.in_proj_qkvz.weight", None)]
+    if leaf == "attn_gate.weight":
+        raise QwenError(f"unexpected tensor {gguf_name!r} in a full-attention layer of a {arch} GGUF")
+    q = 2 * config["num_attention_heads"] * config["head_dim"]  # the queries and their output gate
+    kv = config["num_key_value_heads"] * config["head_dim"]
+    if int(tensor.shape[1]) != q + 2 * kv:
+        raise QwenError(f"GGUF tensor {gguf_name!r} has {int(tensor.shape[1])} rows, the metadata implies {q + 2 * kv}")
+    spans = {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv)}
+    return [(Source((tensor,), span), f"{prefix}self_attn.{proj}.weight", None) for proj, span in spans.items()]
+
+
+def _qkvz_rows(config: dict[str, Any]) -> np.ndarray:
+    """Qwen3-Next: rows of [attn_qkv; attn_gate] (q of every key head, then k, v, z) in `in_proj_qkvz`'s order
+    (q, k, v, z of key head 0, then of key head 1, ...)."""
+    heads, dk = config["linear_num_key_heads"], config["linear_key_head_dim"]
+    dv = config["linear_num_value_heads"] // heads * config["linear_value_head_dim"]  # values per key head
+    kd = heads * dk
+    starts = [(0, dk), (kd, dk), (2 * kd, dv), (2 * kd + heads * dv, dv)]  # q, k, v, z: offset, rows per head
+    return np.concatenate([np.arange(at + g * size, at + (g + 1) * size) for g in range(heads) for at, size in starts])
+
+
+def _untile(config: dict[str, Any], size: int) -> np.ndarray | None:
+    """Qwen3.5: llama.cpp stores the value heads tiled (head r of key head g at r * key_heads + g), the release
+    grouped by key head (at g * per_key + r); `size` features each. The gather that undoes it, None if none."""
+    heads = config["linear_num_key_heads"]
+    per_key = config["linear_num_value_heads"] // heads
+    if per_key == 1:
+        return None
+    return np.arange(per_key * heads * size).reshape(per_key, heads, size).transpose(1, 0, 2).reshape(-1)
+
+
+def _qkv_untile(config: dict[str, Any]) -> np.ndarray | None:
+    """The same for q, k, v stacked (in_proj_qkv's rows, the conv's channels): q and k stay, v is untiled."""
+    v = _untile(config, config["linear_value_head_dim"])
+    kd = 2 * config["linear_num_key_heads"] * config["linear_key_head_dim"]
+    return None if v is None else np.concatenate([np.arange(kd), kd + v])
+
+
+def _hybrid_source(source: Source, name: str, config: dict[str, Any]) -> Source:
+    """The value fixes every hybrid GGUF needs (norms stored 1 + w, A_log as -exp(A_log)), and Qwen3.5's
+    value-head order undone."""
+    if name.endswith(_PLUS_ONE):
+        source = source._replace(fix=_minus_one)
+    elif name.endswith(".A_log"):
+        source = source._replace(fix=_a_log)
+    if config["model_type"] == "qwen3_next":
+        return source
+    if name.endswith(("in_proj_qkv.weight", "conv1d.weight")):
+        return source._replace(rows=_qkv_untile(config))
+    if name.endswith("in_proj_z.weight"):
+        return source._replace(rows=_untile(config, config["linear_value_head_dim"]))
+    if name.endswith(("in_proj_a.weight", "in_proj_b.weight", ".A_log", ".dt_bias")):
+        return source._replace(rows=_untile(config, 1))
+    if name.endswith("out_proj.weight"):
+        return source._replace(cols=_untile(config, config["linear_value_head_dim"]))
+    return source
+
+
+def _minus_one(values: np.ndarray) -> np.ndarray:
+    """A zero-centred norm's w from the stored 1 + w (exact: a float32 in [0.5, 2] minus 1 is)."""
+    return values - np.float32(1)
+
+
+def _a_log(values: np.ndarray) -> np.ndarray:
+    """A_log from the stored -exp(A_log)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log(-values)
 
 
 def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -380,32 +627,93 @@ def _cast(values: np.ndarray, dtype: str) -> np.ndarray:
     return rounded
 
 
-def _float_job(tensor, name: str, shape: tuple[int, ...], expert: int | None, dtype: str) -> Job:
-    """One GGUF tensor (or one expert of a stack) dequantized by `gguf.quants.dequantize`, cast to `dtype`."""
+def _shape(source: Source) -> tuple[int, ...]:
+    """The numpy shape of a source's values (an expert stack's X first), before any reshape to the HF shape."""
+    shapes = [tuple(int(d) for d in reversed(t.shape)) for t in source.parts]
+    axis = max(len(shapes[0]) - 2, 0)  # the rows: a matrix's (each expert's), a vector's elements
+    if any(len(s) != len(shapes[0]) or s[:axis] + s[axis + 1:] != shapes[0][:axis] + shapes[0][axis + 1:]
+           for s in shapes):
+        raise QwenError(f"GGUF tensors {[t.name for t in source.parts]} cannot be stacked: shapes {shapes}")
+    shape = list(shapes[0])
+    shape[axis] = sum(s[axis] for s in shapes)
+    # The reorders come from the metadata's head counts: a file whose tensors disagree must fail here, in words.
+    for order, at, what in ((source.rows, axis, "rows"), (source.cols, -1, "columns")):
+        if isinstance(order, np.ndarray) and len(order) != shape[at]:
+            raise QwenError(f"GGUF tensor {source.parts[0].name!r} has {shape[at]} {what}, the metadata implies "
+                            f"{len(order)}")
+    if isinstance(source.rows, slice):
+        shape[axis] = len(range(shape[axis])[source.rows])
+    return tuple(shape)
+
+
+def _take_rows(values: np.ndarray, rows: np.ndarray | slice | None, axis: int) -> np.ndarray:
+    """`values` with Source.rows applied along `axis` (a slice is a view)."""
+    if rows is None:
+        return values
+    index = [slice(None)] * values.ndim
+    index[axis] = rows
+    return values[tuple(index)]
+
+
+def _values(source: Source, expert: int | None) -> np.ndarray:
+    """A source's float32 values (one expert's, for a stack), dequantized by `gguf.quants.dequantize`."""
+    from gguf.quants import dequantize
+
+    # GGUF lists dims fastest-first; `dequantize` returns numpy (row-major) order already. An expert is one row
+    # of its stack's leading axis, quantized blocks included (they never span experts).
+    arrays = [dequantize(t.data if expert is None else t.data[expert], t.tensor_type) for t in source.parts]
+    axis = -2 if arrays[0].ndim > 1 else 0
+    values = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=axis)
+    values = _take_rows(values, source.rows, axis)
+    if source.cols is not None:
+        values = np.take(values, source.cols, axis=-1)
+    return values if source.fix is None else source.fix(values)
+
+
+def _block_order(cols: np.ndarray, per_block: int) -> np.ndarray | None:
+    """A column gather as a gather of whole quantized blocks (their order), or None where it splits a block."""
+    runs = cols.reshape(-1, per_block) if cols.size % per_block == 0 else None
+    if runs is None or (runs[:, 0] % per_block).any() or (runs != runs[:, :1] + np.arange(per_block)).any():
+        return None
+    return runs[:, 0] // per_block
+
+
+def _raw_rows(source: Source) -> np.ndarray:
+    """A kept source's raw blocks [..., rows, row bytes], its rows and whole blocks gathered; the memory map
+    itself where nothing moves."""
+    data = np.concatenate([np.asarray(t.data) for t in source.parts], axis=-2) if len(source.parts) > 1 \
+        else np.asarray(source.parts[0].data)
+    data = _take_rows(data, source.rows, data.ndim - 2)
+    if source.cols is not None:
+        _, _, size, per_block = KEPT[int(source.parts[0].tensor_type)]
+        blocks = data.reshape(*data.shape[:-1], -1, size)
+        data = blocks[..., _block_order(source.cols, per_block), :].reshape(data.shape)
+    return data
+
+
+def _float_job(entry: Entry, dtype: str) -> Job:
+    """One HF tensor (or one expert of a stack) dequantized, its rewrites undone, cast to `dtype`."""
     def run() -> list[np.ndarray]:
-        from gguf.quants import dequantize
-
-        # GGUF lists dims fastest-first; `dequantize` returns numpy (row-major) order already. An expert is
-        # one row of its stack's leading axis, quantized blocks included (they never span experts).
-        data = tensor.data if expert is None else tensor.data[expert]
-        return [_cast(dequantize(data, tensor.tensor_type).reshape(shape), dtype)]
-    return Job([(name, SAFETENSORS[dtype], shape)], run)
+        return [_cast(_values(entry.source, entry.expert).reshape(entry.shape), dtype)]
+    return Job([(entry.name, SAFETENSORS[dtype], entry.shape)], run)
 
 
-def _kept_job(tensor, module: str, shape: tuple[int, ...]) -> Job:
-    """One GGUF tensor whose blocks are MLX affine groups: packed codes, float32 scales and biases (quant.gguf_blocks).
-    Rows go through in slices so a 150k-row embedding never unpacks all at once."""
-    bits = kept_bits(tensor.tensor_type)
+def _kept_job(source: Source, module: str, shape: tuple[int, ...]) -> Job:
+    """One matrix (or expert stack) whose blocks are MLX affine groups: packed codes, float32 scales and biases
+    (gguf_blocks). Rows go through in slices so a 150k-row embedding never unpacks all at once."""
+    qtype = source.parts[0].tensor_type
+    bits = kept_bits(qtype)
     *lead, n = shape
     groups = n // GROUP_SIZE
     entries = [(f"{module}.weight", "U32", (*lead, n * bits // 32)), (f"{module}.scales", "F32", (*lead, groups)),
                (f"{module}.biases", "F32", (*lead, groups))]
 
     def run() -> list[np.ndarray]:
-        data = np.asarray(tensor.data).reshape(-1, tensor.data.shape[-1])  # [rows, row bytes]
-        parts = [to_mlx(data[i:i + 8192], tensor.tensor_type) for i in range(0, data.shape[0], 8192)]
+        data = _raw_rows(source)
+        data = data.reshape(-1, data.shape[-1])  # [rows, row bytes]
+        parts = [to_mlx(data[i:i + 8192], qtype) for i in range(0, data.shape[0], 8192)]
         if any(p is None for p in parts):
-            raise QwenError(f"tensor {tensor.name!r} has non-finite block scales")
+            raise QwenError(f"tensor {source.parts[0].name!r} has non-finite block scales")
         return [np.concatenate([p[k] for p in parts]).reshape(e[2]) for k, e in enumerate(entries)]
     return Job(entries, run)
 
@@ -462,15 +770,9 @@ def convert_gguf(
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     check_output_folder(out_dir, force)  # before the long work, not after it
 
-    reader = _open(gguf_path)
-    meta = _metadata(reader)
-    arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise QwenError(f"{gguf_path.name} has architecture {arch!r}; only {', '.join(map(repr, ARCHITECTURES))} "
-                        "GGUFs can be converted")
-    tensors = {t.name: t for t in reader.tensors}
+    reader, meta, arch, tensors = _read(gguf_path)
     config = _build_config(meta, tensors, dtype or "float32", arch)
-    plan = _plan(reader, config, arch)
+    plan = _plan(tensors, config, arch)
     jobs, quantized = _jobs(plan, dtype, config)
     if quantized:
         config["quantization"] = config["quantization_config"] = quantized
@@ -484,58 +786,95 @@ def convert_gguf(
     return out_dir
 
 
-def _plan(reader, config: dict[str, Any], arch: str) -> list[tuple[Any, str, tuple[int, ...], int | None]]:
-    """(GGUF tensor, HF name, HF shape, expert index or None) for every tensor, checked against the config."""
+def _read(gguf_path: Path) -> tuple[Any, dict[str, Any], str, dict[str, Any]]:
+    """The reader, its metadata, its architecture (one this module converts) and its tensors by name."""
+    reader = _open(gguf_path)
+    meta = _metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise QwenError(f"{gguf_path.name} has architecture {arch!r}; only {', '.join(map(repr, ARCHITECTURES))} "
+                        "GGUFs can be converted")
+    return reader, meta, arch, {t.name: t for t in reader.tensors}
+
+
+def read_mtp(gguf_path: str | Path) -> dict[str, np.ndarray]:
+    """A hybrid GGUF's multi-token-prediction layer (llama.cpp's "nextn" block) as float32 arrays under the
+    release's names (`mtp.fc.weight`, `mtp.layers.0.*` with experts one by one, ...), each rewrite undone as for
+    the decoder layers; {} for a file without one (written with `--no-mtp`). `convert_gguf` leaves it out of the
+    folder: a speculative decoder reads it from here, or has `_plan` keep `mtp.*` (checked against the shapes of
+    a full-attention layer of the model)."""
+    _, meta, arch, tensors = _read(Path(gguf_path))
+    if arch not in HYBRID_ARCHITECTURES:
+        return {}
+    config = _build_config(meta, tensors, "float32", arch)
+    _expected_shapes(config)  # the config checked, as for a conversion
+    return {name: _values(source, expert) for source, name, expert in _sources(tensors, config, arch)
+            if name.startswith("mtp.")}
+
+
+def _plan(tensors: dict[str, Any], config: dict[str, Any], arch: str) -> list[Entry]:
+    """Every HF tensor of the folder, checked against the config."""
     expected = _expected_shapes(config)
-    plan = []
-    for tensor in reader.tensors:
-        names = _hf_names(tensor.name, config)
-        shape = tuple(int(d) for d in reversed(tensor.shape))
-        if names[0][1] is not None:  # an expert stack: X experts of [out, in]
-            if shape[0] != len(names):
-                raise QwenError(f"tensor {tensor.name!r} stacks {shape[0]} experts, the metadata says {len(names)}")
+    plan: dict[str, Entry] = {}
+    for source, name, expert in _sources(tensors, config, arch):
+        if name.startswith("mtp."):
+            continue  # the multi-token-prediction layer: not run yet (read_mtp reads it)
+        stored = source.parts[0].name
+        shape = _shape(source)
+        if expert is not None:  # an expert stack: X experts of [out, in]
+            if shape[0] != config["num_experts"]:
+                raise QwenError(f"tensor {stored!r} stacks {shape[0]} experts, the metadata says {config['num_experts']}")
             shape = shape[1:]
-        for name, expert in names:
-            want = expected.get(name)
-            if want and name.endswith("shared_expert_gate.weight") and shape == want[1:]:
-                shape = want  # llama.cpp may store the [1, hidden] gate as a vector
-            if want != shape:
-                raise QwenError(f"tensor {tensor.name!r} has shape {shape}, the metadata implies {want}")
-            plan.append((tensor, name, shape, expert))
-    missing = set(expected) - {name for _, name, _, _ in plan}
+        want = expected.get(name)
+        if want and want != shape and name.endswith(_RESHAPED) and math.prod(want) == math.prod(shape):
+            shape = want  # stored squeezed: the [1, hidden] shared-expert gate, the conv's C 1 K weight
+        if want != shape:
+            raise QwenError(f"tensor {stored!r} has shape {shape}, the metadata implies {want}")
+        if name in plan:
+            raise QwenError(f"GGUF holds {name} twice ({plan[name].source.parts[0].name!r} and {stored!r})")
+        plan[name] = Entry(source, name, shape, expert)
+    missing = set(expected) - set(plan)
+    if missing and not any(name.startswith("model.layers.") for name in plan):
+        raise QwenError(f"this {arch} GGUF holds no decoder layer (a draft-only file, as convert_hf_to_gguf.py --mtp "
+                        "writes?); load the model's own GGUF")
     if missing:
         raise QwenError(f"GGUF lacks {len(missing)} tensors of a {arch} model, e.g. {sorted(missing)[0]!r}")
-    return plan
+    return list(plan.values())
 
 
-def _jobs(plan: list[tuple[Any, str, tuple[int, ...], int | None]], dtype: str | None,
-          config: dict[str, Any]) -> tuple[list[Job], dict[str, Any] | None]:
+def _jobs(plan: list[Entry], dtype: str | None, config: dict[str, Any]) -> tuple[list[Job], dict[str, Any] | None]:
     """What to write, and the folder's `quantization` (None for a float folder). Kept: every matrix whose
     GGUF type is in KEPT, an expert stack as one `mlp.switch_mlp.<proj>` [X, out, in] module as mlx-lm
     stores it; the default bits are the commonest, others per-module overrides, float matrices `false`."""
-    def keep(tensor, name: str, shape: tuple[int, ...]) -> bool:
-        return (dtype is None and int(tensor.tensor_type) in KEPT and name.endswith(".weight") and "norm" not in name
-                and len(shape) == 2 and tuple(reversed(tensor.shape))[-2:] == shape)
+    def keep(entry: Entry) -> bool:
+        source, qtype = entry.source, int(entry.source.parts[0].tensor_type)
+        return (dtype is None and qtype in KEPT and source.fix is None
+                and all(int(t.tensor_type) == qtype for t in source.parts)
+                and entry.name.endswith(".weight") and "norm" not in entry.name and len(entry.shape) == 2
+                and _shape(source)[-2:] == entry.shape
+                and (source.cols is None or _block_order(source.cols, KEPT[qtype][3]) is not None))
 
-    if not any(keep(t, name, shape) for t, name, shape, _ in plan):
-        return [_float_job(t, name, shape, expert, dtype or "float32") for t, name, shape, expert in plan], None
+    if not any(keep(entry) for entry in plan):
+        return [_float_job(entry, dtype or "float32") for entry in plan], None
     config["torch_dtype"] = config["dtype"] = "float32"
     jobs, bits, floats, stacks = [], {}, [], set()
-    for tensor, name, shape, expert in plan:
-        module = name.removesuffix(".weight")
-        if not keep(tensor, name, shape):
-            jobs.append(_float_job(tensor, name, shape, expert, "float32"))
-            if name.endswith(".weight") and "norm" not in name and len(shape) == 2:
-                floats.append(re.sub(r"\.experts\.\d+\.", ".switch_mlp.", module) if expert is not None else module)
-            continue
-        if expert is not None:  # the whole stack at once, the first time one of its experts comes by
+    for entry in plan:
+        module = entry.name.removesuffix(".weight")
+        if entry.expert is not None:
             module = re.sub(r"\.experts\.\d+\.", ".switch_mlp.", module)
+        if not keep(entry):
+            jobs.append(_float_job(entry, "float32"))
+            if entry.name.endswith(".weight") and "norm" not in entry.name and len(entry.shape) == 2:
+                floats.append(module)
+            continue
+        shape = entry.shape
+        if entry.expert is not None:  # the whole stack at once, the first time one of its experts comes by
             if module in stacks:
                 continue
             stacks.add(module)
-            shape = (int(tensor.shape[2]), *shape)
-        jobs.append(_kept_job(tensor, module, shape))
-        bits[module] = kept_bits(tensor.tensor_type)
+            shape = (_shape(entry.source)[0], *shape)
+        jobs.append(_kept_job(entry.source, module, shape))
+        bits[module] = kept_bits(entry.source.parts[0].tensor_type)
     default = max(sorted(set(bits.values())), key=list(bits.values()).count)
     quantization: dict[str, Any] = {"group_size": GROUP_SIZE, "bits": default, "mode": "affine"}
     quantization.update({m: {"group_size": GROUP_SIZE, "bits": b} for m, b in bits.items() if b != default})

@@ -30,6 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelArgs
+from ..errors import QwenError
 from .base import attention_weights, scaled_dot_product_attention
 from .cache import KV_GROUP_SIZE, Cache, KVCache, QuantizedKVCache, RecurrentCache
 from .layers import Linear
@@ -275,7 +276,10 @@ class Qwen3NextForCausalLM(Qwen2ForCausalLM):
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """The checkpoint's keys as this model names them: experts stored fused (transformers 5's
         `experts.gate_up_proj` X 2I E and `experts.down_proj` X E I) or mlx-lm's `switch_mlp` become the stacked
-        `experts.<proj>.weight`, and experts stored one by one are stacked."""
+        `experts.<proj>.weight`, and experts stored one by one are stacked. A folder mlx-lm wrote is turned back
+        into the checkpoint's layout first (`from_mlx_lm`)."""
+        if stored_by_mlx_lm(weights):
+            weights = from_mlx_lm(weights)
         out = {}
         for key, value in weights.items():
             if key.endswith(".mlp.experts.gate_up_proj"):
@@ -291,6 +295,35 @@ class Qwen3NextForCausalLM(Qwen2ForCausalLM):
         """A recurrent state per linear layer; per attention layer a KV cache (quantized with `kv_bits`)."""
         return [RecurrentCache() if layer.linear else
                 QuantizedKVCache(kv_bits, kv_group_size) if kv_bits else KVCache() for layer in self.model.layers]
+
+
+# The zero-centred norms (scaled by 1 + w here): mlx-lm runs them as plain RMSNorm, so it stores 1 + w. The linear
+# layer's gated norm (`linear_attn.norm`) scales by w in both.
+MLX_LM_PLUS_ONE_NORMS = (".input_layernorm.weight", ".post_attention_layernorm.weight", "model.norm.weight",
+                         ".q_norm.weight", ".k_norm.weight")
+
+
+def stored_by_mlx_lm(weights: dict[str, mx.array]) -> bool:
+    """Whether the weights are in mlx-lm's layout, told as mlx-lm's own sanitize tells it: the depthwise conv weight
+    is C K 1 (MLX's Conv1d) there, C 1 K in HF checkpoints. mlx-lm sanitizes the norms in the same step, so the
+    conv's layout says theirs too. A folder mixing both is refused: its norms could be read either way."""
+    convs = [v.shape for k, v in weights.items() if k.endswith(".conv1d.weight")]
+    mlx_lm = [s[-1] == 1 and s[1] != 1 for s in convs]
+    if any(mlx_lm) and not all(mlx_lm):
+        raise QwenError("the linear layers' conv1d weights are stored in both HF's C 1 K and mlx-lm's C K 1 "
+                        "layouts; a checkpoint holds one")
+    return any(mlx_lm)
+
+
+def from_mlx_lm(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """mlx-lm's layout -> the checkpoint's: conv weight C K 1 -> C 1 K, and w back from the stored 1 + w of the
+    zero-centred norms (exact where 1 + w >= 0.5, as a subtraction of 1 is, so the norm's 1 + w is the stored
+    value again)."""
+    def undo(key: str, value: mx.array) -> mx.array:
+        if key.endswith(".conv1d.weight"):
+            return value.swapaxes(1, 2)
+        return value - 1 if key.endswith(MLX_LM_PLUS_ONE_NORMS) else value
+    return {key: undo(key, value) for key, value in weights.items()}
 
 
 Model = Qwen3NextForCausalLM  # the family's entry point (qwen_mlx/models/__init__.py)

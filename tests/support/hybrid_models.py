@@ -5,6 +5,10 @@ as the releases are: Qwen3.5's multimodal class with its vision tower, and a mul
 Shapes cover what the releases vary: value heads outnumbering key heads (Qwen3-Next, Qwen3.5-MoE) or not,
 partial RoPE, tied and untied embeddings, MoE with a shared expert, a dense MLP layer among MoE ones
 (`mlp_only_layers`), and 3 linear : 1 full attention layers as released or 1 : 1.
+
+The `mtp.*` layer is whole, as released (llama.cpp's converter turns it into its "nextn" block): `mtp.fc`
+[H, 2H], its three norms, and `mtp.layers.0.*` shaped as a full-attention decoder layer with the model's MLP
+or MoE (experts one by one).
 """
 
 from __future__ import annotations
@@ -36,10 +40,11 @@ HF_CLASSES = {"qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM"),
               "qwen3_5_moe": ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration")}
 
 
-def write_hybrid_model(folder: Path, name: str, seed: int = 0) -> Path:
+def write_hybrid_model(folder: Path, name: str, seed: int = 0, **overrides: Any) -> Path:
     """Save `name`'s random model with transformers (float32), an `mtp.*` layer beside it, and the tiny
     tokenizer. Weights are drawn wider than the init (norms and decay parameters kept in their ranges), so
-    logits differ clearly between tokens."""
+    logits differ clearly between tokens. `overrides` replace entries of the named config (e.g.
+    `mlp_only_layers=[]`)."""
     import torch
     import transformers
     from safetensors.torch import save_file
@@ -47,7 +52,7 @@ def write_hybrid_model(folder: Path, name: str, seed: int = 0) -> Path:
     from benchmarks.checkpoints.tiny_tokenizer import write_tiny_tokenizer
 
     torch.manual_seed(seed)
-    values = dict(HYBRID_CONFIGS[name])
+    values = {**HYBRID_CONFIGS[name], **overrides}
     model_type = values.pop("model_type")
     config_class, model_class = (getattr(transformers, c) for c in HF_CLASSES[model_type])
     if model_type == "qwen3_next":
@@ -65,13 +70,31 @@ def write_hybrid_model(folder: Path, name: str, seed: int = 0) -> Path:
             else:
                 p.normal_(0.0, 0.2)
     model.save_pretrained(folder)
-    h = values["hidden_size"]
-    mtp = {"mtp.fc.weight": torch.randn(h, 2 * h), "mtp.norm.weight": torch.zeros(h),
-           "mtp.pre_fc_norm_embedding.weight": torch.zeros(h), "mtp.pre_fc_norm_hidden.weight": torch.zeros(h),
-           "mtp.layers.0.self_attn.k_proj.weight": torch.randn(values["num_key_value_heads"] * values["head_dim"], h)}
-    save_file(mtp, str(folder / "model-mtp.safetensors"))
+    save_file(_mtp_layer(folder, seed), str(folder / "model-mtp.safetensors"))
     write_tiny_tokenizer(folder, vocab_size=values["vocab_size"])
     return folder
+
+
+def _mtp_layer(folder: Path, seed: int) -> dict[str, Any]:
+    """The multi-token-prediction layer as the releases store it: `fc`, its norms (zero-centred, like the
+    model's) and one full-attention decoder layer, the shapes taken from a full-attention layer of the model
+    (a MoE one where the model has experts). Drawn from its own generator: the model's weights do not move."""
+    import torch
+
+    from qwen_mlx.config import ModelArgs
+
+    args = ModelArgs.from_folder(folder)
+    full = [i for i in range(args.num_hidden_layers) if i not in args.linear_layers]
+    layer = next((i for i in full if args.is_moe_layer(i)), full[0])
+    prefix = f"model.layers.{layer}."
+    generator = torch.Generator().manual_seed(seed + 1)
+    h = args.hidden_size
+    shapes = {"mtp.fc.weight": (h, 2 * h), "mtp.norm.weight": (h,), "mtp.pre_fc_norm_embedding.weight": (h,),
+              "mtp.pre_fc_norm_hidden.weight": (h,)}
+    shapes |= {"mtp.layers.0." + k.removeprefix(prefix): v for k, v in args.weight_shapes().items()
+               if k.startswith(prefix)}
+    return {k: (torch.rand(shape, generator=generator) - 0.5 if k.endswith("norm.weight")
+                else torch.randn(shape, generator=generator) * 0.2) for k, shape in shapes.items()}
 
 
 def fuse_experts(src: Path, dst: Path) -> Path:
