@@ -101,6 +101,30 @@ def _kv(kv_bits, kv_group_size) -> dict:
     return {"kv_bits": int(kv_bits) if kv_bits else None, "kv_group_size": int(kv_group_size)}
 
 
+def spec_options(f):
+    """Speculative decoding (mlx; qwen_mlx/engine/speculative.py): the same tokens, sooner where drafts hold."""
+    f = click.option("--num-draft-tokens", type=int, default=None,
+                     help="most tokens drafted per step (adapted to the acceptance) [default: 8 with "
+                          "--prompt-lookup, 4 with --draft-model]")(f)
+    f = click.option("--draft-model", default=None,
+                     help="speculative decoding with a smaller model of the same tokenizer (a folder, .gguf or "
+                          "Hub id)")(f)
+    return click.option("--prompt-lookup", is_flag=True,
+                        help="speculative decoding with drafts copied from the prompt and the reply so far "
+                             "(edits, code, quoting answers)")(f)
+
+
+def _speculation(loaded, dtype, prompt_lookup, draft_model, num_draft_tokens):
+    """(the requests' Speculation or None, the drafters an engine needs for it); the draft model loaded."""
+    from qwen_mlx.engine.speculative import load_draft_model, speculation_from_flags
+
+    speculation = speculation_from_flags(prompt_lookup, draft_model, num_draft_tokens)
+    if speculation is not None and loaded.backend.name != "mlx":
+        raise QwenError("speculative decoding needs the mlx backend")
+    drafters = {"draft-model": load_draft_model(draft_model, loaded.tokenizer, dtype)} if draft_model else {}
+    return speculation, drafters
+
+
 NO_THINK = click.option("--no-think", is_flag=True,
                         help="Qwen3: answer without reasoning first (the chat template's enable_thinking=False)")
 
@@ -161,8 +185,9 @@ def cli():
 @NO_THINK
 @PROMPT_CACHE
 @kv_options
+@spec_options
 def chat(backend, model, dtype, quantize, onnx_dtype, max_tokens, stop, system, no_think, prompt_cache, kv_bits,
-         kv_group_size, **sampling):
+         kv_group_size, prompt_lookup, draft_model, num_draft_tokens, **sampling):
     """Multi-turn chat in the terminal, replies streamed."""
     from qwen_mlx.chat import run_chat
 
@@ -178,7 +203,9 @@ def chat(backend, model, dtype, quantize, onnx_dtype, max_tokens, stop, system, 
         system = system if system is not None else cached.system
         first = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "?"}]
         check_prefix(cached.tokens, loaded.tokenizer.encode_chat(first))
-    run_chat(loaded, params, max_tokens, system=system, stop=tuple(stop), session=session)
+    speculation, drafters = _speculation(loaded, dtype, prompt_lookup, draft_model, num_draft_tokens)
+    run_chat(loaded, params, max_tokens, system=system, stop=tuple(stop), session=session, speculation=speculation,
+             drafters=drafters)
 
 
 @cli.command()
@@ -189,8 +216,9 @@ def chat(backend, model, dtype, quantize, onnx_dtype, max_tokens, stop, system, 
 @NO_THINK
 @PROMPT_CACHE
 @kv_options
+@spec_options
 def generate(backend, model, dtype, quantize, onnx_dtype, max_tokens, stop, prompt, raw, system, no_think,
-             prompt_cache, kv_bits, kv_group_size, **sampling):
+             prompt_cache, kv_bits, kv_group_size, prompt_lookup, draft_model, num_draft_tokens, **sampling):
     """One reply to one prompt: the text on stdout, a JSON stats line last on stderr."""
     from qwen_mlx.engine import local_engine, stream_generate
     from qwen_mlx.engine.text import GenerationStats
@@ -213,9 +241,11 @@ def generate(backend, model, dtype, quantize, onnx_dtype, max_tokens, stop, prom
     if cached is not None:
         from qwen_mlx.prompt_cache import check_prefix
         check_prefix(cached.tokens, ids)
+    speculation, drafters = _speculation(loaded, dtype, prompt_lookup, draft_model, num_draft_tokens)
     stats = GenerationStats()
     engine = local_engine(loaded.backend, tok, session)  # the server's generation loop, a batch of one
-    for piece in stream_generate(engine, ids, params, max_tokens, tuple(stop), stats):
+    engine.drafters.update(drafters)
+    for piece in stream_generate(engine, ids, params, max_tokens, tuple(stop), stats, speculation):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -258,8 +288,9 @@ def cache_prompt(backend, model, dtype, quantize, onnx_dtype, doc, raw, out):
               help="seconds in-flight requests get to finish after Ctrl-C / SIGTERM")
 @NO_THINK
 @kv_options
+@spec_options
 def serve(backend, model, dtype, quantize, onnx_dtype, host, port, max_batch, max_queue, max_tokens, api_key, grace,
-          no_think, kv_bits, kv_group_size):
+          no_think, kv_bits, kv_group_size, prompt_lookup, draft_model, num_draft_tokens):
     """An OpenAI-compatible HTTP server (chat, completions, streaming) with continuous batching."""
     from qwen_mlx.serve import require_extra, serve as run_server
 
@@ -275,8 +306,9 @@ def serve(backend, model, dtype, quantize, onnx_dtype, host, port, max_batch, ma
 
     loaded = load(backend, model, dtype, quantize, **_kv(kv_bits, kv_group_size), onnx_dtype=onnx_dtype)
     _thinking_switch(loaded, no_think)  # the default; a request's chat_template_kwargs can still say otherwise
+    speculation, drafters = _speculation(loaded, dtype, prompt_lookup, draft_model, num_draft_tokens)
     run_server(loaded, host, port, max_batch=max_batch, api_key=api_key, max_queue=max_queue,
-               max_tokens=max_tokens, grace=grace)
+               max_tokens=max_tokens, grace=grace, speculation=speculation, drafters=drafters)
 
 
 @cli.command()

@@ -15,6 +15,7 @@ from .backends import LoadedModel
 from .engine import Engine, local_engine, stream_generate
 from .errors import QwenError
 from .backends.base import Session
+from .engine.speculative import Drafter, Speculation
 from .engine.text import GenerationStats
 from .sampling import SamplingParams
 from .text_input import check_text
@@ -24,10 +25,13 @@ HELP = "/reset forgets the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops 
 
 def run_chat(loaded: LoadedModel, params: SamplingParams, max_tokens: int, system: str | None = None,
              stop: tuple[str, ...] = (), read: Callable[[str], str] = input, out: TextIO = sys.stdout,
-             err: TextIO = sys.stderr, session: Session | None = None) -> tuple[list[dict], Engine]:
+             err: TextIO = sys.stderr, session: Session | None = None, speculation: Speculation | None = None,
+             drafters: dict[str, Drafter] | None = None) -> tuple[list[dict], Engine]:
     """Run until /exit or end of input; returns the conversation and the engine (for tests). `session`:
-    one whose cache already holds a prefix (a saved prompt cache), else the engine starts empty."""
+    one whose cache already holds a prefix (a saved prompt cache), else the engine starts empty.
+    `speculation` and `drafters`: speculative decoding (qwen_mlx/engine/speculative.py)."""
     engine = local_engine(loaded.backend, loaded.tokenizer, session)
+    engine.drafters.update(drafters or {})
     tokenizer = loaded.tokenizer
     context = loaded.backend.args.context_length
     start = [{"role": "system", "content": system}] if system else []
@@ -71,7 +75,7 @@ def run_chat(loaded: LoadedModel, params: SamplingParams, max_tokens: int, syste
         stats = GenerationStats()
         reply = ""
         try:
-            for piece in stream_generate(engine, prompt, params, max_tokens, stop, stats):
+            for piece in stream_generate(engine, prompt, params, max_tokens, stop, stats, speculation):
                 reply += piece
                 out.write(piece)
                 out.flush()
@@ -87,7 +91,9 @@ def run_chat(loaded: LoadedModel, params: SamplingParams, max_tokens: int, syste
         if stats.generation_tokens:
             print(f"[{stats.prompt_tokens} prompt tokens, {stats.prompt_tps:.1f} tok/s | "
                   f"{stats.generation_tokens} tokens, {stats.generation_tps:.1f} tok/s | "
-                  f"peak {stats.peak_memory_gb:.2f} GB]", file=err)
+                  f"peak {stats.peak_memory_gb:.2f} GB"
+                  + (f" | drafts kept {stats.accepted_tokens}/{stats.draft_tokens}" if stats.draft_tokens else "")
+                  + "]", file=err)
 
 
 def _describe(e: Exception) -> str:

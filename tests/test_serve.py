@@ -122,6 +122,27 @@ def test_stop_and_max_tokens(server, library):
     assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
 
 
+def test_a_request_speculates_with_the_same_greedy_text(server, library):
+    """A request's own `speculative` field (this server's extension): prompt lookup gives the plain greedy
+    text; a drafter the server has not loaded, or a draft length out of range, is a 400 naming the field."""
+    c = server.client()
+    text, _ = reference(library, chat_ids(library, MESSAGES), 20, temperature=0)
+    for options in ({"method": "prompt-lookup", "num_draft_tokens": 4}, {"method": "none"}):
+        r = c.chat.completions.create(model=_model(server), messages=MESSAGES, temperature=0, max_tokens=20,
+                                      extra_body={"speculative": options})
+        assert r.choices[0].message.content == text
+    r = c.completions.create(model=_model(server), prompt="one two one two one two", max_tokens=12, temperature=0)
+    again = c.completions.create(model=_model(server), prompt="one two one two one two", max_tokens=12,
+                                 temperature=0, extra_body={"speculative": {"method": "prompt-lookup"}})
+    assert again.choices[0].text == r.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="start with --draft-model"):
+        c.chat.completions.create(model=_model(server), messages=MESSAGES, max_tokens=4,
+                                  extra_body={"speculative": {"method": "draft-model"}})
+    with pytest.raises(openai.BadRequestError, match="speculative.num_draft_tokens"):
+        c.chat.completions.create(model=_model(server), messages=MESSAGES, max_tokens=4,
+                                  extra_body={"speculative": {"method": "prompt-lookup", "num_draft_tokens": 99}})
+
+
 def test_seed_replays_a_sampled_reply(server):
     c = server.client()
     kw = dict(model=_model(server), messages=MESSAGES, temperature=1.0, top_p=0.95, max_tokens=24)

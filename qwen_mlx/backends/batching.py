@@ -81,6 +81,9 @@ class SerialBatch:
         self.args = backend.args
         self.device = backend.device
         self.session = session or Session(backend)  # one may come with its cache filled (a saved prompt)
+        # Speculative decoding where the backend can feed several tokens for all their logits and go back.
+        self.verify = self._verify if hasattr(backend, "forward_all") else None
+        self._verified: tuple[int, Any, list[int]] | None = None
 
     def start(self, prompt: Sequence[int]) -> tuple[SerialSeq, int]:
         seq = SerialSeq(prompt)
@@ -96,6 +99,34 @@ class SerialBatch:
         assert len(seqs) == 1, "a serial backend runs one sequence at a time"
         seqs[0].tokens.append(tokens[0])
         return self.session.step(tokens[0])[None]
+
+    def _verify(self, seq: SerialSeq, tokens: Sequence[int]) -> np.ndarray:
+        """BatchBackend.verify on the one cache: logits of every position; `rollback` goes back from it."""
+        snapshot = self.backend.snapshot()
+        try:
+            logits = self.backend.forward_all(tokens)
+        except BaseException:  # as Session._feed: a forward cut short leaves the cache as it was
+            self.backend.rewind(snapshot)
+            raise
+        self._verified = (len(self.session.tokens), snapshot, list(tokens))
+        self.session.tokens.extend(tokens)
+        seq.tokens.extend(tokens)
+        return logits
+
+    def rollback(self, seq: SerialSeq, kept: int) -> None:
+        """Keep the first `kept` of the tokens the last `verify` fed (MLXBackend.rewind)."""
+        start, snapshot, fed = self._verified
+        dropped = len(self.session.tokens) - start - kept
+        if dropped <= 0:
+            return
+        del seq.tokens[len(seq.tokens) - dropped:]
+        del self.session.tokens[start:]
+        try:
+            self.backend.rewind(snapshot, fed, kept)
+        except BaseException:
+            self.backend.rewind(snapshot)
+            raise
+        self.session.tokens.extend(fed[:kept])
 
     def remember(self, seq: SerialSeq, tokens: Sequence[int]) -> None:
         pass  # the one cache is the Session's: it keeps the last sequence anyway

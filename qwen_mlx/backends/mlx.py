@@ -45,6 +45,31 @@ class MLXBackend:
                 c.mark()
         return out
 
+    # --- speculative decoding on the one cache (batching.SerialBatch.verify) ----------------------------
+
+    def forward_all(self, tokens: Sequence[int]) -> np.ndarray:
+        """Feed `tokens` after the cache: float32 logits of every position [len(tokens), vocab]."""
+        logits = self.model(mx.array([list(tokens)], dtype=mx.int32), self.cache, last_only=False)
+        return np.array(logits[0].astype(mx.float32))
+
+    def snapshot(self) -> list[tuple[int, object, object]]:
+        """What `restore` needs to bring the cache back here: each layer's length and recurrent state
+        (references: MLX arrays are never changed in place by an update)."""
+        return [(c.offset, getattr(c, "conv", None), getattr(c, "recurrent", None)) for c in self.cache]
+
+    def rewind(self, snapshot: list[tuple[int, object, object]], fed: Sequence[int] = (), kept: int = 0) -> None:
+        """Back to `snapshot`, then the first `kept` of the tokens `fed` since it again. Keys and values are only
+        cut (their buffers still hold what was written past the cut); a recurrent state goes back and is fed."""
+        recurrent = any(not c.trimmable for c in self.cache)
+        for c, (offset, conv, state) in zip(self.cache, snapshot):
+            if c.trimmable:
+                c.offset = offset if recurrent else offset + kept
+            else:
+                c.conv, c.recurrent, c.offset = conv, state, offset
+        if recurrent and kept:
+            self.model(mx.array([list(fed[:kept])], dtype=mx.int32), self.cache)
+            mx.eval([c.state for c in self.cache])
+
     @property
     def cache_length(self) -> int:
         return self.cache[0].offset

@@ -40,6 +40,8 @@ class MLXSeq:
     def __init__(self, cache: list[KVCache | RecurrentCache]):
         self.cache: list[KVCache | RecurrentCache] | None = cache  # its own cache until it joins the batch
         self.length = cache[0].offset                               # positions its cache holds
+        # The last `verify`: (positions before it, each recurrent layer's state then, the tokens it fed).
+        self.verified: tuple[int, list[tuple[mx.array, mx.array] | None], list[int]] | None = None
 
 
 def _own(layers: list[Layer]) -> list[Layer]:
@@ -169,6 +171,51 @@ class MLXBatch:
         return [(c.conv[b:b + 1], c.recurrent[b:b + 1]) if linear else c.row(b, seq.length)
                 for linear, c in zip(self.linear, self.cache)]
 
+    # --- speculative decoding: one sequence alone (qwen_mlx/engine/speculative.py) -------------------
+
+    def verify(self, seq: MLXSeq, tokens: Sequence[int]) -> np.ndarray:
+        """Feed `tokens` (the next token and the drafts after it) after the sequence's cache, alone: float32
+        logits of every position [len(tokens), V]. A sequence in the batch leaves it for its own cache (it
+        rejoins at its next plain step); the recurrent states before the step are kept for `rollback`."""
+        self._alone(seq)
+        states = [(c.conv, c.recurrent) if linear else None for linear, c in zip(self.linear, seq.cache)]
+        seq.verified = (seq.length, states, list(tokens))
+        logits = self.model(mx.array([list(tokens)], dtype=mx.int32), seq.cache, last_only=False)  # 1 L V
+        seq.length += len(tokens)
+        return np.array(logits[0].astype(mx.float32))
+
+    def rollback(self, seq: MLXSeq, kept: int) -> None:
+        """Keep the first `kept` of the tokens the last `verify` fed. Keys and values are cut; a recurrent
+        state cannot be, so it goes back to before the step and the kept tokens are fed again (one forward)."""
+        start, states, fed = seq.verified
+        if start + kept >= seq.length:
+            return
+        if not any(self.linear):
+            for c in seq.cache:
+                c.trim(start + kept)
+        else:
+            for c, state in zip(seq.cache, states):
+                if state is None:
+                    c.trim(start)
+                else:
+                    c.conv, c.recurrent, c.offset = state[0], state[1], start
+            if kept:
+                self.model(mx.array([fed[:kept]], dtype=mx.int32), seq.cache)
+                mx.eval([c.state for c in seq.cache])
+        seq.length = start + kept
+
+    def _alone(self, seq: MLXSeq) -> None:
+        """Give `seq` its own cache again, out of the batch (the rows left keep theirs)."""
+        if seq.cache is not None:
+            return
+        layers = self._layers(seq)
+        rest = [r for r in self.rows if r is not seq]
+        seq.cache = self._single_cache(layers, seq.length)
+        if rest:
+            self._reshape(rest)
+        else:
+            self.rows, self.cache = [], []
+
     # --- the batch ---------------------------------------------------------------------------------
 
     def decode(self, seqs: Sequence[MLXSeq], tokens: Sequence[int]) -> np.ndarray:
@@ -232,7 +279,7 @@ class MLXBatch:
             parts.append((layers, [kv0.left[i] for i in keep] if kv0 is not None else [0] * len(keep), idx))
         for s in joining:
             parts.append((self._layers(s), [0], s.length))
-            s.cache = None
+            s.cache, s.verified = None, None
         T = max(t for _, _, t in parts)
         cut = min(pad + T - t for _, lefts, t in parts for pad in lefts)  # padding every row shares
         left = [pad + T - t - cut for _, lefts, t in parts for pad in lefts]

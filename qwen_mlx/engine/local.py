@@ -17,6 +17,7 @@ from .scheduler import Engine
 
 if TYPE_CHECKING:
     from ..backends.base import Backend, Session
+    from .speculative import Speculation
     from ..tokenizer import Tokenizer
 
 
@@ -29,9 +30,11 @@ def local_engine(backend: Backend, tokenizer: Tokenizer, session: Session | None
 
 
 def stream_generate(engine: Engine, prompt: Sequence[int], params: SamplingParams, max_tokens: int,
-                    stop: Sequence[str] = (), stats: GenerationStats | None = None) -> Iterator[str]:
+                    stop: Sequence[str] = (), stats: GenerationStats | None = None,
+                    speculation: Speculation | None = None) -> Iterator[str]:
     """Yield printable text pieces as they are decoded. Ends on an EOS token, a stop string (which is
-    not yielded), `max_tokens`, or the end of the context. Fills `stats` when given."""
+    not yielded), `max_tokens`, or the end of the context. Fills `stats` when given. `speculation`:
+    speculative decoding (qwen_mlx/engine/speculative.py), the same tokens sooner."""
     if max_tokens < 0:
         raise QwenError(f"--max-tokens must be >= 0, got {max_tokens}")
     check_stop_strings(stop)
@@ -40,7 +43,7 @@ def stream_generate(engine: Engine, prompt: Sequence[int], params: SamplingParam
     stats.prompt_tokens = len(prompt)
     if max_tokens == 0:
         return
-    for event in engine.stream(Request(list(prompt), params, max_tokens, tuple(stop))):
+    for event in engine.stream(Request(list(prompt), params, max_tokens, tuple(stop), speculation=speculation)):
         if event.text:
             yield event.text
         if isinstance(event, Done):
@@ -49,11 +52,12 @@ def stream_generate(engine: Engine, prompt: Sequence[int], params: SamplingParam
             stats.generation_tps = event.completion_tokens / max(event.decode_seconds, 1e-9) \
                 if event.completion_tokens else 0.0
             stats.peak_memory_gb = engine.backend.peak_memory_gb()
+            stats.draft_tokens, stats.accepted_tokens = event.draft_tokens, event.accepted_tokens
 
 
 def generate(engine: Engine, prompt: Sequence[int], params: SamplingParams, max_tokens: int,
-             stop: Sequence[str] = ()) -> tuple[str, GenerationStats]:
+             stop: Sequence[str] = (), speculation: Speculation | None = None) -> tuple[str, GenerationStats]:
     """The whole reply at once, for scripts and tests."""
     stats = GenerationStats()
-    text = "".join(stream_generate(engine, prompt, params, max_tokens, stop, stats))
+    text = "".join(stream_generate(engine, prompt, params, max_tokens, stop, stats, speculation))
     return text, stats

@@ -16,6 +16,7 @@ from ..sampling import SamplingParams
 
 if TYPE_CHECKING:
     from ..config import ModelArgs
+    from .speculative import Speculation
 
 
 class Constraint(Protocol):
@@ -40,6 +41,7 @@ class Request:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: off; k: the chosen token's logprob and the k most likely
     constraint: Constraint | None = None
+    speculation: Speculation | None = None  # speculative decoding (qwen_mlx/engine/speculative.py)
 
 
 @dataclass
@@ -59,6 +61,8 @@ class Done:
     cached_tokens: int
     prefill_seconds: float = 0.0  # from its first prefill chunk to the logits of its first token
     decode_seconds: float = 0.0   # from there to its end
+    draft_tokens: int | None = None     # with speculative decoding: tokens drafted
+    accepted_tokens: int | None = None  # and of those, kept
 
 
 @dataclass

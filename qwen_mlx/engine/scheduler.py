@@ -33,6 +33,7 @@ from ..errors import QwenError
 from ..backends.base import PREFILL_CHUNK
 from ..sampling import Draw, Sampler, apply_penalties, log_softmax
 from ..backends.batching import batch_backend
+from .speculative import Drafter, PromptLookup, Speculator
 from .text import TextStream
 from .requests import Done, Failed, Handle, Overloaded, Request, ShuttingDown, Token, check_prompt_length
 
@@ -59,12 +60,16 @@ class _Live:
     next_token: int = -1
     started: float = 0.0    # its first prefill chunk
     prefilled: float = 0.0  # its first logits
+    spec: Speculator | None = None  # speculative decoding, when the request asked for it
+    holding: bool = False   # a speculative step is emitting: the cache is settled once it has finished
+    ended: str | None = None  # how a request that finished while holding ended
 
     @property
     def on_device(self) -> bool:
         """Its tokens can be sampled where its logits are: nothing needs them on the host."""
         req = self.req
-        return req.constraint is None and req.logprobs is None and not (req.presence_penalty or req.frequency_penalty)
+        return req.constraint is None and req.logprobs is None and \
+            not (req.presence_penalty or req.frequency_penalty) and self.spec is None
 
 
 class Engine:
@@ -89,6 +94,8 @@ class Engine:
         self._step_time = 0.05  # moving average, for Retry-After
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="qwen-mlx-engine", daemon=True)
+        # Speculative decoding's drafters by method; a draft model is added by whoever loads one.
+        self.drafters: dict[str, Drafter] = {"prompt-lookup": PromptLookup()}
 
     @classmethod
     def for_backend(cls, backend: Backend, tokenizer: Tokenizer, max_batch: int = 1, **kwargs: Any) -> Engine:
@@ -110,7 +117,8 @@ class Engine:
         if req.max_tokens < 1:
             raise QwenError(f"max_tokens must be >= 1, got {req.max_tokens}")
         live = _Live(req, emit, Handle(), min(req.max_tokens, self.context - len(req.prompt)),
-                     Sampler(req.params), TextStream(self.tokenizer, req.stop), history=set(req.prompt))
+                     Sampler(req.params), TextStream(self.tokenizer, req.stop), history=set(req.prompt),
+                     spec=self._speculator(req))
         with self._cv:
             if self._closing:
                 raise ShuttingDown("the server is shutting down")
@@ -120,6 +128,19 @@ class Engine:
             self._waiting.append(live)
             self._cv.notify()
         return live.handle
+
+    def _speculator(self, req: Request) -> Speculator | None:
+        """The request's speculative decoding, checked: its drafter loaded, the backend able to verify. A
+        request bound by a grammar decodes plainly (each drafted token would need the grammar's mask)."""
+        method = req.speculation and req.speculation.method
+        if method is None or req.constraint is not None:
+            return None
+        if getattr(self.backend, "verify", None) is None:
+            raise QwenError("speculative decoding needs the mlx backend")
+        if method not in self.drafters:
+            raise QwenError(f"speculative method {method!r} is not available here"
+                            + (": start with --draft-model PATH" if method == "draft-model" else ""))
+        return Speculator(self.drafters[method], req.speculation.k)
 
     def cancel(self, handle: Handle) -> None:
         handle.cancel()
@@ -295,6 +316,11 @@ class Engine:
 
     def _decode(self) -> None:
         rows = list(self._running)
+        alone = rows[0] if len(rows) == 1 and rows[0].spec is not None else None
+        if alone is not None and alone.spec.active():
+            self._speculate(alone)
+            return
+        t0 = time.perf_counter()
         seqs, tokens = [x.seq for x in rows], [x.next_token for x in rows]
         if self._samples_on_device(rows):
             # Queue the forward and the sampling; the tokens are read at the next step, once the step
@@ -306,6 +332,57 @@ class Engine:
         for live, row in zip(rows, logits):
             if self._advance(live, row):
                 self._running.remove(live)
+        if alone is not None:  # what speculation has to beat
+            alone.spec.observe_plain(time.perf_counter() - t0)
+
+    def _speculate(self, live: _Live) -> None:
+        """One speculative step of a request decoding alone (qwen_mlx/engine/speculative.py): its next token
+        and the drafts after it in one forward, the kept ones emitted, the cache rolled back past the rest."""
+        spec, t0 = live.spec, time.perf_counter()
+        room = live.max_tokens - len(live.tokens) - 1  # the step emits up to one token beyond its drafts
+        drafts, probs = spec.drafter.propose(live.req.prompt + live.tokens, min(spec.k, room), live.sampler,
+                                             live.history) if room > 0 else ([], None)
+        if not drafts:  # nothing to guess from: a plain step
+            logits = self.backend.decode([live.seq], [live.next_token])
+            if self._advance(live, logits[0]):
+                self._running.remove(live)
+            return
+        logits = self.backend.verify(live.seq, [live.next_token, *drafts])
+        out = self._judge(live, logits, drafts, probs)
+        accepted = next((i for i, (t, d) in enumerate(zip(out, drafts)) if t != d), min(len(out), len(drafts)))
+        self.backend.rollback(live.seq, 1 + accepted)  # the cache: what it held, the token fed, the drafts kept
+        spec.observe(len(drafts), accepted, len(out), time.perf_counter() - t0)
+        before, live.holding = len(live.tokens), True
+        try:
+            finished = any(self._accept(live, token, row) for token, row in zip(out, logits))
+        finally:
+            live.holding = False
+        if finished:
+            self._running.remove(live)
+            # the reply ended inside the kept drafts: the cache keeps only what the reply holds
+            self.backend.rollback(live.seq, 1 + min(len(live.tokens) - before, accepted))
+            self.backend.release(live.seq, live.req.prompt + live.tokens if live.ended else None)
+
+    def _judge(self, live: _Live, logits: np.ndarray, drafts: list[int], probs: np.ndarray | None) -> list[int]:
+        """The tokens a speculative step emits: each position decided by `Sampler.verify` as a plain step would
+        sample it (penalties from what precedes it), up to the first that differs from its draft, an end of
+        text, or, when every draft holds, one more from the last position."""
+        req = live.req
+        history, counts = set(live.history), collections.Counter(live.counts)
+        out: list[int] = []
+        for i, row in enumerate(logits):
+            if counts and (req.presence_penalty or req.frequency_penalty):
+                row = apply_penalties(row, counts, req.presence_penalty, req.frequency_penalty)
+            if i < len(drafts):
+                token = live.sampler.verify(row, history, drafts[i], None if probs is None else probs[i])
+            else:
+                token = live.sampler(row, history)
+            out.append(token)
+            if i >= len(drafts) or token != drafts[i] or token in self.tokenizer.eos_token_ids:
+                break
+            history.add(token)
+            counts[token] += 1
+        return out
 
     def _decode_pipelined(self) -> None:
         pending, rows = self._pending, self._pending_rows
@@ -380,15 +457,19 @@ class Engine:
         return True
 
     def _finish(self, live: _Live, end: str | Failed) -> None:
-        if live.seq is not None:
+        if live.holding:  # a speculative step settles the cache first, then releases (_speculate)
+            live.ended = end if isinstance(end, str) else None
+        elif live.seq is not None:
             # The cache holds the prompt and every generated token fed back: keep it for the next turn.
             self.backend.release(live.seq, live.req.prompt + live.tokens if isinstance(end, str) else None)
         if isinstance(end, Failed):
             self._emit(live, end)
         else:
             now = time.perf_counter()
+            spec = live.spec
             self._emit(live, Done(end, live.out.finish(), len(live.req.prompt), len(live.tokens), live.cached,
-                                  live.prefilled - live.started, now - live.prefilled))
+                                  live.prefilled - live.started, now - live.prefilled,
+                                  spec and spec.drafted, spec and spec.accepted))
 
     @staticmethod
     def _emit(live: _Live, event: Any) -> None:

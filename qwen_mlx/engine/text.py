@@ -18,9 +18,11 @@ class GenerationStats:
     generation_tokens: int = 0
     generation_tps: float = 0.0
     peak_memory_gb: float = 0.0
+    draft_tokens: int | None = None     # with speculative decoding: tokens drafted,
+    accepted_tokens: int | None = None  # and of those, kept
 
     def as_dict(self) -> dict:
-        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items() if v is not None}
 
 
 class TextStream:

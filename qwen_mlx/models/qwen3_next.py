@@ -37,6 +37,9 @@ from .layers import Linear
 from .qwen2 import MLP, Qwen2ForCausalLM, Qwen2Model, RoPE, SparseMoeBlock
 
 CHUNK = 64  # positions per chunk of the delta rule's parallel form (the reference's chunk size)
+# A few new positions (a speculative step's drafts) run token by token: a decode step's own arithmetic, so
+# verifying drafts rounds as decoding them one at a time would.
+RECURRENT_UP_TO = 16
 
 
 class RMSNorm(nn.Module):
@@ -194,7 +197,7 @@ class GatedDeltaNet(nn.Module):
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))                        # B Hv L D
         g, beta = g.transpose(0, 2, 1), beta.transpose(0, 2, 1)                        # B Hv L
         state = cache.recurrent if cache.recurrent is not None else mx.zeros((B, Hv, Dk, Dv), f32)
-        rule = recurrent_delta_rule if L == 1 else chunked_delta_rule
+        rule = recurrent_delta_rule if L <= RECURRENT_UP_TO else chunked_delta_rule
         o, state = rule(q, k, v, g, beta, state)
         cache.update(window, state, L)
         o = self.norm(o.transpose(0, 2, 1, 3).astype(x.dtype), z)                     # B L Hv Dv

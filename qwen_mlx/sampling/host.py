@@ -104,6 +104,34 @@ class Sampler:
         return ids, np.exp(x[ids].astype(np.float64) - top)  # the top token is always in play
 
 
+    def verify(self, logits: np.ndarray, history: Iterable[int], draft: int,
+               draft_probs: np.ndarray | None = None) -> int:
+        """The token at a drafted position in speculative decoding, distributed exactly as `self(logits,
+        history)`'s (Leviathan et al., 2023): greedy picks the argmax, which keeps the draft only when it is
+        that; sampling keeps the draft with probability min(1, p(d) / q(d)) and otherwise draws from
+        max(p - q, 0) renormalized. `draft_probs` is the drafter's distribution q over the vocabulary; None
+        means the draft was chosen without chance (prompt lookup, a greedy draft model): q is one-hot at it."""
+        if self.params.greedy:
+            return self(logits, history)
+        ids, weights = self.distribution(logits, history)
+        size = np.asarray(logits).size
+        p = np.zeros(size, np.float64)
+        if ids is None:
+            p[:] = weights / weights.sum(dtype=np.float64)
+        else:
+            p[ids] = weights / weights.sum()
+        q = np.zeros(size, np.float64)
+        if draft_probs is None:
+            q[draft] = 1.0
+        else:  # a draft model's vocabulary may be shorter than the target's (or padded longer)
+            n = min(size, draft_probs.size)
+            q[:n] = draft_probs[:n]
+        if self.rng.random() * q[draft] < p[draft]:
+            return draft
+        residual = np.maximum(p - q, 0.0)
+        return _draw(residual if residual.sum() > 0 else p, self.rng)
+
+
 @dataclass
 class Draw:
     """What a backend that samples on its device needs to pick one row's next token."""

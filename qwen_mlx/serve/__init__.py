@@ -17,6 +17,7 @@ from ..errors import QwenError
 
 if TYPE_CHECKING:
     from ..backends import LoadedModel
+    from ..engine.speculative import Drafter, Speculation
 
 EXTRA_HINT = "the server needs its extra: pip install 'qwen-mlx[serve]' (fastapi, uvicorn)"
 log = logging.getLogger("qwen_mlx.serve")
@@ -32,9 +33,11 @@ def require_extra() -> None:
 
 def serve(loaded: LoadedModel, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
           api_key: str | None = None, max_queue: int = 64, max_tokens: int = 4096, grace: float = 10.0,
-          model_id: str | None = None, out: Any = sys.stderr) -> None:
+          model_id: str | None = None, out: Any = sys.stderr, speculation: Speculation | None = None,
+          drafters: dict[str, Drafter] | None = None) -> None:
     """Serve until SIGINT/SIGTERM; then refuse new requests, give those in flight `grace` seconds to
-    finish, end the rest with an error event, and return."""
+    finish, end the rest with an error event, and return. `speculation`: the requests' default speculative
+    decoding (a request's own `speculative` field wins), with the `drafters` it needs."""
     require_extra()
     import uvicorn
 
@@ -52,10 +55,13 @@ def serve(loaded: LoadedModel, host: str = "127.0.0.1", port: int = 8000, max_ba
               file=out)
     sock = _bind(host, port)
     batch = batch_backend(loaded.backend, max_batch)
-    engine = Engine(batch, loaded.tokenizer, max_queue=max_queue).start()
+    engine = Engine(batch, loaded.tokenizer, max_queue=max_queue)
+    engine.drafters.update(drafters or {})
+    engine.start()
     n_vocab = loaded.backend.args.vocab_size
     config = ServerConfig(model_id or loaded.folder.name, loaded.generation_config, api_key, max_tokens,
-                          make_constraint=lambda body, tok: make_constraint(body, tok, n_vocab))
+                          make_constraint=lambda body, tok: make_constraint(body, tok, n_vocab),
+                          speculation=speculation)
     app = create_app(engine, config)
     server = _Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=int(grace) + 5,
                                     lifespan="off"), engine, grace)

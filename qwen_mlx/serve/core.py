@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..engine import Done, Engine, Failed, Overloaded, Request, ShuttingDown, Token
+from ..engine.speculative import Speculation
 from ..engine.text import check_stop_strings
 from ..errors import QwenError
 from ..sampling import SamplingParams
@@ -49,6 +50,7 @@ class ServerConfig:
     max_tokens: int = 4096           # the largest max_tokens a request may ask for
     max_body: int = 4 * 1024 * 1024  # bytes
     make_constraint: Callable[[Any, Any], Any] | None = None  # (ChatRequest, tokenizer) -> Constraint
+    speculation: Speculation | None = None  # requests' default speculative decoding (serve --prompt-lookup, ...)
 
 
 class Serving:
@@ -82,6 +84,19 @@ class Serving:
             return SamplingParams.from_generation_config(config.generation_config, **overrides)
         except QwenError as e:
             raise ApiError(400, str(e).replace("--", "").replace("-", "_")) from None
+
+    def speculation(self, body: Sampling) -> Speculation | None:
+        """A request's speculative decoding: its own `speculative` field, else the server's default."""
+        asked = body.speculative
+        if asked is None:
+            return self.config.speculation
+        if asked.method == "none":
+            return None
+        try:
+            return Speculation(asked.method, asked.num_draft_tokens)
+        except QwenError as e:
+            raise ApiError(400, str(e).replace("--num-draft-tokens", "num_draft_tokens"),
+                           param="speculative") from None
 
     def budget(self, prompt: list[int], asked: int | None) -> int:
         context, most = self.context, self.config.max_tokens

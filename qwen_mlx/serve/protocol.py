@@ -77,6 +77,13 @@ class NamedToolChoice(Strict):
     function: ToolChoiceFunction
 
 
+class SpeculativeOptions(Strict):
+    """This server's extension: a request's speculative decoding (qwen_mlx/engine/speculative.py)."""
+
+    method: Literal["prompt-lookup", "draft-model", "none"]
+    num_draft_tokens: Optional[int] = Field(None, ge=1, le=32)
+
+
 class Sampling(Strict):
     """Fields shared by both endpoints."""
 
@@ -95,6 +102,7 @@ class Sampling(Strict):
     stream_options: Optional[StreamOptions] = None
     n: int = Field(1, ge=1)
     user: Optional[str] = None  # an end-user id for the caller's logs; changes nothing
+    speculative: Optional[SpeculativeOptions] = None  # None: the server's default (serve --prompt-lookup, ...)
 
     def stop_strings(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

@@ -21,7 +21,7 @@ from ...errors import QwenError
 from ...tokenizer import check_template_kwargs
 from ..core import ApiError, Serving, ServingDep, guarded, sse, usage
 from ..protocol import ChatRequest
-from ..tools import ToolCallFilter, template_messages
+from ..tools import ToolCallFilter, parse_tool_calls, template_messages
 
 router = APIRouter()
 
@@ -52,7 +52,7 @@ async def chat(body: ChatRequest, http: HTTPRequest, serving: ServingDep) -> Any
         if thinks(serving.tokenizer.chat_template) and constraint is None else None
     req = Request(prompt, params, serving.budget(prompt, body.max_completion_tokens or body.max_tokens),
                   body.stop_strings(), body.presence_penalty, body.frequency_penalty,
-                  (body.top_logprobs or 0) if body.logprobs else None, constraint)
+                  (body.top_logprobs or 0) if body.logprobs else None, constraint, serving.speculation(body))
     handle, queue = serving.submit(req)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": serving.config.model_id}
     filt = ToolCallFilter(tools) if tools else None
@@ -69,8 +69,7 @@ async def chat(body: ChatRequest, http: HTTPRequest, serving: ServingDep) -> Any
         message: dict[str, Any] = {"role": "assistant", "content": text}
         finish = done.finish_reason
         if filt is not None:
-            filt.add(text)
-            content, calls = filt.finish()
+            content, calls = parse_tool_calls(text, filt.schemas)  # the whole reply: text before a call kept
             if calls:
                 message = {"role": "assistant", "content": content or None, "tool_calls": calls}
                 finish = "tool_calls"

@@ -36,7 +36,7 @@ async def complete(serving: Serving, body: CompletionRequest, http: HTTPRequest)
     params = serving.sampling(body)
     ids = _prompt_ids(serving, body.prompt)
     req = Request(ids, params, serving.budget(ids, body.max_tokens), body.stop_strings(), body.presence_penalty,
-                  body.frequency_penalty, body.logprobs)
+                  body.frequency_penalty, body.logprobs, speculation=serving.speculation(body))
     handle, queue = serving.submit(req)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": serving.config.model_id}

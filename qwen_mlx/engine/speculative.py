@@ -1,0 +1,192 @@
+"""Speculative decoding: drafters that guess the next few tokens, and the policy that decides when to guess.
+
+A step of speculative decoding feeds the token the last step chose and k drafted tokens after it in one
+forward (`BatchBackend.verify`), which reads the weights once for all k + 1 positions; the engine
+(scheduler.py) then keeps the drafts the model agrees with and one token of its own after them, and the
+backend rolls every cache back past what was not kept (`BatchBackend.rollback`: a KV cache is cut, a
+recurrent state is restored and the kept tokens fed again). Each position is decided by
+`Sampler.verify` (qwen_mlx/sampling/host.py), so greedy output is the same token for token and sampled
+output has the same distribution as without speculation.
+
+Drafters (`Drafter`):
+- `PromptLookup`: the tokens that followed the latest earlier occurrence of the context's last n-gram (in the
+  prompt or the reply so far): no second model; large wins where the reply quotes its input (edits, code
+  refactoring, summaries, RAG answers).
+- `DraftModel`: a smaller checkpoint with the same tokenizer, decoding k tokens on its own cache.
+
+`Speculator` is the per-request policy: the draft length follows the acceptance (+2 after a step that kept
+every draft, -1 otherwise, as HF's heuristic schedule), and speculation pauses, with a growing back-off,
+while its measured time per generated token is worse than plain decoding's, so a poor drafter costs little.
+Speculation runs for a request decoding alone; in a batch of several the batch already shares each read of
+the weights, so those steps decode plainly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from ..errors import QwenError
+from ..sampling import Sampler, SamplingParams
+
+if TYPE_CHECKING:
+    from ..backends.base import Session
+    from ..tokenizer import Tokenizer
+
+METHODS = ("prompt-lookup", "draft-model")
+DEFAULT_DRAFT_TOKENS = {"prompt-lookup": 8, "draft-model": 4}  # docs/BENCHMARKS.md, "Speculative decoding"
+MAX_DRAFT_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """A request's speculative decoding: which drafter, and at most how many tokens it drafts per step."""
+
+    method: str
+    num_draft_tokens: int | None = None  # None: the method's default
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise QwenError(f"unknown speculative method {self.method!r}: use {' or '.join(METHODS)}")
+        n = self.num_draft_tokens
+        if n is not None and not 1 <= n <= MAX_DRAFT_TOKENS:
+            raise QwenError(f"--num-draft-tokens must be in 1..{MAX_DRAFT_TOKENS}, got {n}")
+
+    @property
+    def k(self) -> int:
+        return self.num_draft_tokens or DEFAULT_DRAFT_TOKENS[self.method]
+
+
+class Drafter(Protocol):
+    def propose(self, context: Sequence[int], k: int, sampler: Sampler,
+                history: set[int]) -> tuple[list[int], np.ndarray | None]:
+        """Up to k tokens guessed to follow `context`, and the distribution each was drawn from ([n, vocab],
+        what `Sampler.verify` needs for sampled drafts), or None when they were chosen without chance."""
+
+
+class PromptLookup:
+    """Drafts from the context itself: the continuation of the latest earlier occurrence of its last n tokens,
+    trying n = max_ngram down to min_ngram (longer matches predict better)."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, context: Sequence[int], k: int, sampler: Sampler,
+                history: set[int]) -> tuple[list[int], np.ndarray | None]:
+        ids = np.asarray(context, dtype=np.int64)
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            if len(ids) <= n:
+                continue
+            # every n-gram that ends before the last token, against the last n tokens
+            windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], n)
+            found = np.flatnonzero((windows == ids[-n:]).all(axis=1))
+            if found.size:
+                start = int(found[-1]) + n
+                return ids[start:start + k].tolist(), None
+        return [], None
+
+
+class DraftModel:
+    """A smaller model with the same tokenizer drafting k tokens on its own cache (a `Session`, which keeps the
+    prefix shared with the last call, so each step feeds it only what was accepted since). Sampled requests
+    draw the drafts with the request's own sampling rules and report their distributions."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def propose(self, context: Sequence[int], k: int, sampler: Sampler,
+                history: set[int]) -> tuple[list[int], np.ndarray | None]:
+        logits = self.session.prefill(list(context))
+        seen = set(history)
+        drafts: list[int] = []
+        probs: list[np.ndarray] = []
+        for i in range(k):
+            if sampler.params.greedy:
+                token = sampler(logits, seen)
+            else:
+                ids, weights = sampler.distribution(logits, seen)
+                q = np.zeros(logits.size, np.float64)
+                if ids is None:
+                    q[:] = weights / weights.sum(dtype=np.float64)
+                else:
+                    q[ids] = weights / weights.sum()
+                token = int(sampler.rng.choice(q.size, p=q))
+                probs.append(q)
+            drafts.append(token)
+            seen.add(token)
+            if i + 1 < k:
+                logits = self.session.step(token)
+        return drafts, (np.stack(probs) if probs else None)
+
+
+def check_same_tokenizer(target: Tokenizer, draft: Tokenizer, where: str) -> None:
+    """A draft model must spell every token as the target does: otherwise its guesses are other words."""
+    a, b = target.vocab(), draft.vocab()
+    if a != b:
+        differing = sorted(set(a.items()) ^ set(b.items()), key=lambda item: item[1])[:1]
+        example = f" (e.g. {differing[0][0]!r} -> {differing[0][1]})" if differing else ""
+        raise QwenError(f"the draft model {where} has another vocabulary than the model it drafts for "
+                        f"({len(b)} tokens against {len(a)}{example}): use a checkpoint of the same family")
+
+
+class Speculator:
+    """One request's speculative decoding state: its drafter, the draft length, and whether it pays."""
+
+    first_plain_steps = 2  # the measure speculation has to beat
+    first_backoff = 8
+    max_backoff = 256
+
+    def __init__(self, drafter: Drafter, k: int):
+        self.drafter, self.k_max, self.k = drafter, k, k
+        self.drafted = self.accepted = 0
+        self.pause = self.first_plain_steps
+        self.backoff = self.first_backoff
+        self.plain: list[float] = []  # seconds per generated token, recent steps of each kind
+        self.spec: list[float] = []
+
+    def active(self) -> bool:
+        """Whether this step should speculate (else it is a plain step, measured)."""
+        if self.pause:
+            self.pause -= 1
+            return False
+        return True
+
+    def observe_plain(self, seconds: float) -> None:
+        self.plain = [*self.plain, seconds][-8:]
+
+    def observe(self, drafted: int, accepted: int, produced: int, seconds: float) -> None:
+        """A speculative step: `drafted` guesses, `accepted` kept, `produced` tokens out, in `seconds`."""
+        self.drafted += drafted
+        self.accepted += accepted
+        self.k = min(self.k_max, self.k + 2) if accepted == drafted else max(1, self.k - 1)
+        self.spec = [*self.spec, seconds / max(produced, 1)][-8:]
+        if len(self.spec) >= 3 and self.plain and np.median(self.spec) > np.median(self.plain):
+            self.pause, self.backoff = self.backoff, min(self.backoff * 2, self.max_backoff)
+            self.spec = []  # the next try is judged on its own steps
+        elif len(self.spec) >= 3:
+            self.backoff = self.first_backoff
+
+
+def speculation_from_flags(prompt_lookup: bool, draft_model: str | None,
+                           num_draft_tokens: int | None) -> Speculation | None:
+    """The command line's choice (--prompt-lookup, --draft-model PATH, --num-draft-tokens N), checked."""
+    if prompt_lookup and draft_model:
+        raise QwenError("--prompt-lookup and --draft-model are two drafters: choose one")
+    if not (prompt_lookup or draft_model):
+        if num_draft_tokens is not None:
+            raise QwenError("--num-draft-tokens needs --prompt-lookup or --draft-model")
+        return None
+    return Speculation("draft-model" if draft_model else "prompt-lookup", num_draft_tokens)
+
+
+def load_draft_model(path: str, target: Tokenizer, dtype: str | None = None) -> DraftModel:
+    """A draft model on MLX for a target whose tokenizer is `target`: refused when the vocabularies differ."""
+    from ..backends import load
+    from ..backends.base import Session
+
+    loaded = load("mlx", path, dtype)
+    check_same_tokenizer(target, loaded.tokenizer, path)
+    return DraftModel(Session(loaded.backend))
