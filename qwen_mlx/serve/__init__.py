@@ -19,13 +19,14 @@ if TYPE_CHECKING:
     from ..backends import LoadedModel
     from ..engine.speculative import Drafter, Speculation
 
-EXTRA_HINT = "the server needs its extra: pip install 'qwen-mlx[serve]' (fastapi, uvicorn)"
+EXTRA_HINT = "the server needs its extra: pip install 'qwen-mlx[serve]' (fastapi, uvicorn, prometheus-client)"
 log = logging.getLogger("qwen_mlx.serve")
 
 
 def require_extra() -> None:
     try:
         import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise QwenError(f"{EXTRA_HINT}; missing {e.name}") from None

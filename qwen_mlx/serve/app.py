@@ -3,7 +3,8 @@
 Nothing here schedules or samples (qwen_mlx.engine does, on its own thread, and knows no web framework).
 `create_app` only assembles: the body-size middleware, the error handlers and the routers of routes/,
 over one serving core (core.py's `Serving`, on `app.state.serving`) that submits requests and reads
-their events back. Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
+their events back, and the app's Prometheus registry (metrics.py's `Metrics`, on `app.state.metrics`). Errors use
+OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
 from ..engine import Engine
+from .anthropic import is_anthropic_path
 from .core import ApiError, ServerConfig, Serving, on_api_error, on_http_error, on_invalid
+from .metrics import CountRequests, Metrics
 from .routes import ROUTERS
 
 __all__ = ["ApiError", "BodyLimit", "ServerConfig", "create_app"]
@@ -33,7 +36,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers", [])).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._refuse(send)
+            return await self._refuse(send, is_anthropic_path(scope.get("path", "")))
         seen = 0
 
         async def limited() -> dict:
@@ -41,20 +44,25 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise HTTPException(413)  # the handler (core.on_http_error) says it in OpenAI's shape
+                raise HTTPException(413)  # the handler (core.on_http_error) says it in the API's shape
             return message
 
         await self.app(scope, limited, send)
 
-    async def _refuse(self, send: Callable) -> None:
+    async def _refuse(self, send: Callable, anthropic: bool) -> None:
         await ApiError(413, f"the request body is larger than {self.limit} bytes")\
-            .response()({"type": "http"}, None, send)
+            .response(anthropic)({"type": "http"}, None, send)
 
 
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="qwen-mlx", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serving = Serving(engine, config)
+    app.state.metrics = Metrics(engine)  # this app's own registry: several apps in one process do not clash
+    app.state.serving.observe = app.state.metrics.watch
     app.add_middleware(BodyLimit, limit=config.max_body)
+    # The outermost middleware: it counts BodyLimit's 413s too.
+    app.add_middleware(CountRequests, metrics=app.state.metrics,
+                       paths=[route.path for router in ROUTERS for route in router.routes])
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_invalid)
     app.add_exception_handler(HTTPException, on_http_error)

@@ -3,8 +3,9 @@
 A route validates its own body and renders its own prompt; what every route does alike lives here:
 sampling parameters and the token budget from the body, submitting a `Request`, reading the engine's
 events back on the event loop (cancelling the request when the client leaves), collecting a whole
-answer, and SSE framing. Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`;
-the exception handlers are module functions that `create_app` registers.
+answer, and SSE framing. Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`,
+except under `/v1/messages`, which answers in Anthropic's (anthropic.py); the exception handlers, module
+functions that `create_app` registers, pick the shape by the request's path.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..engine.speculative import Speculation
 from ..engine.text import check_stop_strings
 from ..errors import QwenError
 from ..sampling import SamplingParams
+from .anthropic import describe_invalid, error_body, is_anthropic_path
 from .logprobs import TokenText
 from .protocol import Sampling
 
@@ -37,8 +39,10 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers
 
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def response(self, anthropic: bool = False) -> JSONResponse:
+        """The error in OpenAI's shape, or with `anthropic` in Anthropic's (its type read from the status)."""
+        body = error_body(self.status, self.message) if anthropic else \
+            {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
@@ -62,6 +66,9 @@ class Serving:
         self.tokenizer = engine.tokenizer
         self.context = engine.context
         self.words = TokenText(engine.tokenizer)
+        # Set by create_app to metrics.py's `Metrics.watch`: given each submitted request, it returns what sees
+        # that request's events, on the engine thread as they happen.
+        self.observe: Callable[[Request], Callable[[Any], None]] | None = None
 
     # --- request -> engine ---------------------------------------------------------------------------
 
@@ -118,8 +125,15 @@ class Serving:
         own thread, so each event is posted onto this event loop)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        seen = self.observe(req) if self.observe is not None else None
+
+        def post(event: Any) -> None:  # called on the engine thread
+            if seen is not None:
+                seen(event)
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
         try:
-            handle = self.engine.submit(req, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+            handle = self.engine.submit(req, post)
         except Overloaded as e:
             raise ApiError(429, str(e), "rate_limit_error", code="overloaded",
                            headers={"Retry-After": str(e.retry_after)}) from None
@@ -205,13 +219,18 @@ ServingDep = Annotated[Serving, Depends(get_serving)]  # a route's parameter for
 
 
 async def authorize(request: HTTPRequest) -> None:
+    """The key as OpenAI's clients send it (`Authorization: Bearer KEY`) or Anthropic's (`x-api-key: KEY`),
+    on every route; either one right is enough."""
     api_key = get_serving(request).config.api_key
     if api_key is None:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    offered = [token.strip()] if scheme.lower() == "bearer" else []
+    if "x-api-key" in request.headers:
+        offered.append(request.headers["x-api-key"].strip())
     # compare_digest takes the same time wherever the strings differ: no timing oracle on the key
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-        raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+    if not any([hmac.compare_digest(key.encode(), api_key.encode()) for key in offered]):
+        raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY' or 'x-api-key: KEY')",
                        "invalid_request_error", code="invalid_api_key")
 
 
@@ -220,18 +239,22 @@ guarded = [Depends(authorize)]  # a route's `dependencies=` when it needs the AP
 
 # --- exception handlers ------------------------------------------------------------------------------
 
-async def on_api_error(_: HTTPRequest, e: ApiError) -> JSONResponse:
-    return e.response()
+async def on_api_error(request: HTTPRequest, e: ApiError) -> JSONResponse:
+    return e.response(is_anthropic_path(request.url.path))
 
 
-async def on_invalid(_: HTTPRequest, e: RequestValidationError) -> JSONResponse:
+async def on_invalid(request: HTTPRequest, e: RequestValidationError) -> JSONResponse:
+    if is_anthropic_path(request.url.path):
+        return ApiError(400, describe_invalid(list(e.errors()))).response(anthropic=True)
     return _validation_error(e).response()
 
 
 async def on_http_error(request: HTTPRequest, e: HTTPException) -> JSONResponse:
+    anthropic = is_anthropic_path(request.url.path)
     if e.status_code == 413:  # BodyLimit's, raised while the body streams in
-        return ApiError(413, f"the request body is larger than {get_serving(request).config.max_body} bytes").response()
-    return ApiError(e.status_code, str(e.detail), "invalid_request_error").response()
+        return ApiError(413, f"the request body is larger than {get_serving(request).config.max_body} bytes")\
+            .response(anthropic)
+    return ApiError(e.status_code, str(e.detail), "invalid_request_error").response(anthropic)
 
 
 _GONE = object()  # put in a request's event queue when its client disconnects

@@ -6,6 +6,6 @@
 
 from __future__ import annotations
 
-from . import chat, completions, misc
+from . import chat, completions, messages, metrics, misc, responses
 
-ROUTERS = [misc.router, chat.router, completions.router]
+ROUTERS = [misc.router, chat.router, completions.router, messages.router, responses.router, metrics.router]
