@@ -323,7 +323,8 @@ def info(model):
 
 
 @cli.command()
-@click.option("--gguf", "gguf_file", default=None, help="a GGUF file of architecture qwen2, qwen2moe, qwen3 or qwen3moe")
+@click.option("--gguf", "gguf_file", default=None,
+              help="a GGUF file of architecture qwen2, qwen2moe, qwen3, qwen3moe, qwen3next, qwen35 or qwen35moe")
 @click.option("--model", default=None, help="an AWQ/GPTQ folder to repack exactly, or with --quantize: the model to "
               "quantize (as everywhere: an HF folder, a .gguf, a Hub id)")
 @click.option("--quantize", type=click.Choice(["4", "8"]), default=None,
