@@ -16,7 +16,7 @@ import pytest
 from benchmarks.quality.reference import backend_logits, reference_greedy, reference_logits
 from qwen_mlx.backends.base import Session, greedy_tokens
 from tests.support.cli import run
-from tests.support.hybrid_models import HYBRID_CONFIGS, HF_CLASSES, fuse_experts, write_hybrid_model
+from tests.support.hybrid_models import HF_CLASSES, HYBRID_CONFIGS, fuse_experts
 
 NAMES = list(HYBRID_CONFIGS)
 RNG = np.random.default_rng(7)
@@ -25,15 +25,9 @@ STEPS = RNG.integers(3, 500, size=12).tolist()
 
 
 @pytest.fixture(scope="module")
-def hybrid(tmp_path_factory: pytest.TempPathFactory):
-    built: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in built:
-            built[name] = write_hybrid_model(tmp_path_factory.mktemp(name), name)
-        return built[name]
-
-    return get
+def hybrid(hybrid_model):
+    """The session's tiny hybrid checkpoints (tests/conftest.py), built once for every module that reads them."""
+    return hybrid_model
 
 
 def _reference(folder: Path):

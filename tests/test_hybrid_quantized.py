@@ -21,7 +21,7 @@ from qwen_mlx.config import ModelArgs
 from qwen_mlx.errors import QwenError
 from qwen_mlx.formats.affine import QuantParams, module_params
 from qwen_mlx.models.load import load_model
-from tests.support.hybrid_models import HYBRID_CONFIGS, fuse_experts, write_hybrid_model
+from tests.support.hybrid_models import HYBRID_CONFIGS, fuse_experts
 
 pytest.importorskip("mlx_lm")
 pytest.importorskip("transformers")
@@ -36,15 +36,9 @@ OUT_CASES = [("next-moe", 8, 64), ("q35-tied", 4, 32), ("q35-moe", 4, 32)]
 
 
 @pytest.fixture(scope="module")
-def hybrid(tmp_path_factory: pytest.TempPathFactory):
-    built: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in built:
-            built[name] = write_hybrid_model(tmp_path_factory.mktemp(name), name)
-        return built[name]
-
-    return get
+def hybrid(hybrid_model):
+    """The session's tiny hybrid checkpoints (tests/conftest.py), built once for every module that reads them."""
+    return hybrid_model
 
 
 def _as_released(src: Path, dst: Path) -> Path:
