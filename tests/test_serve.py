@@ -430,7 +430,8 @@ def test_chat_page_streams_a_reply_in_a_real_browser(server, library, tmp_path):
 
 @pytest.mark.real
 def test_real_checkpoint_batched_answers_tools_and_json(real_model_dir):
-    """Qwen2.5-Coder-0.5B-Instruct: replies in a batch equal replies alone; a real tool call and schema."""
+    """Qwen2.5-Coder-0.5B-Instruct: replies in a batch equal replies alone; a real tool call and schema; the same
+    replies through Anthropic's Messages and OpenAI's Responses APIs, and a tool round trip on the Messages API."""
     jsonschema = pytest.importorskip("jsonschema")
     s = Server(real_model_dir, "--max-batch", "4")
     try:
@@ -461,5 +462,31 @@ def test_real_checkpoint_batched_answers_tools_and_json(real_model_dir):
         answer = json.loads(r.choices[0].message.content)
         jsonschema.validate(answer, schema)
         assert answer["answer"] == 4
+        # the agents' doors on the same model: Anthropic's Messages and OpenAI's Responses give chat's text,
+        # and a real tool round trip through the Messages API
+        anthropic = pytest.importorskip("anthropic")
+        claude = anthropic.Anthropic(base_url=s.url, api_key="none", max_retries=0)
+        greedy = {"temperature": 0}  # the anthropic 2.x client takes sampling fields in the body only
+        said = claude.messages.create(model=m, max_tokens=12, extra_body=greedy,
+                                      messages=[{"role": "user", "content": questions[0]}])
+        assert said.content[0].text == alone[0]
+        assert c.responses.create(model=m, input=questions[1], max_output_tokens=12,
+                                  temperature=0).output_text == alone[1]
+        tool = {"name": "get_weather", "description": "Current weather in a city",
+                "input_schema": tools[0]["function"]["parameters"]}
+        asked = [{"role": "user", "content": "Weather in Paris?"}]
+        use = claude.messages.create(model=m, max_tokens=40, extra_body=greedy, tools=[tool], messages=asked,
+                                     tool_choice={"type": "tool", "name": "get_weather"})
+        block = next(b for b in use.content if b.type == "tool_use")
+        assert use.stop_reason == "tool_use" and "Paris" in block.input["city"]
+        answer = claude.messages.create(model=m, max_tokens=30, extra_body=greedy, tools=[tool], messages=asked + [
+            {"role": "assistant", "content": use.content},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": block.id, "content": "21 C, sunny"}]}])
+        call = c.chat.completions.create(model=m, messages=asked, tools=tools, tool_choice="required", temperature=0,
+                                         max_tokens=40).choices[0].message.tool_calls[0]
+        chat = c.chat.completions.create(model=m, tools=tools, temperature=0, max_tokens=30, messages=asked + [
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "21 C, sunny"}]).choices[0].message
+        assert answer.content[0].text == chat.content  # the same turns rendered alike on both APIs
     finally:
         assert s.stop() == 0
