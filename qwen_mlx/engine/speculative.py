@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from ..errors import QwenError
-from ..sampling import Sampler, SamplingParams
+from ..sampling import Sampler
 
 if TYPE_CHECKING:
     from ..backends.base import Session

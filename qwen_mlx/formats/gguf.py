@@ -11,21 +11,10 @@ expert, as HF checkpoints hold them. Weights are dequantized with the `gguf` pac
 bit for bit into MLX's uint32 codes with float32 scales and biases (config.json `quantization`, as mlx-lm
 writes it), and load in this project's MLX backend and in `mlx_lm.load` alike.
 
-The hybrid family: llama.cpp's converter (`convert_hf_to_gguf.py`, conversion/qwen.py) rewrites tensors, and
-each rewrite is undone here (`Source`: which GGUF tensors, which rows and columns, which value fix):
-- `A_log` is stored as -exp(A_log) (`ssm_a`); `dt_bias` as `ssm_dt.bias`; the conv weight C 1 K squeezed to C K;
-- the zero-centred norms (all but the linear layer's gated `ssm_norm`) are stored as 1 + w;
-- Qwen3-Next's `in_proj_qkvz` (q, k, v, z per key head) is split into `attn_qkv` (all q, all k, all v) and
-  `attn_gate` (z); `in_proj_ba` is kept as `ssm_ba`;
-- Qwen3.5's value heads, where they outnumber key heads, are reordered from grouped by key head to tiled
-  (rows of the v part of `attn_qkv`, of `attn_gate`, `ssm_alpha`, `ssm_beta`, `ssm_a`, `ssm_dt`, the conv's v
-  channels, and the columns of `ssm_out`);
-- the multi-token-prediction layer is appended as one more block ("nextn", `{arch}.nextn_predict_layers`):
-  `_block_prefix` and _MTP_NAMES name its tensors as the release does (`mtp.*`), `read_mtp` reads them, and the
-  conversion leaves them out of the folder for now;
-- `--fuse-qkv` (a full-attention layer's `attn_qkv`) and `--fuse-gate-up-exps` (`ffn_gate_up_exps`) are split.
-A row permutation keeps quantized blocks (a block never spans rows); a column permutation keeps them where
-whole blocks move, else the tensor is dequantized.
+This module holds the entry points (`convert_gguf`, `cached_conversion`, `read_mtp`), the reading, the config,
+the plan (every HF tensor, checked against the config) and the streamed safetensors writing. The hybrid
+family's rewrites, each undone, and its config fields: qwen_mlx/formats/gguf_hybrid.py. The tokenizer, chat
+template and generation config from the metadata: qwen_mlx/formats/gguf_tokenizer.py.
 
 Deliberately free of torch and mlx: numpy, gguf and tokenizers only.
 """
@@ -43,22 +32,12 @@ import numpy as np
 from ..dtypes import SAFETENSORS, check_dtype
 from ..errors import QwenError
 from ..files import check_output_folder, file_lock, sha256_file, staged_folder
-from .gguf_blocks import GROUP_SIZE, KEPT, kept_bits, to_mlx
 from ..paths import cache_dir
 from ..progress import progress_bar
+from .gguf_blocks import GROUP_SIZE, KEPT, kept_bits, to_mlx
+from .gguf_hybrid import HYBRID_LAYER_NAMES, MTP_NAMES, Source, block_prefix, hybrid_config, hybrid_qkv, hybrid_source
+from .gguf_tokenizer import generation_config, require, write_json, write_tokenizer
 
-
-# The split regex of Qwen2's tokenizer.json (single digits, unlike GPT-4's \p{N}{1,3}).
-QWEN2_SPLIT_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# Qwen3.5's: letters and combining marks stay together (`[\p{L}\p{M}]+`), as its tokenizer.json has it.
-QWEN35_SPLIT_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+"
-    r"|\s+(?!\S)|\s+"
-)
-# llama.cpp's `tokenizer.ggml.pre` names -> the split regex each stands for.
-_PRE_REGEX = {"qwen2": QWEN2_SPLIT_REGEX, "deepseek-r1-qwen": QWEN2_SPLIT_REGEX, "qwen35": QWEN35_SPLIT_REGEX}
 
 # gguf leaf name -> HF name inside a decoder layer. llama.cpp's converter does NOT permute q/k rows for
 # qwen2 (it only does for llama-family models), and transformers' GGUF loader agrees: plain renames.
@@ -98,30 +77,8 @@ _EXPERT_NAMES = {
     "ffn_up_exps.weight": "up_proj.weight",
     "ffn_down_exps.weight": "down_proj.weight",
 }
-# The hybrid family's tensors (linear layers, gated attention), and the fused ones llama.cpp's converter writes
-# on request. The zero-centred norms among them hold 1 + w (`_PLUS_ONE`).
-_HYBRID_LAYER_NAMES = {
-    "post_attention_norm.weight": "post_attention_layernorm.weight",
-    "ssm_ba.weight": "linear_attn.in_proj_ba.weight",
-    "ssm_beta.weight": "linear_attn.in_proj_b.weight",
-    "ssm_alpha.weight": "linear_attn.in_proj_a.weight",
-    "ssm_a": "linear_attn.A_log",
-    "ssm_dt.bias": "linear_attn.dt_bias",
-    "ssm_conv1d.weight": "linear_attn.conv1d.weight",
-    "ssm_norm.weight": "linear_attn.norm.weight",
-    "ssm_out.weight": "linear_attn.out_proj.weight",
-    "attn_gate.weight": "linear_attn.in_proj_z.weight",  # Qwen3.5; Qwen3-Next's joins attn_qkv (_qkvz_rows)
-}
-_HYBRID_ALL_NAMES = _LAYER_NAMES | _HYBRID_LAYER_NAMES
-_PLUS_ONE = ("input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight", "q_norm.weight",
-             "k_norm.weight", "mtp.norm.weight", "pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight")
-# The nextn block's own tensors -> the release's `mtp.*` names (the rest of the block is a decoder layer).
-_MTP_NAMES = {
-    "nextn.eh_proj.weight": "mtp.fc.weight",
-    "nextn.enorm.weight": "mtp.pre_fc_norm_embedding.weight",
-    "nextn.hnorm.weight": "mtp.pre_fc_norm_hidden.weight",
-    "nextn.shared_head_norm.weight": "mtp.norm.weight",
-}
+# A hybrid model's layer leaves: the dense ones and the hybrid family's own (gguf_hybrid).
+_HYBRID_ALL_NAMES = _LAYER_NAMES | HYBRID_LAYER_NAMES
 # GGUF architecture -> (HF model_type, HF class). Qwen3.5's GGUF holds the text model only (its vision tower
 # goes to a separate mmproj file), so it becomes the text-only class.
 ARCHITECTURES = {
@@ -138,7 +95,6 @@ _MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe", "qwen3next", "qwen35moe")
 _HYBRID_MODEL_TYPES = {ARCHITECTURES[arch][0] for arch in HYBRID_ARCHITECTURES}
 # HF tensors llama.cpp stores squeezed: the [1, hidden] shared-expert gate (may be a vector), the conv's C 1 K.
 _RESHAPED = ("shared_expert_gate.weight", "conv1d.weight")
-_CONTROL, _USER_DEFINED = 3, 4  # gguf.TokenType values
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -180,12 +136,6 @@ def _metadata(reader) -> dict[str, Any]:
     return out
 
 
-def _require(meta: dict[str, Any], key: str) -> Any:
-    if key not in meta:
-        raise QwenError(f"GGUF metadata lacks {key!r}; cannot build a {key.split('.')[0]} config")
-    return meta[key]
-
-
 def _float32_decimal(value: float) -> float:
     """The shortest decimal that round-trips the float32 GGUF stores: 9.99999997e-07 -> 1e-06."""
     return float(str(np.float32(value)))
@@ -196,12 +146,12 @@ def _float32_decimal(value: float) -> float:
 
 def _build_config(meta: dict[str, Any], tensors: dict[str, Any], dtype: str, arch: str = "qwen2") -> dict[str, Any]:
     model_type, hf_class = ARCHITECTURES[arch]
-    hidden = int(_require(meta, f"{arch}.embedding_length"))
-    heads = int(_require(meta, f"{arch}.attention.head_count"))
+    hidden = int(require(meta, f"{arch}.embedding_length"))
+    heads = int(require(meta, f"{arch}.attention.head_count"))
     kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
     head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
     # llama.cpp appends the multi-token-prediction layers to the blocks: they are not decoder layers.
-    layers = int(_require(meta, f"{arch}.block_count")) - int(meta.get(f"{arch}.nextn_predict_layers", 0))
+    layers = int(require(meta, f"{arch}.block_count")) - int(meta.get(f"{arch}.nextn_predict_layers", 0))
     embed = tensors.get("token_embd.weight")
     if embed is None:
         raise QwenError("GGUF has no token_embd.weight tensor")
@@ -211,16 +161,16 @@ def _build_config(meta: dict[str, Any], tensors: dict[str, Any], dtype: str, arc
         "hidden_act": "silu",
         "hidden_size": hidden,
         "intermediate_size": int(meta.get(f"{arch}.feed_forward_length") or 0)
-        or int(_require(meta, f"{arch}.expert_feed_forward_length")),  # all-MoE: the dense size is unused
+        or int(require(meta, f"{arch}.expert_feed_forward_length")),  # all-MoE: the dense size is unused
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         # The embedding's rows, not the token list: they can differ and the weights decide the shapes.
         "vocab_size": int(embed.shape[1]),
-        "rms_norm_eps": _float32_decimal(_require(meta, f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rms_norm_eps": _float32_decimal(require(meta, f"{arch}.attention.layer_norm_rms_epsilon")),
         "rope_theta": _float32_decimal(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(_require(meta, f"{arch}.context_length")),
+        "max_position_embeddings": int(require(meta, f"{arch}.context_length")),
         "tie_word_embeddings": "output.weight" not in tensors,
         "use_sliding_window": False,
         "sliding_window": None,
@@ -249,53 +199,10 @@ def _build_config(meta: dict[str, Any], tensors: dict[str, Any], dtype: str, arc
     if arch in HYBRID_ARCHITECTURES:
         for key in ("use_sliding_window", "sliding_window", "max_window_layers"):  # no sliding window there
             del config[key]
-        config.update(_hybrid_config(meta, arch, config))
+        config.update(hybrid_config(meta, arch, config))
     if arch in _MOE_ARCHITECTURES:
         config.update(_moe_config(meta, tensors, arch, config["num_hidden_layers"]))
     return config
-
-
-def _hybrid_config(meta: dict[str, Any], arch: str, config: dict[str, Any]) -> dict[str, Any]:
-    """The hybrid family's fields from llama.cpp's keys: the Gated DeltaNet sizes (`ssm.*`: the value heads are
-    its time-step rank, the key heads its group count), which layers are linear (`attention.recurrent_layers`,
-    else every `full_attention_interval`-th is full), the rotated share of a head (`rope.dimension_count`)."""
-    layers, head_dim = config["num_hidden_layers"], config["head_dim"]
-    sizes = {key: int(_require(meta, f"{arch}.ssm.{key}")) for key in
-             ("conv_kernel", "state_size", "group_count", "time_step_rank", "inner_size")}
-    if min(sizes.values()) <= 0:
-        raise QwenError(f"GGUF {arch}.ssm.* sizes must be positive, got {sizes}")
-    value_heads = sizes["time_step_rank"]
-    interval = int(meta.get(f"{arch}.full_attention_interval", 4))
-    # The per-layer list first: the converter writes an interval of 4 whenever config.json has none (transformers
-    # 5 saves layer_types alone), whatever the layers are.
-    recurrent = meta.get(f"{arch}.attention.recurrent_layers")
-    if recurrent is not None and len(recurrent) < layers:
-        raise QwenError(f"GGUF {arch}.attention.recurrent_layers names {len(recurrent)} layers, the model has {layers}")
-    kinds = ([bool(r) for r in recurrent[:layers]] if recurrent is not None
-             else [(i + 1) % interval != 0 for i in range(layers)])
-    rotated = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
-    out: dict[str, Any] = {
-        "layer_types": ["linear_attention" if linear else "full_attention" for linear in kinds],
-        "full_attention_interval": interval,
-        "linear_conv_kernel_dim": sizes["conv_kernel"],
-        "linear_key_head_dim": sizes["state_size"],
-        "linear_num_key_heads": sizes["group_count"],
-        "linear_num_value_heads": value_heads,
-        "linear_value_head_dim": sizes["inner_size"] // value_heads,
-        "partial_rotary_factor": rotated / head_dim,
-        "attention_bias": False,
-        # transformers 5 reads RoPE from here; the top-level keys stay for older readers (Qwen3-Next's release).
-        "rope_parameters": {"rope_type": "default", "rope_theta": config["rope_theta"],
-                            "partial_rotary_factor": rotated / head_dim},
-    }
-    sections = meta.get(f"{arch}.rope.dimension_sections")
-    if arch != "qwen3next" and sections is not None:
-        # Qwen3.5's interleaved multimodal RoPE: with text alone every section sees the same position, so it
-        # is plain RoPE here; kept for the record.
-        out["rope_parameters"] |= {"mrope_section": [int(x) for x in sections[:3]], "mrope_interleaved": True}
-    if f"{arch}.nextn_predict_layers" in meta:
-        out["mtp_num_hidden_layers"] = int(meta[f"{arch}.nextn_predict_layers"])
-    return out
 
 
 def _moe_config(meta: dict[str, Any], tensors: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
@@ -306,8 +213,8 @@ def _moe_config(meta: dict[str, Any], tensors: dict[str, Any], arch: str, layers
         raise QwenError(f"a {arch} GGUF without any expert layer (no blk.N.ffn_gate_inp.weight)")
     first = tensors.get(f"blk.{moe_layers[0]}.ffn_gate_exps.weight")
     out: dict[str, Any] = {
-        "num_experts": int(_require(meta, f"{arch}.expert_count")),
-        "num_experts_per_tok": int(_require(meta, f"{arch}.expert_used_count")),
+        "num_experts": int(require(meta, f"{arch}.expert_count")),
+        "num_experts_per_tok": int(require(meta, f"{arch}.expert_used_count")),
         "moe_intermediate_size": int(meta.get(f"{arch}.expert_feed_forward_length")
                                      or (first.shape[1] if first is not None else 0)),
         "decoder_sparse_step": 1,
@@ -323,120 +230,6 @@ def _moe_config(meta: dict[str, Any], tensors: dict[str, Any], arch: str, layers
     return out
 
 
-def _generation_config(meta: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
-    """Stop on the GGUF's eos and on <|endoftext|>, as Qwen's own generation_config does."""
-    eos = meta.get("tokenizer.ggml.eos_token_id")
-    stops = [int(eos)] if eos is not None else []
-    if "<|endoftext|>" in tokens and tokens.index("<|endoftext|>") not in stops:
-        stops.append(tokens.index("<|endoftext|>"))
-    out: dict[str, Any] = {"eos_token_id": stops}
-    if "tokenizer.ggml.bos_token_id" in meta:
-        out["bos_token_id"] = int(meta["tokenizer.ggml.bos_token_id"])
-    if "tokenizer.ggml.padding_token_id" in meta:
-        out["pad_token_id"] = int(meta["tokenizer.ggml.padding_token_id"])
-    return out
-
-
-# --------------------------------------------------------------------------------------------- tokenizer
-
-
-def _write_tokenizer(meta: dict[str, Any], folder: Path, model_max_length: int) -> list[str]:
-    """tokenizer.json + tokenizer_config.json from the GGUF vocab; returns the token list."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
-    model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise QwenError(f"GGUF tokenizer model is {model!r}; a qwen2 checkpoint needs byte-level BPE ('gpt2')")
-    pre = meta.get("tokenizer.ggml.pre")
-    if pre not in _PRE_REGEX:
-        raise QwenError(f"GGUF pre-tokenizer is {pre!r}; supported: {sorted(_PRE_REGEX)}")
-    tokens: list[str] = list(_require(meta, "tokenizer.ggml.tokens"))
-    types: list[int] = [int(t) for t in meta.get("tokenizer.ggml.token_type", [1] * len(tokens))]
-    merges_raw: list[str] = list(_require(meta, "tokenizer.ggml.merges"))
-    if len(types) != len(tokens):
-        raise QwenError(f"GGUF has {len(tokens)} tokens but {len(types)} token types")
-    vocab = {token: index for index, token in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise QwenError("GGUF vocabulary has duplicate tokens")
-    # Byte-level tokens never hold a literal space (it is spelled 'Ġ'), so one space separates a pair.
-    merges = []
-    for merge in merges_raw:
-        pair = merge.split(" ")
-        if len(pair) != 2:
-            raise QwenError(f"malformed GGUF merge {merge!r}")
-        merges.append((pair[0], pair[1]))
-
-    tokenizer = Tokenizer(
-        models.BPE(
-            vocab=vocab,
-            merges=merges,
-            dropout=None,
-            unk_token=None,
-            continuing_subword_prefix="",
-            end_of_word_suffix="",
-            fuse_unk=False,
-            byte_fallback=False,
-            ignore_merges=False,
-        )
-    )
-    # NFC as Qwen2's own tokenizer.json does; a GGUF has no normalizer field to say otherwise.
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_PRE_REGEX[pre]), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ]
-    )
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    # CONTROL tokens are special (skipped on decode); USER_DEFINED ones (<tool_call>) are matched whole
-    # but kept in decoded text. Both already sit in the vocab, so their ids do not move.
-    added = [
-        AddedToken(tokens[i], special=types[i] == _CONTROL, normalized=False, single_word=False, lstrip=False, rstrip=False)
-        for i in range(len(tokens))
-        if types[i] in (_CONTROL, _USER_DEFINED)
-    ]
-    tokenizer.add_tokens(added)
-    tokenizer.save(str(folder / "tokenizer.json"))
-
-    def token_at(key: str) -> str | None:
-        index = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
-
-    added_decoder = {
-        str(i): {
-            "content": tokens[i],
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": types[i] == _CONTROL,
-        }
-        for i in range(len(tokens))
-        if types[i] in (_CONTROL, _USER_DEFINED)
-    }
-    config = {
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        "add_prefix_space": False,
-        "added_tokens_decoder": added_decoder,
-        # Qwen never prepends a BOS; the GGUF's bos id only feeds config.json/generation_config.json.
-        "bos_token": None,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": token_at("eos_token_id"),
-        "errors": "replace",
-        "model_max_length": model_max_length,
-        "pad_token": token_at("padding_token_id"),
-        "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
-        "unk_token": None,
-    }
-    if "tokenizer.chat_template" in meta:
-        # Inside tokenizer_config.json, where transformers.js looks (it ignores chat_template.jinja).
-        config["chat_template"] = meta["tokenizer.chat_template"]
-    _write_json(folder / "tokenizer_config.json", config)
-    return tokens
-
-
 # ------------------------------------------------------------------------------------------------ tensors
 
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4}
@@ -446,17 +239,6 @@ class Job(NamedTuple):
     """Tensors written together: their (name, safetensors dtype, shape), and how to compute them."""
     entries: list[tuple[str, str, tuple[int, ...]]]
     run: Callable[[], list[np.ndarray]]
-
-
-class Source(NamedTuple):
-    """Where one HF tensor's values sit in the GGUF: its `parts` (GGUF tensors) stacked along their rows, then
-    `rows` taken from those (None: all, in order; an index array: all, reordered; a slice: one part of a fused
-    tensor), `cols` reordered, and `fix` applied to the float values: each undoes one of llama.cpp's rewrites
-    (the module docstring lists them). An expert stack's rows are each expert's own."""
-    parts: tuple[Any, ...]
-    rows: np.ndarray | slice | None = None
-    cols: np.ndarray | None = None
-    fix: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 class Entry(NamedTuple):
@@ -472,12 +254,12 @@ def _hf_names(gguf_name: str, config: dict[str, Any]) -> list[tuple[str, int | N
     if gguf_name in _TOP_NAMES:
         return [(_TOP_NAMES[gguf_name], None)]
     match = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
-    prefix = _block_prefix(int(match[1]), config) if match else None
+    prefix = block_prefix(int(match[1]), config) if match else None
     if prefix is not None:
         leaf = match[2]
         names = _HYBRID_ALL_NAMES if config["model_type"] in _HYBRID_MODEL_TYPES else _LAYER_NAMES
-        if prefix.startswith("mtp.") and leaf in _MTP_NAMES:
-            return [(_MTP_NAMES[leaf], None)]
+        if prefix.startswith("mtp.") and leaf in MTP_NAMES:
+            return [(MTP_NAMES[leaf], None)]
         if leaf in names:
             return [(prefix + names[leaf], None)]
         if leaf in _EXPERT_NAMES and "num_experts" in config:
@@ -485,24 +267,14 @@ def _hf_names(gguf_name: str, config: dict[str, Any]) -> list[tuple[str, int | N
     raise QwenError(f"unexpected tensor {gguf_name!r} in a {config['model_type']} GGUF")
 
 
-def _block_prefix(n: int, config: dict[str, Any]) -> str | None:
-    """Block n's HF prefix: a decoder layer's, or for the blocks after them (llama.cpp's "nextn") the release's
-    multi-token-prediction layer's. With _MTP_NAMES (its `mtp.fc` and norms) the one place that block is named:
-    `_plan` leaves `mtp.*` out of the folder for now and `read_mtp` reads it."""
-    layers = config["num_hidden_layers"]
-    if n < layers:
-        return f"model.layers.{n}."
-    return f"mtp.layers.{n - layers}." if n < layers + config.get("mtp_num_hidden_layers", 0) else None
-
-
 def _sources(tensors: dict[str, Any], config: dict[str, Any], arch: str) -> list[tuple[Source, str, int | None]]:
     """(Source, HF name, expert index or None) for every HF tensor the GGUF holds. Most are one GGUF tensor
-    as stored; the hybrid family's rewrites are undone (`_hybrid_source`), and fused tensors are split."""
+    as stored; the hybrid family's rewrites are undone (`hybrid_source`), and fused tensors are split."""
     out: list[tuple[Source, str, int | None]] = []
     for gguf_name, tensor in tensors.items():
         leaf = gguf_name.split(".", 2)[-1]
         if arch in HYBRID_ARCHITECTURES and leaf in ("attn_qkv.weight", "attn_gate.weight"):
-            out += _hybrid_qkv(gguf_name, tensors, config, arch)
+            out += hybrid_qkv(gguf_name, tensors, config, arch)
             continue
         if leaf == "ffn_gate_up_exps.weight":  # --fuse-gate-up-exps: gate rows, then up rows, per expert
             half = int(tensor.shape[1]) // 2
@@ -512,95 +284,8 @@ def _sources(tensors: dict[str, Any], config: dict[str, Any], arch: str) -> list
             continue
         for name, expert in _hf_names(gguf_name, config):
             source = Source((tensor,))
-            out.append((_hybrid_source(source, name, config) if arch in HYBRID_ARCHITECTURES else source, name, expert))
+            out.append((hybrid_source(source, name, config) if arch in HYBRID_ARCHITECTURES else source, name, expert))
     return out
-
-
-def _hybrid_qkv(gguf_name: str, tensors: dict[str, Any], config: dict[str, Any],
-                arch: str) -> list[tuple[Source, str, int | None]]:
-    """`attn_qkv` / `attn_gate`: a linear layer's projections (Qwen3-Next's two joined back into
-    `in_proj_qkvz`), or, in a full-attention layer, `--fuse-qkv`'s q, k, v stacked (split again)."""
-    _, n, leaf = gguf_name.split(".", 2)
-    prefix, tensor = _block_prefix(int(n), config), tensors[gguf_name]
-    if prefix is None:
-        raise QwenError(f"unexpected tensor {gguf_name!r} in a {config['model_type']} GGUF")
-    if prefix.startswith("model.") and config["layer_types"][int(n)] == "linear_attention":
-        if arch != "qwen3next":
-            name = prefix + ("linear_attn.in_proj_qkv.weight" if leaf == "attn_qkv.weight" else
-                             "linear_attn.in_proj_z.weight")
-            return [(_hybrid_source(Source((tensor,)), name, config), name, None)]
-        if leaf == "attn_gate.weight":
-            return []  # joined to its attn_qkv
-        gate = tensors.get(gguf_name.replace("attn_qkv", "attn_gate"))
-        if gate is None:
-            raise QwenError(f"GGUF has {gguf_name!r} but not its attn_gate (Qwen3-Next's z projection)")
-        return [(Source((tensor, gate), _qkvz_rows(config)), prefix + "linear_attn.in_proj_qkvz.weight", None)]
-    if leaf == "attn_gate.weight":
-        raise QwenError(f"unexpected tensor {gguf_name!r} in a full-attention layer of a {arch} GGUF")
-    q = 2 * config["num_attention_heads"] * config["head_dim"]  # the queries and their output gate
-    kv = config["num_key_value_heads"] * config["head_dim"]
-    if int(tensor.shape[1]) != q + 2 * kv:
-        raise QwenError(f"GGUF tensor {gguf_name!r} has {int(tensor.shape[1])} rows, the metadata implies {q + 2 * kv}")
-    spans = {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv)}
-    return [(Source((tensor,), span), f"{prefix}self_attn.{proj}.weight", None) for proj, span in spans.items()]
-
-
-def _qkvz_rows(config: dict[str, Any]) -> np.ndarray:
-    """Qwen3-Next: rows of [attn_qkv; attn_gate] (q of every key head, then k, v, z) in `in_proj_qkvz`'s order
-    (q, k, v, z of key head 0, then of key head 1, ...)."""
-    heads, dk = config["linear_num_key_heads"], config["linear_key_head_dim"]
-    dv = config["linear_num_value_heads"] // heads * config["linear_value_head_dim"]  # values per key head
-    kd = heads * dk
-    starts = [(0, dk), (kd, dk), (2 * kd, dv), (2 * kd + heads * dv, dv)]  # q, k, v, z: offset, rows per head
-    return np.concatenate([np.arange(at + g * size, at + (g + 1) * size) for g in range(heads) for at, size in starts])
-
-
-def _untile(config: dict[str, Any], size: int) -> np.ndarray | None:
-    """Qwen3.5: llama.cpp stores the value heads tiled (head r of key head g at r * key_heads + g), the release
-    grouped by key head (at g * per_key + r); `size` features each. The gather that undoes it, None if none."""
-    heads = config["linear_num_key_heads"]
-    per_key = config["linear_num_value_heads"] // heads
-    if per_key == 1:
-        return None
-    return np.arange(per_key * heads * size).reshape(per_key, heads, size).transpose(1, 0, 2).reshape(-1)
-
-
-def _qkv_untile(config: dict[str, Any]) -> np.ndarray | None:
-    """The same for q, k, v stacked (in_proj_qkv's rows, the conv's channels): q and k stay, v is untiled."""
-    v = _untile(config, config["linear_value_head_dim"])
-    kd = 2 * config["linear_num_key_heads"] * config["linear_key_head_dim"]
-    return None if v is None else np.concatenate([np.arange(kd), kd + v])
-
-
-def _hybrid_source(source: Source, name: str, config: dict[str, Any]) -> Source:
-    """The value fixes every hybrid GGUF needs (norms stored 1 + w, A_log as -exp(A_log)), and Qwen3.5's
-    value-head order undone."""
-    if name.endswith(_PLUS_ONE):
-        source = source._replace(fix=_minus_one)
-    elif name.endswith(".A_log"):
-        source = source._replace(fix=_a_log)
-    if config["model_type"] == "qwen3_next":
-        return source
-    if name.endswith(("in_proj_qkv.weight", "conv1d.weight")):
-        return source._replace(rows=_qkv_untile(config))
-    if name.endswith("in_proj_z.weight"):
-        return source._replace(rows=_untile(config, config["linear_value_head_dim"]))
-    if name.endswith(("in_proj_a.weight", "in_proj_b.weight", ".A_log", ".dt_bias")):
-        return source._replace(rows=_untile(config, 1))
-    if name.endswith("out_proj.weight"):
-        return source._replace(cols=_untile(config, config["linear_value_head_dim"]))
-    return source
-
-
-def _minus_one(values: np.ndarray) -> np.ndarray:
-    """A zero-centred norm's w from the stored 1 + w (exact: a float32 in [0.5, 2] minus 1 is)."""
-    return values - np.float32(1)
-
-
-def _a_log(values: np.ndarray) -> np.ndarray:
-    """A_log from the stored -exp(A_log)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.log(-values)
 
 
 def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -749,10 +434,6 @@ def _write_safetensors(jobs: list[Job], path: Path, progress: bool) -> None:
 # ------------------------------------------------------------------------------------------------ public
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def convert_gguf(
     gguf_path: str | Path,
     out_dir: str | Path,
@@ -778,9 +459,9 @@ def convert_gguf(
         config["quantization"] = config["quantization_config"] = quantized
 
     with staged_folder(out_dir, force) as staging:
-        tokens = _write_tokenizer(meta, staging, config["max_position_embeddings"])
-        _write_json(staging / "config.json", config)
-        _write_json(staging / "generation_config.json", _generation_config(meta, tokens))
+        tokens = write_tokenizer(meta, staging, config["max_position_embeddings"])
+        write_json(staging / "config.json", config)
+        write_json(staging / "generation_config.json", generation_config(meta, tokens))
         _write_safetensors(jobs, staging / "model.safetensors", progress)
         del reader, tensors, plan, jobs  # release the memory map before the swap
     return out_dir
