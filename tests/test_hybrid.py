@@ -210,3 +210,20 @@ def test_prompt_cache_file_holds_the_recurrent_state(hybrid, tmp_path):
     fresh = run(*args, "--system", doc)
     assert cached.returncode == 0 and fresh.returncode == 0, cached.stderr + fresh.stderr
     assert cached.stdout == fresh.stdout
+
+
+def test_the_conv_window_holds_only_its_own_positions():
+    """Regression: the window kept after a prompt chunk was a view of the chunk's whole conv input (8 MiB per
+    layer for 512 positions of 4096 channels, where the window is 48 KiB), held as long as the state's marks."""
+    import mlx.core as mx
+
+    from qwen_mlx.models.qwen3_next import DepthwiseConv1d
+
+    conv = DepthwiseConv1d(4096, 4)
+    mx.eval(conv.parameters())
+    base = mx.get_active_memory()
+    x = mx.random.normal((1, 512, 4096))
+    out, window = conv(x, None)
+    mx.eval(out, window)
+    del out, x
+    assert window.shape == (1, 3, 4096) and mx.get_active_memory() - base < 2 * window.nbytes

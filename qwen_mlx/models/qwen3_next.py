@@ -85,7 +85,7 @@ class DepthwiseConv1d(nn.Module):
         out = xs[:, 0:L] * w[0]
         for j in range(1, K):  # K is 4: four shifted multiply-adds beat a general conv here
             out = out + xs[:, j:j + L] * w[j]
-        return out, xs[:, L:]
+        return out, mx.contiguous(xs[:, L:])  # its own K-1 positions: a view would keep the whole chunk alive
 
 
 def _l2norm(x: mx.array) -> mx.array:
