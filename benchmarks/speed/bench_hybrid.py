@@ -34,19 +34,27 @@ TEXT = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hid
                                                             "partial_rotary_factor": 0.25})
 
 
-def write_checkpoint(folder: Path) -> None:
+def write_checkpoint(folder: Path, tokenizer: bool = False, **text: object) -> None:
+    """Save the random Qwen3.5 (TEXT, with `text` overriding its fields, e.g. vocab_size=512) into `folder`, and
+    with `tokenizer` the tiny tokenizer (benchmarks/checkpoints/tiny_tokenizer.py, Qwen2.5's chat template) for
+    a vocabulary small enough that it covers every id (cli.py serve, mlx_lm.server)."""
     import torch
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
     torch.manual_seed(0)
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=1024, patch_size=4,
-                  spatial_merge_size=1, temporal_patch_size=1)
-    config = Qwen3_5Config(text_config=dict(TEXT), vision_config=vision, tie_word_embeddings=True)
+    text_config = dict(TEXT, **text)
+    vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 4,
+              "out_hidden_size": text_config["hidden_size"], "spatial_merge_size": 1, "temporal_patch_size": 1}
+    config = Qwen3_5Config(text_config=text_config, vision_config=vision, tie_word_embeddings=True)
     Qwen3_5ForConditionalGeneration(config).to(torch.float32).save_pretrained(folder)
     saved = json.loads((folder / "config.json").read_text())
     # where mlx-lm reads them (it takes tied embeddings from text_config)
     saved["text_config"].update(rope_theta=10000000.0, partial_rotary_factor=0.25, tie_word_embeddings=True)
     (folder / "config.json").write_text(json.dumps(saved, indent=2))
+    if tokenizer:
+        from benchmarks.checkpoints.tiny_tokenizer import write_tiny_tokenizer
+
+        write_tiny_tokenizer(folder, vocab_size=text_config["vocab_size"])
 
 
 class Ours:
