@@ -174,11 +174,15 @@ def test_the_policy_pauses_a_drafter_that_does_not_pay():
     assert [spec.active() for _ in range(3)] == [False, False, True]  # two plain steps measured first
     spec.observe_plain(0.010)
     spec.observe_plain(0.010)
-    for _ in range(3):  # nothing kept, three times a plain step's time per token
+    for _ in range(2):  # nothing kept, three times a plain step's time per token
         spec.observe(drafted=spec.k, accepted=0, produced=1, seconds=0.030)
-    assert spec.k == 5 and spec.pause == 8 and spec.backoff == 16
+    assert spec.k == 6 and spec.pause == 8 and spec.backoff == 32
     assert not any(spec.active() for _ in range(8)) and spec.active()
-    for _ in range(3):  # drafts kept: faster than plain, the back-off resets and the length grows
+    for _ in range(2):  # nothing kept again: a 4x longer pause
+        spec.observe(drafted=spec.k, accepted=0, produced=1, seconds=0.030)
+    assert spec.pause == 32 and spec.backoff == 128
+    assert not any(spec.active() for _ in range(32)) and spec.active()
+    for _ in range(2):  # drafts kept: faster than plain, the back-off resets and the length grows
         spec.observe(drafted=spec.k, accepted=spec.k, produced=spec.k + 1, seconds=0.012)
     assert spec.pause == 0 and spec.backoff == 8 and spec.k == 8
 

@@ -15,8 +15,9 @@ Drafters (`Drafter`):
 - `DraftModel`: a smaller checkpoint with the same tokenizer, decoding k tokens on its own cache.
 
 `Speculator` is the per-request policy: the draft length follows the acceptance (+2 after a step that kept
-every draft, -1 otherwise, as HF's heuristic schedule), and speculation pauses, with a growing back-off,
-while its measured time per generated token is worse than plain decoding's, so a poor drafter costs little.
+every draft, -1 otherwise, as HF's heuristic schedule), and speculation pauses, with a back-off growing 4x per
+failed try, while its measured time per generated token is worse than plain decoding's, so a poor drafter
+costs little.
 Speculation runs for a request decoding alone; in a batch of several the batch already shares each read of
 the weights, so those steps decode plainly.
 """
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
 
 METHODS = ("prompt-lookup", "draft-model")
-DEFAULT_DRAFT_TOKENS = {"prompt-lookup": 8, "draft-model": 4}  # docs/BENCHMARKS.md, "Speculative decoding"
+DEFAULT_DRAFT_TOKENS = {"prompt-lookup": 16, "draft-model": 4}  # docs/BENCHMARKS.md, "Speculative decoding"
 MAX_DRAFT_TOKENS = 32
 
 
@@ -136,16 +137,17 @@ class Speculator:
     """One request's speculative decoding state: its drafter, the draft length, and whether it pays."""
 
     first_plain_steps = 2  # the measure speculation has to beat
-    first_backoff = 8
-    max_backoff = 256
+    probe_steps = 2        # speculative steps judged together
+    first_backoff = 8      # plain steps before trying again; x4 after each try that did not pay
+    max_backoff = 1024
 
     def __init__(self, drafter: Drafter, k: int):
         self.drafter, self.k_max, self.k = drafter, k, k
         self.drafted = self.accepted = 0
         self.pause = self.first_plain_steps
         self.backoff = self.first_backoff
-        self.plain: list[float] = []  # seconds per generated token, recent steps of each kind
-        self.spec: list[float] = []
+        self.plain: list[float] = []  # seconds per token of recent plain steps
+        self.spec: list[tuple[float, int]] = []  # (seconds, tokens produced) of recent speculative steps
 
     def active(self) -> bool:
         """Whether this step should speculate (else it is a plain step, measured)."""
@@ -162,11 +164,14 @@ class Speculator:
         self.drafted += drafted
         self.accepted += accepted
         self.k = min(self.k_max, self.k + 2) if accepted == drafted else max(1, self.k - 1)
-        self.spec = [*self.spec, seconds / max(produced, 1)][-8:]
-        if len(self.spec) >= 3 and self.plain and np.median(self.spec) > np.median(self.plain):
-            self.pause, self.backoff = self.backoff, min(self.backoff * 2, self.max_backoff)
+        self.spec = [*self.spec, (seconds, produced)][-6:]
+        if len(self.spec) < self.probe_steps or not self.plain:
+            return
+        # time per token over the recent steps together: one unlucky step does not outweigh a good run
+        if sum(t for t, _ in self.spec) / sum(n for _, n in self.spec) > np.median(self.plain):
+            self.pause, self.backoff = self.backoff, min(self.backoff * 4, self.max_backoff)
             self.spec = []  # the next try is judged on its own steps
-        elif len(self.spec) >= 3:
+        else:
             self.backoff = self.first_backoff
 
 
