@@ -104,7 +104,7 @@ def _kv(kv_bits, kv_group_size) -> dict:
 def spec_options(f):
     """Speculative decoding (mlx; qwen_mlx/engine/speculative.py): the same tokens, sooner where drafts hold."""
     f = click.option("--num-draft-tokens", type=int, default=None,
-                     help="most tokens drafted per step (adapted to the acceptance) [default: 8 with "
+                     help="most tokens drafted per step (adapted to the acceptance) [default: 16 with "
                           "--prompt-lookup, 4 with --draft-model]")(f)
     f = click.option("--draft-model", default=None,
                      help="speculative decoding with a smaller model of the same tokenizer (a folder, .gguf or "
