@@ -108,12 +108,7 @@ class DraftModel:
             if sampler.params.greedy:
                 token = sampler(logits, seen)
             else:
-                ids, weights = sampler.distribution(logits, seen)
-                q = np.zeros(logits.size, np.float64)
-                if ids is None:
-                    q[:] = weights / weights.sum(dtype=np.float64)
-                else:
-                    q[ids] = weights / weights.sum()
+                q = sampler.probabilities(logits, seen)
                 token = int(sampler.rng.choice(q.size, p=q))
                 probs.append(q)
             drafts.append(token)

@@ -104,6 +104,16 @@ class Sampler:
         return ids, np.exp(x[ids].astype(np.float64) - top)  # the top token is always in play
 
 
+    def probabilities(self, logits: np.ndarray, history: Iterable[int] = ()) -> np.ndarray:
+        """`distribution` as float64 probabilities over the whole vocabulary (zero where a filter cut)."""
+        ids, weights = self.distribution(logits, history)
+        p = np.zeros(np.asarray(logits).size, np.float64)
+        if ids is None:
+            p[:] = weights / weights.sum(dtype=np.float64)
+        else:
+            p[ids] = weights / weights.sum()
+        return p
+
     def verify(self, logits: np.ndarray, history: Iterable[int], draft: int,
                draft_probs: np.ndarray | None = None) -> int:
         """The token at a drafted position in speculative decoding, distributed exactly as `self(logits,
@@ -113,13 +123,8 @@ class Sampler:
         means the draft was chosen without chance (prompt lookup, a greedy draft model): q is one-hot at it."""
         if self.params.greedy:
             return self(logits, history)
-        ids, weights = self.distribution(logits, history)
-        size = np.asarray(logits).size
-        p = np.zeros(size, np.float64)
-        if ids is None:
-            p[:] = weights / weights.sum(dtype=np.float64)
-        else:
-            p[ids] = weights / weights.sum()
+        p = self.probabilities(logits, history)
+        size = p.size
         q = np.zeros(size, np.float64)
         if draft_probs is None:
             q[draft] = 1.0
