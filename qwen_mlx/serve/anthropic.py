@@ -17,7 +17,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import QwenError
-from .protocol import ChatRequest, FunctionDef, JsonSchema, NamedToolChoice, ResponseFormat, Sampling, Tool
+from .protocol import ChatRequest, FunctionDef, JsonSchema, MinP, NamedToolChoice, Penalty, RepetitionPenalty, \
+    ResponseFormat, Sampling, Seed, TokenCount, Tool, TopK, TopP, temperature
 
 PATH = "/v1/messages"  # every route under it answers errors in Anthropic's shape
 
@@ -158,7 +159,7 @@ ToolChoice = Annotated[Union[ToolChoiceAuto, ToolChoiceAny, ToolChoiceTool, Tool
 
 class ThinkingEnabled(Strict):
     type: Literal["enabled"]
-    budget_tokens: int = Field(ge=1)  # accepted, not enforced: max_tokens bounds reasoning and answer together
+    budget_tokens: TokenCount  # accepted, not enforced: max_tokens bounds reasoning and answer together
     display: Optional[Literal["summarized", "omitted"]] = None
 
 
@@ -206,21 +207,24 @@ class PromptBody(Strict):
             (self.output_config is not None and self.output_config.format is not None)
 
 
+Temperature = temperature(1)  # Anthropic's range, [0, 1]
+
+
 class MessagesRequest(PromptBody):
-    max_tokens: int = Field(ge=1)
+    max_tokens: TokenCount
     stop_sequences: Optional[list[Annotated[str, Field(min_length=1)]]] = None
     stream: bool = False
-    temperature: Optional[float] = Field(None, ge=0, le=1)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0)
+    temperature: Optional[Temperature] = None
+    top_p: Optional[TopP] = None
+    top_k: Optional[TopK] = None
     metadata: Optional[Metadata] = None
     service_tier: Optional[Literal["auto", "standard_only"]] = None  # one tier here: accepted and ignored
     # Beyond Anthropic's set, as /v1/chat/completions takes them (the anthropic client sends them in extra_body).
-    min_p: Optional[float] = Field(None, ge=0, lt=1)
-    repetition_penalty: Optional[float] = Field(None, gt=0)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    seed: Optional[int] = None
+    min_p: Optional[MinP] = None
+    repetition_penalty: Optional[RepetitionPenalty] = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    seed: Optional[Seed] = None
 
     def sampling(self) -> Sampling:
         """The body's sampling fields as the serving core reads them."""

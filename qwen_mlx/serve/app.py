@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
 
 from ..engine import Engine
@@ -55,7 +56,7 @@ class BodyLimit:
 
 
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
-    app = FastAPI(title="qwen-mlx", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="qwen-mlx", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.serving = Serving(engine, config)
     app.state.metrics = Metrics(engine)  # this app's own registry: several apps in one process do not clash
     app.state.serving.observe = app.state.metrics.watch
@@ -68,4 +69,48 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app.add_exception_handler(HTTPException, on_http_error)
     for router in ROUTERS:
         app.include_router(router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+# --- the OpenAPI schema (/openapi.json) ---------------------------------------------------------------
+
+_OPENAI_ERROR = {"type": "object", "required": ["error"], "additionalProperties": False, "properties": {
+    "error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "integer", "null"]}}}}}
+_ANTHROPIC_ERROR = {"type": "object", "required": ["type", "error"], "additionalProperties": False, "properties": {
+    "type": {"const": "error"},
+    "error": {"type": "object", "required": ["type", "message"], "properties": {
+        "type": {"type": "string"}, "message": {"type": "string"}}}}}
+# What a request can be answered besides its 200: a body or value the server refuses, a missing key, a model it
+# does not serve, a body over --max-body, a full queue, a server shutting down.
+_ERRORS = {"400": "invalid request", "401": "missing or wrong API key", "404": "the model is not served here",
+           "413": "the request body is too large", "429": "the queue is full", "503": "the server is shutting down"}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema from the routes, told what the server answers: a body it refuses is a 400 in the API's
+    error shape (not FastAPI's 422), and `/metrics` (left out of the routes' schema) is Prometheus' text."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    components["Error"], components["AnthropicError"] = _OPENAI_ERROR, _ANTHROPIC_ERROR
+    for path, operations in schema["paths"].items():
+        shape = "AnthropicError" if is_anthropic_path(path) else "Error"
+        content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{shape}"}}}
+        for operation in operations.values():
+            responses = operation["responses"]
+            responses.pop("422", None)
+            codes = ["503"] if path == "/health" else ["401"] if "requestBody" not in operation else list(_ERRORS)
+            for code in codes:
+                responses[code] = {"description": _ERRORS[code], "content": content}
+    schema["paths"]["/metrics"] = {"get": {
+        "summary": "Metrics", "operationId": "metrics",
+        "responses": {"200": {"description": "the Prometheus text exposition format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}}}}
+    app.openapi_schema = schema
+    return schema

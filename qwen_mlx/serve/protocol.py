@@ -1,14 +1,55 @@
 """OpenAI's request bodies as pydantic models: what the server accepts, and nothing else.
 
 Every model forbids unknown fields, so a field this server does not implement (`logit_bias`, `echo`,
-`suffix`, `audio`, ...) is a 400 naming it, never silently ignored. Ranges are OpenAI's.
+`suffix`, `audio`, ...) is a 400 naming it, never silently ignored. Ranges are OpenAI's where it has them;
+every number also has a finite range (shown in /openapi.json) that keeps the sampler's float32 arithmetic
+finite: a value outside it is a 400 naming the field, a value inside it never a 500. The other APIs' bodies
+(anthropic.py, responses_protocol.py) take the same ranges from here.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+
+# --- the numbers' ranges -------------------------------------------------------------------------------
+# A positive temperature divides the logits in float32: below MIN_TEMPERATURE (1e-300 is 0 in float32) the
+# scores overflow to inf and nothing can be sampled. 0 is greedy decoding.
+MIN_TEMPERATURE = 1e-6
+# The repetition penalty divides or multiplies the seen tokens' scores in float32: kept within 1000x either
+# way, scores stay finite even at MIN_TEMPERATURE.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-3, 1e3
+# top_p is compared in float32 on the device (qwen_mlx/sampling/device.py): below float32's range it is 0 there
+# and no token stays in play. Any top_p under 1 / vocabulary keeps the top token alone, as MIN_TOP_P does.
+MIN_TOP_P = 1e-8
+MAX_TOP_K = 2**31 - 1      # any k at or past the vocabulary's size keeps every token
+MAX_TOKENS = 2**31 - 1     # the server's --max-tokens bounds it further (a 400 saying so)
+MAX_SEED = 2**64 - 1       # numpy's generator takes a non-negative seed
+
+
+def _temperature_floor(value: float) -> float:
+    if 0 < value < MIN_TEMPERATURE:
+        raise PydanticCustomError("temperature_range", "should be 0 (greedy decoding) or at least {least}",
+                                  {"least": MIN_TEMPERATURE})
+    return value
+
+
+def temperature(most: float) -> Any:
+    """A temperature in {0} or [MIN_TEMPERATURE, most]."""
+    return Annotated[float, Field(ge=0, le=most, json_schema_extra={
+        "anyOf": [{"const": 0}, {"minimum": MIN_TEMPERATURE}]}), AfterValidator(_temperature_floor)]
+
+
+Temperature = temperature(2)
+TopP = Annotated[float, Field(ge=MIN_TOP_P, le=1)]
+TopK = Annotated[int, Field(ge=0, le=MAX_TOP_K)]
+MinP = Annotated[float, Field(ge=0, lt=1)]
+RepetitionPenalty = Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]  # presence and frequency: OpenAI's range
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
 
 
 class Strict(BaseModel):
@@ -88,19 +129,19 @@ class Sampling(Strict):
     """Fields shared by both endpoints."""
 
     model: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0)
-    min_p: Optional[float] = Field(None, ge=0, lt=1)
-    repetition_penalty: Optional[float] = Field(None, gt=0)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    seed: Optional[int] = None
+    max_tokens: Optional[TokenCount] = None
+    temperature: Optional[Temperature] = None
+    top_p: Optional[TopP] = None
+    top_k: Optional[TopK] = None
+    min_p: Optional[MinP] = None
+    repetition_penalty: Optional[RepetitionPenalty] = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    seed: Optional[Seed] = None
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=128)  # anything but 1 is refused (one completion per request)
     user: Optional[str] = None  # an end-user id for the caller's logs; changes nothing
     speculative: Optional[SpeculativeOptions] = None  # None: the server's default (serve --prompt-lookup, ...)
 
@@ -110,7 +151,7 @@ class Sampling(Strict):
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[TokenCount] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     tools: Optional[list[Tool]] = None

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BeforeValidator, Discriminator, Field, Tag, field_validator
 from pydantic_core import PydanticCustomError
 
-from .protocol import Strict
+from .protocol import MinP, Penalty, RepetitionPenalty, Seed, Strict, Temperature, TokenCount, TopK, TopP
 
 ItemStatus = Optional[Literal["in_progress", "completed", "incomplete"]]
 
@@ -169,9 +169,9 @@ class ResponsesRequest(Strict):
     model: Optional[str] = None
     input: Annotated[list[InputItem], BeforeValidator(_as_messages)]  # or text: one user message
     instructions: Optional[str] = None
-    max_output_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
+    max_output_tokens: Optional[TokenCount] = None
+    temperature: Optional[Temperature] = None
+    top_p: Optional[TopP] = None
     tools: Optional[list[FunctionTool]] = None
     tool_choice: Annotated[Union[Literal["none", "auto", "required"], ToolChoiceFunction, None],
                            BeforeValidator(_tool_choice)] = None
@@ -185,12 +185,12 @@ class ResponsesRequest(Strict):
     metadata: Optional[dict[str, str]] = None  # echoed back
     user: Optional[str] = None  # an end-user id for the caller's logs; changes nothing
     # The chat endpoint's sampling fields, beyond OpenAI's Responses API (as vLLM accepts them).
-    top_k: Optional[int] = Field(None, ge=0)
-    min_p: Optional[float] = Field(None, ge=0, lt=1)
-    repetition_penalty: Optional[float] = Field(None, gt=0)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    seed: Optional[int] = None
+    top_k: Optional[TopK] = None
+    min_p: Optional[MinP] = None
+    repetition_penalty: Optional[RepetitionPenalty] = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    seed: Optional[Seed] = None
     stop: Union[str, list[str], None] = None
 
     @field_validator("tools", mode="before")

@@ -87,6 +87,8 @@ def _prompt(serving: Serving, body: PromptBody, with_constraint: bool) -> _Promp
         kwargs["enable_thinking"] = not forced and body.thinking.type != "disabled"
     if chat[-1]["role"] == "assistant" and not (chat[-1]["content"] or "").strip() and not chat[-1].get("tool_calls"):
         chat.pop()  # an empty final assistant turn: nothing to continue
+    if not chat:
+        raise ApiError(400, "messages: the conversation is empty once its empty final assistant turn is dropped")
     prefill = chat[-1]["content"] if chat[-1]["role"] == "assistant" else None
     if prefill is not None and chat[-1].get("tool_calls"):
         raise ApiError(400, "the last message is an assistant turn with tool_use blocks: send the tool_result in a "
