@@ -125,13 +125,10 @@ class SpeculativeOptions(Strict):
     num_draft_tokens: Optional[int] = Field(None, ge=1, le=32)
 
 
-class Sampling(Strict):
-    """Fields shared by both endpoints."""
+class SamplingExtras(Strict):
+    """The sampling fields beyond OpenAI's core set, the same on every endpoint that takes them (the chat and
+    completions bodies, and the Responses API's, as vLLM accepts them there)."""
 
-    model: Optional[str] = None
-    max_tokens: Optional[TokenCount] = None
-    temperature: Optional[Temperature] = None
-    top_p: Optional[TopP] = None
     top_k: Optional[TopK] = None
     min_p: Optional[MinP] = None
     repetition_penalty: Optional[RepetitionPenalty] = None
@@ -139,6 +136,15 @@ class Sampling(Strict):
     frequency_penalty: Penalty = 0.0
     seed: Optional[Seed] = None
     stop: Union[str, list[str], None] = None
+
+
+class Sampling(SamplingExtras):
+    """Fields shared by both endpoints."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[TokenCount] = None
+    temperature: Optional[Temperature] = None
+    top_p: Optional[TopP] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: int = Field(1, ge=1, le=128)  # anything but 1 is refused (one completion per request)

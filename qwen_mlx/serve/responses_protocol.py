@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BeforeValidator, Discriminator, Field, Tag, field_validator
 from pydantic_core import PydanticCustomError
 
-from .protocol import MinP, Penalty, RepetitionPenalty, Seed, Strict, Temperature, TokenCount, TopK, TopP
+from .protocol import FunctionDef, SamplingExtras, Strict, Temperature, TokenCount, TopP
 
 ItemStatus = Optional[Literal["in_progress", "completed", "incomplete"]]
 
@@ -109,12 +109,10 @@ InputItem = Annotated[
 ]
 
 
-class FunctionTool(Strict):
+class FunctionTool(FunctionDef):
+    """A function tool as the Responses API writes it: chat's function definition, flat, with its type."""
+
     type: Literal["function"]
-    name: str = Field(min_length=1, max_length=64)
-    description: Optional[str] = None
-    parameters: Optional[dict[str, Any]] = None
-    strict: Optional[bool] = None
 
 
 class ToolChoiceFunction(Strict):
@@ -165,7 +163,7 @@ def _tool_choice(value: Any) -> Any:
     return value
 
 
-class ResponsesRequest(Strict):
+class ResponsesRequest(SamplingExtras):  # with the chat endpoint's sampling fields beyond OpenAI's set
     model: Optional[str] = None
     input: Annotated[list[InputItem], BeforeValidator(_as_messages)]  # or text: one user message
     instructions: Optional[str] = None
@@ -184,14 +182,6 @@ class ResponsesRequest(Strict):
     truncation: Optional[Literal["disabled"]] = None  # the only behaviour: a prompt too long is a 400
     metadata: Optional[dict[str, str]] = None  # echoed back
     user: Optional[str] = None  # an end-user id for the caller's logs; changes nothing
-    # The chat endpoint's sampling fields, beyond OpenAI's Responses API (as vLLM accepts them).
-    top_k: Optional[TopK] = None
-    min_p: Optional[MinP] = None
-    repetition_penalty: Optional[RepetitionPenalty] = None
-    presence_penalty: Penalty = 0.0
-    frequency_penalty: Penalty = 0.0
-    seed: Optional[Seed] = None
-    stop: Union[str, list[str], None] = None
 
     @field_validator("tools", mode="before")
     @classmethod
