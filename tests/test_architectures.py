@@ -686,13 +686,6 @@ def test_server_chat_template_kwargs(thinking_model):
         assert server.stop() == 0
 
 
-# Qwen3.5's generation tail: the template opens the reasoning block for the model unless thinking is off.
-QWEN35_TAIL = ("{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
-               "    {%- if enable_thinking is defined and enable_thinking is false %}\n"
-               "        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- else %}\n        {{- '<think>\\n' }}\n"
-               "    {%- endif %}\n{%- endif %}\n")
-
-
 def test_server_reasoning_apart(thinking_model, tmp_path):
     """A reply that starts inside the block the prompt opened comes back as `reasoning_content`, streamed or
     not, equal to the raw completion of the same prompt; `include_reasoning: false` drops it; with thinking
@@ -701,6 +694,7 @@ def test_server_reasoning_apart(thinking_model, tmp_path):
     pytest.importorskip("openai")
     from qwen_mlx.tokenizer import Tokenizer
     from tests.support.server import Server
+    from tests.support.thinking import QWEN35_TAIL
 
     folder = tmp_path / "qwen3"
     shutil.copytree(thinking_model, folder)

@@ -5,23 +5,17 @@ and compared with `/v1/chat/completions` on the same server, greedy, token for t
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from tests.support.server import Server
+from tests.support.thinking import thinking_copy
 
 import anthropic  # noqa: E402  ([dev] installs it: a missing one is a failure)
 import httpx  # noqa: E402
 
 KEY = "test-key-anthropic"
 MODEL = "qwen3"
-QWEN25_TAIL = "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
-# Qwen3.5's generation tail: the prompt opens the reasoning block unless thinking is switched off.
-THINKING_TAIL = ("{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
-                 "    {%- if enable_thinking is defined and enable_thinking is false %}\n"
-                 "        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- else %}\n        {{- '<think>\\n' }}\n"
-                 "    {%- endif %}\n{%- endif %}\n")
 GREEDY = {"temperature": 0}  # the anthropic 2.x client sends sampling fields in the body, through extra_body
 USER = [{"role": "user", "content": "Tell me a story about a cat."}]
 WEATHER = {"name": "get_weather", "description": "The weather in a city",
@@ -31,16 +25,7 @@ WEATHER = {"name": "get_weather", "description": "The weather in a city",
 
 @pytest.fixture(scope="module")
 def folder(tiny_model, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("anthropic") / MODEL
-    shutil.copytree(tiny_model("qwen3-untied"), folder)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    assert config["chat_template"].endswith(QWEN25_TAIL)
-    config["chat_template"] = config["chat_template"].removesuffix(QWEN25_TAIL) + THINKING_TAIL
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    config = json.loads((folder / "config.json").read_text())
-    config["max_position_embeddings"] = 1024  # room for a chat with tools (Qwen's tool prompt is long)
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return thinking_copy(tiny_model("qwen3-untied"), tmp_path_factory.mktemp("anthropic") / MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -8,22 +8,17 @@ One server for the module: the tiny Qwen3 (1,024 positions) with Qwen3.5's gener
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from tests.support.server import Server
+from tests.support.thinking import thinking_copy
 
 import httpx  # noqa: E402
 import jsonschema  # noqa: E402
 import openai  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-QWEN25_TAIL = "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
-QWEN35_TAIL = ("{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
-               "    {%- if enable_thinking is defined and enable_thinking is false %}\n"
-               "        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- else %}\n        {{- '<think>\\n' }}\n"
-               "    {%- endif %}\n{%- endif %}\n")
 MODEL = "qwen3"
 QUESTION = "Tell me a story about a cat."
 NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
@@ -34,15 +29,7 @@ TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather in 
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("responses") / MODEL
-    shutil.copytree(tiny_model("qwen3-untied"), folder)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    assert config["chat_template"].endswith(QWEN25_TAIL)
-    config["chat_template"] = config["chat_template"].removesuffix(QWEN25_TAIL) + QWEN35_TAIL
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    config = json.loads((folder / "config.json").read_text())
-    config["max_position_embeddings"] = 1024  # room for the tools in the prompt (the tiny tokenizer is byte-level)
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = thinking_copy(tiny_model("qwen3-untied"), tmp_path_factory.mktemp("responses") / MODEL)
     s = Server(folder)
     yield s
     assert s.stop() == 0
