@@ -319,3 +319,16 @@ def test_a_cache_folder_that_cannot_be_made_is_one_line(tmp_path):
                         "--prompt", "hi"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("error: ") and "QWEN_MLX_CACHE" in r.stderr, r.stderr
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tiny_model):
+    """`cli.py generate ... | head -c 1`: the pipe closes mid-reply; no traceback, no "Exception ignored"."""
+    env = dict(os.environ, QWEN_MLX_QUIET="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "generate", "--backend", "mlx", "--model",
+                             str(tiny_model("gqa2-untied")), "--prompt", "Hello", "--max-tokens", "900", "--seed", "0",
+                             "--temperature", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+    assert proc.stdout.read(1)
+    proc.stdout.close()  # as `head -c 1` does after its byte
+    err = proc.stderr.read().decode()
+    # quiet, non-zero (click's handling, as Python's documentation advises), so `set -o pipefail` sees it
+    assert proc.wait(timeout=120) == 1 and err == "", err

@@ -205,8 +205,15 @@ def failure(event: Failed) -> ApiError:
     return ApiError(event.status, event.message, "server_error")
 
 
-def sse(data: Any) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+# JSON leaves these unescaped, but clients that split a decoded stream with str.splitlines() (httpx's
+# iter_lines, many hand-written SSE readers) end a line at each; escaped, every client reads one line.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse(data: Any, event: str | None = None) -> str:
+    """One server-sent event: `data` as one line of JSON (UTF-8 kept), under an `event:` name if given."""
+    line = json.dumps(data, ensure_ascii=False).translate(_LINE_BREAKS)
+    return f"event: {event}\ndata: {line}\n\n" if event else f"data: {line}\n\n"
 
 
 # --- dependencies ------------------------------------------------------------------------------------

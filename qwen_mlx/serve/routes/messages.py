@@ -27,7 +27,7 @@ from ...engine.reasoning import ReasoningSplitter, starts_thinking, thinks
 from ...errors import QwenError
 from ..anthropic import CountTokensRequest, MessagesRequest, PromptBody, constraint_body, error_body, \
     function_tools, template_messages
-from ..core import ApiError, Serving, ServingDep, guarded
+from ..core import ApiError, Serving, ServingDep, guarded, sse
 from ..protocol import Sampling
 from ..tools import ToolCallFilter, parameter_schemas, parse_tool_calls
 
@@ -136,7 +136,7 @@ def _budget(serving: Serving, prompt: list[int], asked: int) -> tuple[int, bool]
 # --- answer -> content blocks ------------------------------------------------------------------------
 
 def _sse(name: str, data: dict) -> str:
-    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return sse(data, event=name)
 
 
 def _usage(done: Done) -> dict:

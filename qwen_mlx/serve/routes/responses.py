@@ -16,7 +16,6 @@ conversation as input items: the reasoning, message and function_call items of `
 from __future__ import annotations
 
 import copy
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,7 +28,7 @@ from pydantic import ValidationError
 from ...engine import Done, Failed, Request, Token
 from ...engine.reasoning import ReasoningSplitter, starts_thinking, thinks
 from ...errors import QwenError
-from ..core import ApiError, Serving, ServingDep, failure, guarded
+from ..core import ApiError, Serving, ServingDep, failure, guarded, sse
 from ..protocol import ChatRequest, Message, ToolCall, ToolCallFunction
 from ..responses_protocol import (FunctionCallItem, MessageItem, ReasoningItem, ResponsesRequest, TextFormatJsonObject,
                                   TextFormatJsonSchema)
@@ -203,7 +202,7 @@ def _skeleton(body: ResponsesRequest, params: Any, model_id: str) -> dict[str, A
 
 
 def _frame(event: dict[str, Any]) -> str:
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+    return sse(event, event=event["type"])
 
 
 class Reply:
