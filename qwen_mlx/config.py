@@ -149,6 +149,9 @@ class ModelArgs:
         if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
             raise QwenError(f"config.json: partial_rotary_factor {self.partial_rotary_factor} must give an even "
                             f"number of rotated features of head_dim {self.head_dim}")
+        if self.extra.get("attn_output_gate", True) is not True:  # q_proj would hold no gate: other shapes, math
+            raise QwenError(f"config.json: attn_output_gate {self.extra['attn_output_gate']!r} is not supported "
+                            "(Qwen3-Next, Qwen3.5 and Qwen3.6 gate every full-attention output)")
 
     def _check_moe(self) -> None:
         if self.model_type not in MOE_MODEL_TYPES:

@@ -108,3 +108,12 @@ def test_missing_and_corrupt_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in BASE.items() if k != "vocab_size"}))
     with pytest.raises(QwenError, match="missing vocab_size"):
         ModelArgs.from_folder(tmp_path)
+
+
+def test_a_hybrid_without_its_attention_gate_is_refused():
+    """attn_output_gate false would make q_proj half as wide and drop the gate: other math, so refused."""
+    hybrid = dict(BASE, model_type="qwen3_5_text", num_key_value_heads=2, linear_num_key_heads=2,
+                  linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, full_attention_interval=2)
+    assert ModelArgs.from_dict(dict(hybrid, attn_output_gate=True)).hybrid
+    with pytest.raises(QwenError, match="attn_output_gate False is not supported"):
+        ModelArgs.from_dict(dict(hybrid, attn_output_gate=False))
