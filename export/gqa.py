@@ -36,6 +36,10 @@ ATTENTION_FORMS = ("standard", "gqa")
 
 def check_gqa_supported(args: ModelArgs) -> None:
     """QwenError naming the reason when GroupQueryAttention cannot compute this model exactly."""
+    if args.hybrid:
+        raise QwenError(f"--attention gqa: {args.model_type}'s gated attention (a sigmoid output gate, partial "
+                        "RoPE) and its Gated DeltaNet layers are not in GroupQueryAttention's form; export with "
+                        "--attention standard")
     if args.rope_type == "dynamic":
         raise QwenError("--attention gqa: dynamic NTK RoPE scaling changes the frequencies with the sequence "
                         "length, and GroupQueryAttention reads a fixed cos/sin table; export with "

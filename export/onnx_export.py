@@ -84,6 +84,22 @@ def default_variants(ckpt: Checkpoint, moe: str = DEFAULT_MOE_GRAPH) -> tuple[li
     return variants, None
 
 
+def unsupported(ckpt: Checkpoint) -> str | None:
+    """Why this exporter cannot take `ckpt` at all, or None: checked before any work here, and asked by
+    `--backend auto` (export/cached_export.py) before it chooses the ONNX path, so the two never disagree."""
+    if ckpt.args.dual_chunk is not None:
+        return ("this model uses Dual Chunk Attention (config.json dual_chunk_attention_config), which the ONNX "
+                "export does not carry: its graph would attend with plain RoPE and differ past "
+                f"{ckpt.args.dual_chunk.plain_up_to} tokens; run it with the mlx or torch backend")
+    from .models import model_class
+
+    try:
+        model_class(ckpt.args.model_type)  # the PyTorch twin the export traces
+    except QwenError as e:
+        return str(e)
+    return None
+
+
 def export_onnx_variants(ckpt: Checkpoint, out_dir: Path, variants: Sequence[str] | str | None = None,
                          dtype: str = "float32", quantize: str | None = None, opset: int | None = None,
                          force: bool = False, validate: bool = True, attention: str = "standard",
@@ -99,10 +115,8 @@ def export_onnx_variants(ckpt: Checkpoint, out_dir: Path, variants: Sequence[str
     variants = parse_variants(variants)
     if moe not in MOE_GRAPHS:
         raise QwenError(f"unknown MoE graph {moe!r} (choose from {', '.join(MOE_GRAPHS)})")
-    if ckpt.args.dual_chunk is not None:
-        raise QwenError("this model uses Dual Chunk Attention (config.json dual_chunk_attention_config), which "
-                        "the ONNX export does not carry: its graph would attend with plain RoPE and differ past "
-                        f"{ckpt.args.dual_chunk.plain_up_to} tokens; run it with the mlx or torch backend")
+    if (refusal := unsupported(ckpt)) is not None:
+        raise QwenError(refusal)
     attention = check_attention(attention)
     if attention == "gqa":
         from .gqa import check_gqa_supported
@@ -140,6 +154,8 @@ def trace(ckpt: Checkpoint, dtype: str, opset: int, attention: str = "standard",
 
     with _step(f"loading the PyTorch twin ({dtype})"):
         model = load_model(ckpt, dtype)
+    if ckpt.args.hybrid:  # the delta rule's scan traces its autograd form otherwise, which the exporter cannot lower
+        model.requires_grad_(False)
     translations = {}
     if moe == "fused" and fuse_moe_blocks(model):
         translations.update(CUSTOM_TRANSLATIONS)
@@ -149,21 +165,29 @@ def trace(ckpt: Checkpoint, dtype: str, opset: int, attention: str = "standard",
         model = GQAForCausalLM(model)
         translations.update(translation_table())
     a = ckpt.args
-    # Example sizes above 1: torch.export specializes dimensions whose example size is 0 or 1.
-    B, L, P = 2, 3, 4
+    # Example sizes above 1: torch.export specializes dimensions whose example size is 0 or 1. The hybrid
+    # family's example prompt spans two chunks of its traced delta rule (export/models/qwen3_next.py), so the
+    # count of chunks stays symbolic too.
+    B, L, P = 2, (20 if a.hybrid else 3), 4
     kv_shape = (B, a.num_key_value_heads, P, a.head_dim)
     # Distinct tensors for every key and value: the tracer merges inputs that are one tensor object.
     dtype_ = model.model.norm.weight.dtype
     past = [(torch.zeros(kv_shape, dtype=dtype_), torch.zeros(kv_shape, dtype=dtype_))
             for _ in range(a.num_hidden_layers)]
+    linear = a.linear_layers
+    if linear:  # a fixed-size window and state per row: only the batch axis is dynamic
+        for i, (conv, state) in enumerate(model.empty_cache(B)):
+            if i in linear:
+                past[i] = (conv.clone(), state.clone())
     example = (torch.zeros((B, L), dtype=torch.int64), torch.ones((B, P + L), dtype=torch.int64),
                *([torch.arange(P, P + L).repeat(B, 1)] if attention == "standard" else []), past)
     Dim = torch.export.Dim
     batch, seq, past_len = Dim("batch"), Dim("sequence"), Dim("past_sequence")
     dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: Dim.AUTO},
                **({"position_ids": {0: batch, 1: seq}} if attention == "standard" else {}),
-               "past_key_values": [({0: batch, 2: past_len}, {0: batch, 2: past_len}) for _ in past]}
-    inputs, outputs = io_names(a.num_hidden_layers, position_ids=attention == "standard")
+               "past_key_values": [({0: batch}, {0: batch}) if i in linear else
+                                   ({0: batch, 2: past_len}, {0: batch, 2: past_len}) for i in range(len(past))]}
+    inputs, outputs = io_names(a.num_hidden_layers, position_ids=attention == "standard", linear=linear)
     with _step("tracing the twin to ONNX (torch.onnx dynamo exporter)"), \
             contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -363,6 +387,10 @@ def write_side_files(ckpt: Checkpoint, folder: Path, external: dict[str, bool], 
     if generation:
         _dump(folder / "generation_config.json", generation)
     _write_tokenizer(src, folder)
+    if ckpt.args.hybrid:
+        # genai's config for a recurrent-state decoder is its own builder's (not written here yet): a
+        # genai_config.json naming only keys and values would describe a graph this is not.
+        return
     genai_file = next(v for v in GENAI_PREFERENCE if v in external)
     _dump(folder / "genai_config.json",
           genai_config(ckpt, config, generation, f"onnx/{VARIANT_FILES[genai_file]}", attention))

@@ -11,6 +11,8 @@ weight transform (QUANTIZATION of it).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from qwen_mlx.dtypes import check_dtype
 from qwen_mlx.errors import QwenError
 
@@ -61,14 +63,20 @@ def parse_variants(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return [v for v in VARIANTS if v in names]
 
 
-def io_names(num_layers: int, position_ids: bool = True) -> tuple[list[str], list[str]]:
+def io_names(num_layers: int, position_ids: bool = True, linear: Sequence[int] = ()) -> tuple[list[str], list[str]]:
     """The names optimum, onnxruntime-genai and transformers.js share, in the graph's order. The
-    `--attention gqa` graph has no position_ids (GroupQueryAttention derives positions from the mask)."""
+    `--attention gqa` graph has no position_ids (GroupQueryAttention derives positions from the mask). The hybrid
+    family's `linear` layers (Gated DeltaNet) carry a conv window and a recurrent state instead of keys and values,
+    named as transformers.js v4 names them (its configs.js `getCacheNames`)."""
     inputs = ["input_ids", "attention_mask"] + (["position_ids"] if position_ids else [])
     outputs = ["logits"]
     for i in range(num_layers):
-        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        outputs += [f"present.{i}.key", f"present.{i}.value"]
+        if i in linear:
+            inputs += [f"past_conv.{i}", f"past_recurrent.{i}"]
+            outputs += [f"present_conv.{i}", f"present_recurrent.{i}"]
+        else:
+            inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+            outputs += [f"present.{i}.key", f"present.{i}.value"]
     return inputs, outputs
 
 
@@ -94,7 +102,8 @@ def normalize_options(dtype: str | None, quantize: str | int | None, opset: int 
 def check_attention(attention: str | None) -> str:
     attention = (attention or "standard").lower()
     if attention not in ATTENTIONS:
-        raise QwenError(f"unknown attention form {attention!r} for the ONNX export (choose from {', '.join(ATTENTIONS)})")
+        raise QwenError(f"unknown attention form {attention!r} for the ONNX export "
+                        f"(choose from {', '.join(ATTENTIONS)})")
     return attention
 
 

@@ -120,8 +120,7 @@ def test_info_counts_linear_attention(hybrid):
 
 
 @pytest.mark.parametrize("command", [("attention", "--prompt", "hi", "--layers", "0,3", "--out", "{tmp}/x.npz"),
-                                     ("attention", "--prompt", "hi", "--dtype", "float64", "--out", "{tmp}/x.npz"),
-                                     ("generate", "--backend", "torch", "--prompt", "hi")])
+                                     ("attention", "--prompt", "hi", "--dtype", "float64", "--out", "{tmp}/x.npz")])
 def test_unsupported_paths_refuse_in_one_line(hybrid, tmp_path, command):
     args = [a.format(tmp=tmp_path) for a in command[1:]]
     r = run(command[0], "--model", str(hybrid("q35-tied")), *args, stdin="a document")

@@ -5,6 +5,10 @@ numpy arrays fed back as they are. On CUDA everything stays on the GPU (one IO b
 the presents are bound back as the next step's past, the mask and positions are windows of two buffers
 made once on the device, and the logits are left there too, so only the token ids go up and only the last
 row of logits comes down (export/backends/cuda.py copies it; a prefill's full [L, vocab] never crosses the bus).
+The hybrid family's graph (Qwen3-Next, Qwen3.5) takes a conv window and a recurrent state per linear layer beside
+the attention layers' keys and values: a HybridPast (export/backends/past.py) holds them, marked at the end of each
+prompt chunk; it runs as on the CPU (plain runs, presents fed back) whatever the provider, and batches on the CPU
+(export/backends/onnx_hybrid_batch.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from qwen_mlx.errors import QwenError
 from qwen_mlx.backends.base import process_peak_rss_gb
 
 from ..onnx_format import DTYPES, VARIANT_FILES, io_names, model_filename, normalize_options, parse_variants
+from .past import HybridPast
 
 # The file picked when the caller names none: the most accurate first (the order of their quality on the real
 # checkpoint, docs/BENCHMARKS.md), so a folder of the whole set runs its float32 reference.
@@ -120,17 +125,22 @@ class OnnxBackend:
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise QwenError(f"{self.path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
         self.provider = self.session.get_providers()[0]
-        self.on_cuda = self.provider == "CUDAExecutionProvider"
+        self.linear = self.args.linear_layers  # the hybrid family's Gated DeltaNet layers (none in the others)
+        self.on_cuda = self.provider == "CUDAExecutionProvider" and not self.linear
         types = {i.name: i.type for i in self.session.get_inputs()}
         # The `--attention gqa` graph (GroupQueryAttention) takes no position_ids: it derives them from the
         # mask, assuming every row's tokens start its cache (one sequence here, so always true).
         self.fused_attention = "position_ids" not in types
-        self.inputs, self.outputs = io_names(self.args.num_hidden_layers, position_ids=not self.fused_attention)
+        self.inputs, self.outputs = io_names(self.args.num_hidden_layers, position_ids=not self.fused_attention,
+                                             linear=self.linear)
         self.past_names = self.inputs[-2 * self.args.num_hidden_layers:]
         missing = [n for n in self.inputs if n not in types]
         if missing:
             raise QwenError(f"{self.path}: not a qwen-mlx style decoder graph (inputs missing: {missing[:3]})")
-        self.kv_dtype = NP_TYPES[types["past_key_values.0.key"]]
+        attention = next(i for i in range(self.args.num_hidden_layers) if i not in self.linear)
+        self.kv_dtype = NP_TYPES[types[f"past_key_values.{attention}.key"]]
+        self.past_types = [NP_TYPES[types[n]] for n in self.past_names]
+        self.hybrid: HybridPast | None = None
         self.logits_dtype = NP_TYPES[{o.name: o.type for o in self.session.get_outputs()}["logits"]]
         precision = np.dtype(self.kv_dtype).name
         weights = {"q4": ", int4", "q4f16": ", int4", "q8": ", 8-bit", "int8": ", int8", "uint8": ", uint8"}
@@ -143,6 +153,19 @@ class OnnxBackend:
     def _empty(self) -> np.ndarray:
         a = self.args
         return np.zeros((1, a.num_key_value_heads, 0, a.head_dim), self.kv_dtype)
+
+    def _empty_hybrid(self) -> list[np.ndarray]:
+        """Per linear layer a zero conv window 1 C K-1 and state 1 Hv Dk Dv (in the graph's input types), per
+        attention layer empty keys and values."""
+        a = self.args
+        C = 2 * a.linear_num_key_heads * a.linear_key_head_dim + a.linear_num_value_heads * a.linear_value_head_dim
+        shapes = {"conv": (1, C, a.linear_conv_kernel_dim - 1),
+                  "recurrent": (1, a.linear_num_value_heads, a.linear_key_head_dim, a.linear_value_head_dim)}
+        empty = []
+        for name, dtype in zip(self.past_names, self.past_types):
+            kind = name.split(".")[0].removeprefix("past_")  # conv, recurrent or key_values
+            empty.append(np.zeros(shapes.get(kind, (1, a.num_key_value_heads, 0, a.head_dim)), dtype))
+        return empty
 
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
         if self.on_cuda:
@@ -158,6 +181,8 @@ class OnnxBackend:
         feed.update(zip(self.past_names, self.past))
         logits, *self.past = self.session.run(self.outputs, feed)
         self._length = P + L
+        if self.hybrid is not None:  # the end of a prompt chunk: where a recurrent state can be brought back to
+            self.hybrid.update(list(zip(self.past[0::2], self.past[1::2])), L, mark=L > 1)
         return logits[0, -1].astype(np.float32)
 
     # ---- CUDA: one IO binding, buffers on the device ------------------------------------------------------
@@ -233,6 +258,15 @@ class OnnxBackend:
         return self._length
 
     def trim(self, length: int) -> None:
+        if self.linear:
+            if self.hybrid is None:
+                empty = self._empty_hybrid()
+                self.hybrid = HybridPast(list(zip(empty[0::2], empty[1::2])),
+                                         [i in self.linear for i in range(self.args.num_hidden_layers)])
+            self.hybrid.trim(max(length, 0))
+            self.past = [a for pair in self.hybrid.layers for a in pair]
+            self._length = self.hybrid.length
+            return
         if not self.past or length <= 0:
             self.past, self._length = [self._empty() for _ in self.past_names], 0
             return
@@ -249,9 +283,13 @@ class OnnxBackend:
         on CUDA, where the one sequence's cache stays on the device (IO binding), and where batching
         would change the math (dynamic NTK RoPE rescales by the longest position in the batch; the
         `--attention gqa` graph reads each row's positions and valid keys from the start of its cache, which
-        the batch's left padding breaks: export/gqa.py)."""
+        the batch's left padding breaks: export/gqa.py). The hybrid family's: export/backends/onnx_hybrid_batch.py."""
         if self.on_cuda or self.args.rope_type == "dynamic" or self.fused_attention:
             return None
+        if self.linear:
+            from .onnx_hybrid_batch import OnnxHybridBatch
+            return OnnxHybridBatch(self.session, self.args, self.device, self.past_names, self.outputs, self.kv_dtype,
+                                   max_batch, self.peak_memory_gb, self._empty_hybrid())
         from .onnx_batch import OnnxBatch
         return OnnxBatch(self.session, self.args, self.device, self.past_names, self.outputs, self.kv_dtype,
                          max_batch, self.peak_memory_gb)

@@ -60,7 +60,7 @@ class RoPE(nn.Module):
         # Dynamic NTK as HF does it: the base follows the longest sequence seen, max(position) + 1, once it
         # passes max_position_embeddings (config.rope_frequencies, written with traceable torch ops).
         a = self.args
-        dim, mpe, factor = a.head_dim, float(a.max_position_embeddings), float(a.rope_scaling["factor"])
+        dim, mpe, factor = a.rotary_dim, float(a.max_position_embeddings), float(a.rope_scaling["factor"])
         n = torch.clamp(position_ids.max().to(torch.float32) + 1.0, min=mpe)
         base = a.rope_theta * ((factor * n / mpe) - (factor - 1.0)) ** (dim / (dim - 2))
         exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=position_ids.device) / dim
