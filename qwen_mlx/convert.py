@@ -1,4 +1,5 @@
-"""`convert --quantize`: an MLX affine-quantized folder in mlx-lm's layout, which `mlx_lm.load` runs as it is.
+"""`convert --quantize`: an MLX affine-quantized folder in mlx-lm's layout, which `mlx_lm.load` runs as it is; and
+`convert --out FILE.gguf`: one GGUF that llama.cpp runs (`gguf_file`; the format is qwen_mlx/formats/gguf_write.py).
 
 The weights are quantized by the same rule as `--quantize` at load time (every matrix whose rows split into
 groups, experts included; the MoE router and shared-expert gate stay float), then saved under mlx-lm's
@@ -26,6 +27,8 @@ from .formats.affine import (
     mlx_lm_config_keys,
     mlx_lm_full_attention_interval,
 )
+from .formats.gguf_write import check_gguf_out, write_gguf
+from .formats.safetensors import safetensors_files
 from .models.load import load_model
 from .models.qwen3_next import MLX_LM_PLUS_ONE_NORMS
 
@@ -85,3 +88,46 @@ def _check_mlx_lm_runs(args: ModelArgs) -> None:
     if why:
         raise QwenError(f"convert --quantize writes mlx-lm's layout, and mlx-lm cannot run this {args.model_type} "
                         f"model as it is: {why}")
+
+
+def default_gguf_type(ckpt: Checkpoint) -> str:
+    """llama.cpp's converter's `auto`: bf16 for a bfloat16 checkpoint (the releases: nothing rounded), else f16."""
+    stored = {info.dtype for info in ckpt.tensors.values() if len(info.shape) >= 2}
+    return "bf16" if "BF16" in stored else "f16"
+
+
+def gguf_file(ckpt: Checkpoint, out: Path, gguf_type: str | None = None, force: bool = False,
+              source_gguf: Path | None = None) -> Path:
+    """The checkpoint as one GGUF file at `out`. The weights are the ones the MLX backend runs (read through its
+    loader, so every layout it reads is taken: fused or per-expert MoE, mlx-lm folders, Qwen3.5's multimodal
+    release), float32, stored quantized ones dequantized; the `mtp.*` layer is read beside them (from
+    `source_gguf`'s nextn block when the checkpoint is that GGUF's conversion, which leaves it out)."""
+    gguf_type = gguf_type or default_gguf_type(ckpt)
+    check_gguf_out(out, gguf_type, force)  # before the long work, not after it
+    # The MLX model's names are the HF names, its experts stacked [X, out, in] as GGUF stores them.
+    extra = {"dequantize": True} if ckpt.quantization is not None else {}
+    model = load_model(ckpt, "float32", **extra)
+    weights = dict(tree_flatten(model.parameters()))
+    if source_gguf is not None and ckpt.args.hybrid:
+        from .formats.gguf import read_mtp
+
+        mtp = model.sanitize({k: mx.array(v) for k, v in read_mtp(source_gguf).items()})
+    else:
+        mtp = _mtp_weights(ckpt, model)
+    return write_gguf(weights, ckpt.args, ckpt.folder, out, gguf_type, force, mtp)
+
+
+def _mtp_weights(ckpt: Checkpoint, model) -> dict[str, mx.array]:
+    """A hybrid release's multi-token-prediction layer (`mtp.*`, which the model does not load), float32, its
+    experts stacked as the model's own (`model.sanitize`); {} where there is none."""
+    if not ckpt.args.hybrid:
+        return {}
+    weights: dict[str, mx.array] = {}
+    for file in safetensors_files(ckpt.folder):
+        try:
+            weights.update({k: v for k, v in mx.load(str(file)).items() if k.startswith("mtp.")})
+        except (RuntimeError, ValueError) as e:
+            raise QwenError(f"cannot read {file}: {e}") from None
+    if any(k.endswith((".scales", ".biases")) for k in weights):
+        raise QwenError(f"{ckpt.folder} stores its mtp.* layer quantized; GGUF out reads a float one")
+    return model.sanitize({k: v.astype(mx.float32) for k, v in weights.items()}) if weights else {}

@@ -14,7 +14,8 @@ writes it), and load in this project's MLX backend and in `mlx_lm.load` alike.
 This module holds the entry points (`convert_gguf`, `cached_conversion`, `read_mtp`), the reading, the config,
 the plan (every HF tensor, checked against the config) and the streamed safetensors writing. The hybrid
 family's rewrites, each undone, and its config fields: qwen_mlx/formats/gguf_hybrid.py. The tokenizer, chat
-template and generation config from the metadata: qwen_mlx/formats/gguf_tokenizer.py.
+template and generation config from the metadata: qwen_mlx/formats/gguf_tokenizer.py. llama.cpp's names:
+qwen_mlx/formats/gguf_names.py. The other direction (a model -> one GGUF): qwen_mlx/formats/gguf_write.py.
 
 Deliberately free of torch and mlx: numpy, gguf and tokenizers only.
 """
@@ -35,63 +36,23 @@ from ..files import check_output_folder, file_lock, sha256_file, staged_folder
 from ..paths import cache_dir
 from ..progress import progress_bar
 from .gguf_blocks import GROUP_SIZE, KEPT, kept_bits, to_mlx
-from .gguf_hybrid import HYBRID_LAYER_NAMES, MTP_NAMES, Source, block_prefix, hybrid_config, hybrid_qkv, hybrid_source
+from .gguf_hybrid import Source, block_prefix, hybrid_config, hybrid_qkv, hybrid_source
+from .gguf_names import (
+    ARCHITECTURES,
+    EXPERT_NAMES,
+    HYBRID_ARCHITECTURES,
+    HYBRID_LAYER_NAMES,
+    LAYER_NAMES,
+    MOE_ARCHITECTURES,
+    MTP_NAMES,
+    TOP_NAMES,
+)
 from .gguf_tokenizer import generation_config, require, write_json, write_tokenizer
 
 
-# gguf leaf name -> HF name inside a decoder layer. llama.cpp's converter does NOT permute q/k rows for
-# qwen2 (it only does for llama-family models), and transformers' GGUF loader agrees: plain renames.
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_TOP_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-# The other architectures' extra tensors (llama.cpp's names for them).
-_LAYER_NAMES |= {
-    "attn_output.bias": "self_attn.o_proj.bias",  # Qwen3 with attention_bias
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_gate_inp.weight": "mlp.gate.weight",  # the MoE router
-    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
-    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
-    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
-    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
-}
-# One [X, out, in] GGUF tensor -> X HF tensors `mlp.experts.{j}.<leaf>`.
-_EXPERT_NAMES = {
-    "ffn_gate_exps.weight": "gate_proj.weight",
-    "ffn_up_exps.weight": "up_proj.weight",
-    "ffn_down_exps.weight": "down_proj.weight",
-}
-# A hybrid model's layer leaves: the dense ones and the hybrid family's own (gguf_hybrid).
-_HYBRID_ALL_NAMES = _LAYER_NAMES | HYBRID_LAYER_NAMES
-# GGUF architecture -> (HF model_type, HF class). Qwen3.5's GGUF holds the text model only (its vision tower
-# goes to a separate mmproj file), so it becomes the text-only class.
-ARCHITECTURES = {
-    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-    "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
-    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
-    "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
-    "qwen3next": ("qwen3_next", "Qwen3NextForCausalLM"),
-    "qwen35": ("qwen3_5_text", "Qwen3_5ForCausalLM"),
-    "qwen35moe": ("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM"),
-}
-HYBRID_ARCHITECTURES = ("qwen3next", "qwen35", "qwen35moe")
-_MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe", "qwen3next", "qwen35moe")
+# The name tables (the reader's and the writer's one home): gguf_names.py. A hybrid model's layer leaves are the
+# dense ones and the hybrid family's own.
+_HYBRID_ALL_NAMES = LAYER_NAMES | HYBRID_LAYER_NAMES
 _HYBRID_MODEL_TYPES = {ARCHITECTURES[arch][0] for arch in HYBRID_ARCHITECTURES}
 # HF tensors llama.cpp stores squeezed: the [1, hidden] shared-expert gate (may be a vector), the conv's C 1 K.
 _RESHAPED = ("shared_expert_gate.weight", "conv1d.weight")
@@ -181,7 +142,8 @@ def _build_config(meta: dict[str, Any], tensors: dict[str, Any], dtype: str, arc
         "torch_dtype": dtype,
         "dtype": dtype,
     }
-    for name, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")):
+    for name, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                      ("pad_token_id", "padding_token_id")):
         if f"tokenizer.ggml.{key}" in meta:
             config[name] = int(meta[f"tokenizer.ggml.{key}"])
     scaling_type = meta.get(f"{arch}.rope.scaling.type")
@@ -200,7 +162,7 @@ def _build_config(meta: dict[str, Any], tensors: dict[str, Any], dtype: str, arc
         for key in ("use_sliding_window", "sliding_window", "max_window_layers"):  # no sliding window there
             del config[key]
         config.update(hybrid_config(meta, arch, config))
-    if arch in _MOE_ARCHITECTURES:
+    if arch in MOE_ARCHITECTURES:
         config.update(_moe_config(meta, tensors, arch, config["num_hidden_layers"]))
     return config
 
@@ -251,19 +213,19 @@ class Entry(NamedTuple):
 
 def _hf_names(gguf_name: str, config: dict[str, Any]) -> list[tuple[str, int | None]]:
     """The HF tensor(s) one GGUF tensor becomes: [(name, None)], or [(expert j's name, j)] for a stack."""
-    if gguf_name in _TOP_NAMES:
-        return [(_TOP_NAMES[gguf_name], None)]
+    if gguf_name in TOP_NAMES:
+        return [(TOP_NAMES[gguf_name], None)]
     match = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
     prefix = block_prefix(int(match[1]), config) if match else None
     if prefix is not None:
         leaf = match[2]
-        names = _HYBRID_ALL_NAMES if config["model_type"] in _HYBRID_MODEL_TYPES else _LAYER_NAMES
+        names = _HYBRID_ALL_NAMES if config["model_type"] in _HYBRID_MODEL_TYPES else LAYER_NAMES
         if prefix.startswith("mtp.") and leaf in MTP_NAMES:
             return [(MTP_NAMES[leaf], None)]
         if leaf in names:
             return [(prefix + names[leaf], None)]
-        if leaf in _EXPERT_NAMES and "num_experts" in config:
-            return [(f"{prefix}mlp.experts.{j}.{_EXPERT_NAMES[leaf]}", j) for j in range(config["num_experts"])]
+        if leaf in EXPERT_NAMES and "num_experts" in config:
+            return [(f"{prefix}mlp.experts.{j}.{EXPERT_NAMES[leaf]}", j) for j in range(config["num_experts"])]
     raise QwenError(f"unexpected tensor {gguf_name!r} in a {config['model_type']} GGUF")
 
 
@@ -425,10 +387,12 @@ def _write_safetensors(jobs: list[Job], path: Path, progress: bool) -> None:
         for job in (progress_bar(jobs, "converting tensors") if progress else jobs):
             for (name, code, shape), array in zip(job.entries, job.run(), strict=True):
                 if array.shape != shape or array.dtype.itemsize != _ITEMSIZE[code]:
-                    raise QwenError(f"internal error: {name} came out {array.dtype}{array.shape}, expected {code}{shape}")
+                    raise QwenError(f"internal error: {name} came out {array.dtype}{array.shape}, "
+                                    f"expected {code}{shape}")
                 sink.write(np.ascontiguousarray(array).data)  # the array's own buffer: no extra copy
         if sink.tell() != len(encoded) + 8 + offset:
-            raise QwenError(f"internal error: wrote {sink.tell()} bytes to {path}, expected {len(encoded) + 8 + offset}")
+            raise QwenError(f"internal error: wrote {sink.tell()} bytes to {path}, "
+                            f"expected {len(encoded) + 8 + offset}")
 
 
 # ------------------------------------------------------------------------------------------------ public
@@ -504,7 +468,8 @@ def _plan(tensors: dict[str, Any], config: dict[str, Any], arch: str) -> list[En
         shape = _shape(source)
         if expert is not None:  # an expert stack: X experts of [out, in]
             if shape[0] != config["num_experts"]:
-                raise QwenError(f"tensor {stored!r} stacks {shape[0]} experts, the metadata says {config['num_experts']}")
+                raise QwenError(f"tensor {stored!r} stacks {shape[0]} experts, "
+                                f"the metadata says {config['num_experts']}")
             shape = shape[1:]
         want = expected.get(name)
         if want and want != shape and name.endswith(_RESHAPED) and math.prod(want) == math.prod(shape):

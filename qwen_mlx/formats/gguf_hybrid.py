@@ -16,7 +16,8 @@ here (`Source`: which GGUF tensors, which rows and columns, which value fix):
 - `--fuse-qkv` (a full-attention layer's `attn_qkv`) and `--fuse-gate-up-exps` (`ffn_gate_up_exps`, split in
   gguf.py's `_sources`, as for any MoE file) are split.
 A row permutation keeps quantized blocks (a block never spans rows); a column permutation keeps them where
-whole blocks move, else the tensor is dequantized. Also the config's hybrid fields (`hybrid_config`).
+whole blocks move, else the tensor is dequantized. Also the config's hybrid fields (`hybrid_config`). The names:
+gguf_names.py; the writer (gguf_write.py) applies each rewrite with the same row orders (`qkvz_rows`, `untile`).
 
 `Source` lives here, below gguf.py's plan, because the rewrites are what its rows, cols and fix express; gguf.py
 reads every tensor through it.
@@ -31,31 +32,8 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from ..errors import QwenError
+from .gguf_names import PLUS_ONE
 from .gguf_tokenizer import require  # the metadata helper every GGUF module shares; gguf_tokenizer imports none
-
-# The hybrid family's tensors (linear layers, gated attention), and the fused ones llama.cpp's converter writes
-# on request. The zero-centred norms among them hold 1 + w (`_PLUS_ONE`).
-HYBRID_LAYER_NAMES = {
-    "post_attention_norm.weight": "post_attention_layernorm.weight",
-    "ssm_ba.weight": "linear_attn.in_proj_ba.weight",
-    "ssm_beta.weight": "linear_attn.in_proj_b.weight",
-    "ssm_alpha.weight": "linear_attn.in_proj_a.weight",
-    "ssm_a": "linear_attn.A_log",
-    "ssm_dt.bias": "linear_attn.dt_bias",
-    "ssm_conv1d.weight": "linear_attn.conv1d.weight",
-    "ssm_norm.weight": "linear_attn.norm.weight",
-    "ssm_out.weight": "linear_attn.out_proj.weight",
-    "attn_gate.weight": "linear_attn.in_proj_z.weight",  # Qwen3.5; Qwen3-Next's joins attn_qkv (_qkvz_rows)
-}
-_PLUS_ONE = ("input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight", "q_norm.weight",
-             "k_norm.weight", "mtp.norm.weight", "pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight")
-# The nextn block's own tensors -> the release's `mtp.*` names (the rest of the block is a decoder layer).
-MTP_NAMES = {
-    "nextn.eh_proj.weight": "mtp.fc.weight",
-    "nextn.enorm.weight": "mtp.pre_fc_norm_embedding.weight",
-    "nextn.hnorm.weight": "mtp.pre_fc_norm_hidden.weight",
-    "nextn.shared_head_norm.weight": "mtp.norm.weight",
-}
 
 
 class Source(NamedTuple):
@@ -140,7 +118,7 @@ def hybrid_qkv(gguf_name: str, tensors: dict[str, Any], config: dict[str, Any],
         gate = tensors.get(gguf_name.replace("attn_qkv", "attn_gate"))
         if gate is None:
             raise QwenError(f"GGUF has {gguf_name!r} but not its attn_gate (Qwen3-Next's z projection)")
-        return [(Source((tensor, gate), _qkvz_rows(config)), prefix + "linear_attn.in_proj_qkvz.weight", None)]
+        return [(Source((tensor, gate), qkvz_rows(config)), prefix + "linear_attn.in_proj_qkvz.weight", None)]
     if leaf == "attn_gate.weight":
         raise QwenError(f"unexpected tensor {gguf_name!r} in a full-attention layer of a {arch} GGUF")
     q = 2 * config["num_attention_heads"] * config["head_dim"]  # the queries and their output gate
@@ -151,7 +129,7 @@ def hybrid_qkv(gguf_name: str, tensors: dict[str, Any], config: dict[str, Any],
     return [(Source((tensor,), span), f"{prefix}self_attn.{proj}.weight", None) for proj, span in spans.items()]
 
 
-def _qkvz_rows(config: dict[str, Any]) -> np.ndarray:
+def qkvz_rows(config: dict[str, Any]) -> np.ndarray:
     """Qwen3-Next: rows of [attn_qkv; attn_gate] (q of every key head, then k, v, z) in `in_proj_qkvz`'s order
     (q, k, v, z of key head 0, then of key head 1, ...)."""
     heads, dk = config["linear_num_key_heads"], config["linear_key_head_dim"]
@@ -161,7 +139,7 @@ def _qkvz_rows(config: dict[str, Any]) -> np.ndarray:
     return np.concatenate([np.arange(at + g * size, at + (g + 1) * size) for g in range(heads) for at, size in starts])
 
 
-def _untile(config: dict[str, Any], size: int) -> np.ndarray | None:
+def untile(config: dict[str, Any], size: int) -> np.ndarray | None:
     """Qwen3.5: llama.cpp stores the value heads tiled (head r of key head g at r * key_heads + g), the release
     grouped by key head (at g * per_key + r); `size` features each. The gather that undoes it, None if none."""
     heads = config["linear_num_key_heads"]
@@ -171,9 +149,9 @@ def _untile(config: dict[str, Any], size: int) -> np.ndarray | None:
     return np.arange(per_key * heads * size).reshape(per_key, heads, size).transpose(1, 0, 2).reshape(-1)
 
 
-def _qkv_untile(config: dict[str, Any]) -> np.ndarray | None:
+def qkv_untile(config: dict[str, Any]) -> np.ndarray | None:
     """The same for q, k, v stacked (in_proj_qkv's rows, the conv's channels): q and k stay, v is untiled."""
-    v = _untile(config, config["linear_value_head_dim"])
+    v = untile(config, config["linear_value_head_dim"])
     kd = 2 * config["linear_num_key_heads"] * config["linear_key_head_dim"]
     return None if v is None else np.concatenate([np.arange(kd), kd + v])
 
@@ -181,20 +159,20 @@ def _qkv_untile(config: dict[str, Any]) -> np.ndarray | None:
 def hybrid_source(source: Source, name: str, config: dict[str, Any]) -> Source:
     """The value fixes every hybrid GGUF needs (norms stored 1 + w, A_log as -exp(A_log)), and Qwen3.5's
     value-head order undone."""
-    if name.endswith(_PLUS_ONE):
+    if name.endswith(PLUS_ONE):
         source = source._replace(fix=_minus_one)
     elif name.endswith(".A_log"):
         source = source._replace(fix=_a_log)
     if config["model_type"] == "qwen3_next":
         return source
     if name.endswith(("in_proj_qkv.weight", "conv1d.weight")):
-        return source._replace(rows=_qkv_untile(config))
+        return source._replace(rows=qkv_untile(config))
     if name.endswith("in_proj_z.weight"):
-        return source._replace(rows=_untile(config, config["linear_value_head_dim"]))
+        return source._replace(rows=untile(config, config["linear_value_head_dim"]))
     if name.endswith(("in_proj_a.weight", "in_proj_b.weight", ".A_log", ".dt_bias")):
-        return source._replace(rows=_untile(config, 1))
+        return source._replace(rows=untile(config, 1))
     if name.endswith("out_proj.weight"):
-        return source._replace(cols=_untile(config, config["linear_value_head_dim"]))
+        return source._replace(cols=untile(config, config["linear_value_head_dim"]))
     return source
 
 

@@ -3,8 +3,10 @@
 
 A GGUF keeps the byte-level BPE vocabulary, its merges and token types, and names its pre-tokenizer
 (`tokenizer.ggml.pre`); the split regex each name stands for is written back as Qwen's own tokenizer.json has
-it. Also the two helpers every GGUF module shares, here because this module imports no GGUF sibling:
-`require` (a metadata key, or a QwenError naming it) and `write_json`.
+it. The writer's direction (`vocab_for_gguf`: the token list, types and pre-tokenizer name a GGUF holds, for
+qwen_mlx/formats/gguf_write.py) sits here too, beside the table it inverts. Also the two helpers every GGUF
+module shares, here because this module imports no GGUF sibling: `require` (a metadata key, or a QwenError
+naming it) and `write_json`.
 
 Deliberately free of torch and mlx: tokenizers only.
 """
@@ -117,7 +119,8 @@ def write_tokenizer(meta: dict[str, Any], folder: Path, model_max_length: int) -
     # CONTROL tokens are special (skipped on decode); USER_DEFINED ones (<tool_call>) are matched whole
     # but kept in decoded text. Both already sit in the vocab, so their ids do not move.
     added = [
-        AddedToken(tokens[i], special=types[i] == _CONTROL, normalized=False, single_word=False, lstrip=False, rstrip=False)
+        AddedToken(tokens[i], special=types[i] == _CONTROL, normalized=False, single_word=False, lstrip=False,
+                   rstrip=False)
         for i in range(len(tokens))
         if types[i] in (_CONTROL, _USER_DEFINED)
     ]
@@ -160,3 +163,47 @@ def write_tokenizer(meta: dict[str, Any], folder: Path, model_max_length: int) -
         config["chat_template"] = meta["tokenizer.chat_template"]
     write_json(folder / "tokenizer_config.json", config)
     return tokens
+
+
+# ------------------------------------------------------------------------------------ the writer's direction
+
+_NORMAL, _UNUSED = 1, 5  # gguf.TokenType values
+
+
+def vocab_for_gguf(folder: Path, vocab_size: int) -> tuple[list[str], list[int], str]:
+    """(tokens, token types, `tokenizer.ggml.pre`) for a GGUF from an HF folder's tokenizer.json, as llama.cpp's
+    converter lists them: one token per embedding row (ids the tokenizer lacks as `[PAD{i}]`, unused), added
+    tokens CONTROL where special (or spelled `<|...|>`), else USER_DEFINED. The pre-tokenizer is named by its
+    split regex (the inverse of _PRE_REGEX): llama.cpp implements those names, not regexes."""
+    path = folder / "tokenizer.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError:
+        raise QwenError(f"{folder} has no tokenizer.json; a GGUF carries the tokenizer") from None
+    except ValueError as error:
+        raise QwenError(f"{path}: corrupt JSON ({error})") from None
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise QwenError(f"{path}: a {model.get('type')!r} tokenizer; GGUF out writes Qwen's byte-level BPE")
+    pre = _pre_name(data.get("pre_tokenizer") or {})
+    if pre is None:
+        raise QwenError(f"{path}: its pre-tokenizer's split regex is none llama.cpp names for Qwen "
+                        f"({', '.join(sorted(_PRE_REGEX))}); llama.cpp would tokenize otherwise")
+    ids = {token: int(i) for token, i in model["vocab"].items()}
+    added = {t["content"]: t for t in data.get("added_tokens", [])}
+    ids |= {content: int(t["id"]) for content, t in added.items()}
+    if max(ids.values()) >= vocab_size:
+        raise QwenError(f"{path}: token id {max(ids.values())} is past the model's {vocab_size} embedding rows")
+    tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [_UNUSED] * vocab_size
+    for token, i in ids.items():
+        tokens[i] = token
+        special = token in added and (added[token].get("special") or token.startswith("<|") and token.endswith("|>"))
+        types[i] = _CONTROL if special else _USER_DEFINED if token in added else _NORMAL
+    return tokens, types, pre
+
+
+def _pre_name(pre_tokenizer: dict[str, Any]) -> str | None:
+    """The llama.cpp name of a tokenizer.json pre-tokenizer's Split regex (the first name wins: `qwen2`)."""
+    steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer])
+    regexes = [(s.get("pattern") or {}).get("Regex") for s in steps if s.get("type") == "Split"]
+    return next((name for name, regex in _PRE_REGEX.items() if regexes and regexes[0] == regex), None)
