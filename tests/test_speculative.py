@@ -189,7 +189,7 @@ def test_the_policy_pauses_a_drafter_that_does_not_pay():
 
 @pytest.mark.parametrize("flags, words", [
     (["--prompt-lookup", "--draft-model", "x"], "choose one"),
-    (["--num-draft-tokens", "4"], "--num-draft-tokens needs --prompt-lookup or --draft-model"),
+    (["--num-draft-tokens", "4"], "--num-draft-tokens needs --prompt-lookup, --draft-model or --mtp"),
     (["--prompt-lookup", "--num-draft-tokens", "0"], "--num-draft-tokens must be in 1..32"),
     (["--prompt-lookup", "--backend", "torch"], "speculative decoding needs the mlx backend"),
     (["--draft-model", "{other}"], "another vocabulary"),

@@ -83,12 +83,15 @@ class SerialBatch:
         self.session = session or Session(backend)  # one may come with its cache filled (a saved prompt)
         # Speculative decoding where the backend can feed several tokens for all their logits and go back.
         self.verify = self._verify if hasattr(backend, "forward_all") else None
+        # An MTP drafter reads the one cache's hidden states (MLXBackend.mtp, set when the layer is attached).
+        self.keeps_hidden = getattr(backend, "mtp", None) is not None
         self._verified: tuple[int, Any, list[int]] | None = None
 
     def start(self, prompt: Sequence[int]) -> tuple[SerialSeq, int]:
         seq = SerialSeq(prompt)
         common = self.session.reuse(prompt)
         seq.tokens = list(prompt[:common])
+        seq.mtp = getattr(self.backend, "mtp", None)  # the one cache's: it lives across sequences, as the Session
         return seq, common
 
     def prefill(self, seq: SerialSeq, tokens: Sequence[int]) -> np.ndarray:

@@ -28,6 +28,7 @@ from ..config import ModelArgs
 import mlx.nn as nn
 
 from ..models.cache import BatchKVCache, KVCache, RecurrentCache
+from ..models.mtp import MTPState, forward_hidden
 from ..sampling import SamplingParams
 from .batching import Draw, PrefixCache
 from ..sampling.device import sample, seen_mask
@@ -42,6 +43,7 @@ class MLXSeq:
         self.length = cache[0].offset                               # positions its cache holds
         # The last `verify`: (positions before it, each recurrent layer's state then, the tokens it fed).
         self.verified: tuple[int, list[tuple[mx.array, mx.array] | None], list[int]] | None = None
+        self.mtp: MTPState | None = None  # with an MTP drafter: its hidden states and the MTP layer's cache
 
 
 def _own(layers: list[Layer]) -> list[Layer]:
@@ -76,6 +78,8 @@ class MLXBatch:
         self.cache: list[BatchKVCache | RecurrentCache] = []
         # A recurrent state holds for its whole entry only: such entries are reused whole or not at all.
         self.prefixes = PrefixCache(prefix_tokens, _own, cut=self._cut, whole=any(self.linear))
+        # An MTP layer attached to the model (qwen_mlx/models/mtp.py) drafts from each sequence's hidden states.
+        self.keeps_hidden = getattr(model, "mtp", None) is not None
 
     def _cut(self, layers: list[Layer], n: int) -> list[Layer]:
         """The first n positions of each layer (a recurrent state is kept as it is)."""
@@ -90,7 +94,22 @@ class MLXBatch:
 
     def start(self, prompt: Sequence[int]) -> tuple[MLXSeq, int]:
         layers, cached = self.prefixes.lookup(prompt)
-        return MLXSeq(self.model.make_cache() if layers is None else self._single_cache(layers, cached)), cached
+        seq = MLXSeq(self.model.make_cache() if layers is None else self._single_cache(layers, cached))
+        if self.keeps_hidden:
+            seq.mtp = MTPState(cached)
+        return seq, cached
+
+    def _run(self, seqs: Sequence[MLXSeq], ids: mx.array, cache: list, mask: mx.array | None = None,
+             last_only: bool = True) -> mx.array:
+        """The model's forward over rows `seqs` (before their `length` moves on); with an MTP layer attached,
+        each row's hidden states are kept for it."""
+        if not self.keeps_hidden:
+            return self.model(ids, cache, mask, last_only)
+        logits, h = forward_hidden(self.model, ids, cache, mask, last_only)
+        for b, s in enumerate(seqs):
+            if s.mtp is not None:
+                s.mtp.add(s.length, h[b:b + 1])
+        return logits
 
     def _single_cache(self, layers: list[Layer], length: int) -> list[KVCache | RecurrentCache]:
         cache: list[KVCache | RecurrentCache] = []
@@ -104,7 +123,7 @@ class MLXBatch:
         return cache
 
     def prefill(self, seq: MLXSeq, tokens: Sequence[int]) -> np.ndarray:
-        logits = self.model(mx.array([list(tokens)], dtype=mx.int32), seq.cache)  # 1 1 V
+        logits = self._run([seq], mx.array([list(tokens)], dtype=mx.int32), seq.cache)  # 1 1 V
         seq.length += len(tokens)
         return np.array(logits[0, -1].astype(mx.float32))
 
@@ -126,7 +145,8 @@ class MLXBatch:
                 c = s.cache[i]
                 k = c.keys[..., :p, :] if p else None
                 v = c.values[..., :p, :] if p else None
-                shape = (1, self.args.num_key_value_heads, T0 - p, self.args.head_dim)
+                # the layer's own KV heads: a rank of a tensor-parallel group holds a share of them
+                shape = (1, self.model.model.layers[i].self_attn.n_kv_heads, T0 - p, self.args.head_dim)
                 dtype = self.model.model.norm.weight.dtype  # the activations' (a quantized embedding's is not)
                 pad = mx.zeros(shape, dtype)
                 ks.append(pad if k is None else mx.concatenate([pad, k], axis=2))
@@ -180,7 +200,7 @@ class MLXBatch:
         self._alone(seq)
         states = [(c.conv, c.recurrent) if linear else None for linear, c in zip(self.linear, seq.cache)]
         seq.verified = (seq.length, states, list(tokens))
-        logits = self.model(mx.array([list(tokens)], dtype=mx.int32), seq.cache, last_only=False)  # 1 L V
+        logits = self._run([seq], mx.array([list(tokens)], dtype=mx.int32), seq.cache, last_only=False)  # 1 L V
         seq.length += len(tokens)
         return np.array(logits[0].astype(mx.float32))
 
@@ -190,6 +210,8 @@ class MLXBatch:
         start, states, fed = seq.verified
         if start + kept >= seq.length:
             return
+        if seq.mtp is not None:  # the rejected positions' hidden states go too (the re-feed below keeps none)
+            seq.mtp.cut(start + kept)
         if not any(self.linear):
             for c in seq.cache:
                 c.trim(start + kept)
@@ -255,7 +277,7 @@ class MLXBatch:
         mask = None
         if any(left):  # B 1 1 T+1: a row sees its own positions and the new token, never its left padding
             mask = (mx.arange(idx + 1)[None] >= mx.array(left)[:, None]).reshape(B, 1, 1, idx + 1)
-        logits = self.model(tokens[:, None], self.cache, mask)  # B 1 V
+        logits = self._run(seqs, tokens[:, None], self.cache, mask)  # B 1 V
         for s in seqs:
             s.length += 1
         return logits[:, -1].astype(mx.float32)

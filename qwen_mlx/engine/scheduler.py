@@ -139,7 +139,11 @@ class Engine:
             raise QwenError("speculative decoding needs the mlx backend")
         if method not in self.drafters:
             raise QwenError(f"speculative method {method!r} is not available here"
-                            + (": start with --draft-model PATH" if method == "draft-model" else ""))
+                            + {"draft-model": ": start with --draft-model PATH", "mtp": ": start with --mtp"}.get(
+                                method, ""))
+        if method == "mtp" and not getattr(self.backend, "keeps_hidden", False):
+            # a backend that keeps no hidden states to draft from (its MTP layer attached after it was built)
+            raise QwenError("--mtp: this engine keeps no hidden states; load the MTP layer before building it")
         return Speculator(self.drafters[method], req.speculation.k)
 
     def cancel(self, handle: Handle) -> None:
@@ -293,6 +297,9 @@ class Engine:
             if live.seq is None:
                 live.started = time.perf_counter()
                 live.seq, live.cached = self.backend.start(live.req.prompt)
+                mtp = live.spec is not None and live.req.speculation.method == "mtp"
+                if getattr(live.seq, "mtp", None) is not None and not mtp:
+                    live.seq.mtp = None  # its hidden states would feed no MTP drafter (qwen_mlx/models/mtp.py)
                 live.fed = live.cached
             chunk = live.req.prompt[live.fed:live.fed + self.prefill_chunk]
             if group and (len(group) + 1) * max(len(chunk), *(len(c) for _, c in group)) > self.prefill_chunk:
@@ -341,7 +348,7 @@ class Engine:
         spec, t0 = live.spec, time.perf_counter()
         room = live.max_tokens - len(live.tokens) - 1  # the step emits up to one token beyond its drafts
         drafts, probs = spec.drafter.propose(live.req.prompt + live.tokens, min(spec.k, room), live.sampler,
-                                             live.history) if room > 0 else ([], None)
+                                             live.history, live.seq) if room > 0 else ([], None)
         if not drafts:  # nothing to guess from: a plain step
             logits = self.backend.decode([live.seq], [live.next_token])
             if self._advance(live, logits[0]):

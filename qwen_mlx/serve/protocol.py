@@ -121,7 +121,7 @@ class NamedToolChoice(Strict):
 class SpeculativeOptions(Strict):
     """This server's extension: a request's speculative decoding (qwen_mlx/engine/speculative.py)."""
 
-    method: Literal["prompt-lookup", "draft-model", "none"]
+    method: Literal["prompt-lookup", "draft-model", "mtp", "none"]
     num_draft_tokens: Optional[int] = Field(None, ge=1, le=32)
 
 
