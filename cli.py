@@ -4,6 +4,7 @@
     python cli.py generate --backend mlx --model M --prompt TEXT
     python cli.py info --model M
     python cli.py convert --gguf FILE.gguf --out DIR      (or --model AWQ_OR_GPTQ_FOLDER --out DIR)
+    python cli.py convert --model M --out FILE.gguf [--gguf-type q8_0]   (GGUF out, for llama.cpp)
     python cli.py export-onnx --model M --out DIR
     python cli.py serve --backend mlx [--model M] [--port 8000]
     python cli.py attention --model M --prompt TEXT --out FILE.png|FILE.npz
@@ -48,8 +49,16 @@ def model_option(f):
                              "or the offline real checkpoint when the Hub is unreachable]")(f)
 
 
+def backend_option(default: str):
+    # QWEN_MLX_BACKEND sets the default once (the test suite pins mlx, for which its older tests were written).
+    return click.option("--backend", default=default, show_default=True, envvar="QWEN_MLX_BACKEND",
+                        type=click.Choice(["auto", "mlx", "torch", "onnx"]),
+                        help="auto: MLX where it has a GPU (Metal, CUDA), else this model's ONNX export, made "
+                             "once into the cache (int4; float32 with --dtype float32); it says which and why")
+
+
 MODEL_OPTIONS = [
-    click.option("--backend", default="mlx", show_default=True, help="mlx, torch or onnx"),
+    backend_option("auto"),
     model_option,
     click.option("--dtype", type=click.Choice(DTYPES), default=None,
                  help="weights and activations [default: float32 on a CPU, bfloat16 on a GPU]"),
@@ -58,14 +67,40 @@ MODEL_OPTIONS = [
     click.option("--onnx-dtype", type=click.Choice(["fp32", "fp16", "q8", "int8", "uint8", "q4", "q4f16"]),
                  default=None, help="onnx: the export folder's file to run, by transformers.js' dtype name "
                                     "[default: the most accurate there: fp32, fp16, q4, q4f16, uint8, q8, int8]"),
+    click.option("--keep-quantized", is_flag=True,
+                 help="mlx on a CPU: run weights stored quantized (mlx-lm folders, GGUF blocks) with MLX's "
+                      "quantized kernels; by default a CPU dequantizes them once at load (faster decode, "
+                      "float32 memory)"),
+    click.option("--parallel", type=click.Choice(["tensor", "pipeline"]), default=None, expose_value=False,
+                 callback=lambda ctx, param, value: _set_parallel(value),
+                 help="under mlx.launch (several ranks): give each rank whole layers, or split every layer "
+                      "over the ranks (fast links: Thunderbolt, JACCL) [default: pipeline]"),
 ]
 
 
-def model_options(f):
-    """Flags shared by `chat`, `generate` and `serve`: which model, on which backend, at which precision."""
-    for opt in reversed(MODEL_OPTIONS):
-        f = opt(f)
-    return f
+def _no_stdin_under_launcher(what: str) -> None:
+    """mlx.launch does not pass standard input to the ranks (it stays open, empty): reading it would wait forever."""
+    if not sys.stdin.isatty():
+        from qwen_mlx.backends.distributed import several_ranks
+        if several_ranks():
+            raise QwenError(f"{what} reads standard input, which mlx.launch does not pass to the ranks: give the "
+                            "prompt with --prompt TEXT, or run `serve` and talk to it with any OpenAI client")
+
+
+def _set_parallel(mode: str | None) -> None:
+    if mode is not None:  # only then: the option costs the other backends no MLX import
+        from qwen_mlx.backends.distributed import set_parallel
+        set_parallel(mode)
+
+
+def model_options(f=None, *, backend: str = "auto"):
+    """Flags shared by `chat`, `generate`, `serve` and `cache-prompt`: which model, on which backend, at which
+    precision; `backend` is the --backend default."""
+    def apply(f):
+        for opt in reversed([backend_option(backend), *MODEL_OPTIONS[1:]]):
+            f = opt(f)
+        return f
+    return apply(f) if f is not None else apply
 
 
 def run_options(f):
@@ -105,7 +140,10 @@ def spec_options(f):
     """Speculative decoding (mlx; qwen_mlx/engine/speculative.py): the same tokens, sooner where drafts hold."""
     f = click.option("--num-draft-tokens", type=int, default=None,
                      help="most tokens drafted per step (adapted to the acceptance) [default: 16 with "
-                          "--prompt-lookup, 4 with --draft-model]")(f)
+                          "--prompt-lookup, 4 with --draft-model, 2 with --mtp]")(f)
+    f = click.option("--mtp", is_flag=True,
+                     help="speculative decoding with the checkpoint's own multi-token-prediction layer (mtp.*: "
+                          "Qwen3-Next, Qwen3.5, Qwen3.6)")(f)
     f = click.option("--draft-model", default=None,
                      help="speculative decoding with a smaller model of the same tokenizer (a folder, .gguf or "
                           "Hub id)")(f)
@@ -114,14 +152,17 @@ def spec_options(f):
                              "(edits, code, quoting answers)")(f)
 
 
-def _speculation(loaded, dtype, prompt_lookup, draft_model, num_draft_tokens):
-    """(the requests' Speculation or None, the drafters an engine needs for it); the draft model loaded."""
-    from qwen_mlx.engine.speculative import load_draft_model, speculation_from_flags
+def _speculation(loaded, dtype, prompt_lookup, draft_model, num_draft_tokens, mtp=False, model=None):
+    """(the requests' Speculation or None, the drafters an engine needs for it); the draft model or the MTP
+    layer (of `model`, as --model gave it) loaded."""
+    from qwen_mlx.engine.speculative import load_draft_model, load_mtp_drafter, speculation_from_flags
 
-    speculation = speculation_from_flags(prompt_lookup, draft_model, num_draft_tokens)
+    speculation = speculation_from_flags(prompt_lookup, draft_model, num_draft_tokens, mtp)
     if speculation is not None and loaded.backend.name != "mlx":
         raise QwenError("speculative decoding needs the mlx backend")
     drafters = {"draft-model": load_draft_model(draft_model, loaded.tokenizer, dtype)} if draft_model else {}
+    if mtp:
+        drafters["mtp"] = load_mtp_drafter(loaded, model)
     return speculation, drafters
 
 
@@ -140,9 +181,32 @@ def _thinking_switch(loaded, no_think: bool) -> None:
     loaded.tokenizer.template_kwargs["enable_thinking"] = False
 
 
+def _resolve_backend(backend, model, dtype, quantize, onnx_dtype, mlx_only: dict):
+    """`--backend auto` made concrete, the banner printed (export/auto_backend.py); any other backend as given.
+    `mlx_only`: flag -> value of the flags only the mlx backend honours (auto then chooses mlx)."""
+    if backend != "auto":
+        return backend, model, dtype, quantize, onnx_dtype
+    from qwen_mlx.backends.distributed import several_ranks
+    if several_ranks():  # under mlx.launch: MLX alone splits a model over the ranks (qwen_mlx/backends/distributed.py)
+        return "mlx", model, dtype, quantize, onnx_dtype
+    from export.auto_backend import resolve_auto
+
+    r = resolve_auto(model, dtype, quantize, onnx_dtype, tuple(flag for flag, value in mlx_only.items() if value))
+    return r.backend, r.model, r.dtype, r.quantize, r.onnx_dtype
+
+
+def _mlx_only(kv_bits=None, prompt_lookup=False, draft_model=None, num_draft_tokens=None, mtp=False,
+              prompt_cache=None, keep_quantized=False) -> dict:
+    """The flags `--backend auto` must honour by choosing mlx, by name (the only backend that has them)."""
+    return {"--kv-bits": kv_bits, "--prompt-lookup": prompt_lookup, "--draft-model": draft_model,
+            "--num-draft-tokens": num_draft_tokens, "--mtp": mtp, "--prompt-cache": prompt_cache,
+            "--keep-quantized": keep_quantized}
+
+
 def _prepare(backend, model, dtype, quantize, max_tokens, stop=(), kv_bits=None, kv_group_size="64", onnx_dtype=None,
-             **sampling):
-    """Check the flags before loading anything, then load the backend and the sampling defaults."""
+             keep_quantized=False, mlx_only=None, **sampling):
+    """Check the flags before loading anything, then load the backend (`auto` chosen first) and the sampling
+    defaults."""
     from qwen_mlx.backends import load
     from qwen_mlx.engine.text import check_stop_strings
     from qwen_mlx.sampling import SamplingParams
@@ -151,7 +215,10 @@ def _prepare(backend, model, dtype, quantize, max_tokens, stop=(), kv_bits=None,
         raise QwenError(f"--max-tokens must be >= 0, got {max_tokens}")
     check_stop_strings(stop)
     SamplingParams(**{k: v for k, v in sampling.items() if v is not None})  # validate the flags early
-    loaded = load(backend, model, dtype, quantize, **_kv(kv_bits, kv_group_size), onnx_dtype=onnx_dtype)
+    kv = _kv(kv_bits, kv_group_size)
+    backend, model, dtype, quantize, onnx_dtype = _resolve_backend(backend, model, dtype, quantize, onnx_dtype,
+                                                                   mlx_only or _mlx_only(kv_bits))
+    loaded = load(backend, model, dtype, quantize, **kv, onnx_dtype=onnx_dtype, keep_quantized=keep_quantized)
     params = SamplingParams.from_generation_config(loaded.generation_config, **sampling)
     return loaded, params
 
@@ -170,7 +237,7 @@ def _prompt_cache(loaded, path):
 
 
 def _check_prompt_cache_backend(prompt_cache, backend):
-    if prompt_cache and backend != "mlx":
+    if prompt_cache and backend not in ("mlx", "auto"):  # auto takes mlx for a prompt cache
         raise QwenError(f"--prompt-cache works with the mlx backend only, not {backend}")
 
 
@@ -186,14 +253,16 @@ def cli():
 @PROMPT_CACHE
 @kv_options
 @spec_options
-def chat(backend, model, dtype, quantize, onnx_dtype, max_tokens, stop, system, no_think, prompt_cache, kv_bits,
-         kv_group_size, prompt_lookup, draft_model, num_draft_tokens, **sampling):
+def chat(backend, model, dtype, quantize, onnx_dtype, keep_quantized, max_tokens, stop, system, no_think, prompt_cache,
+         kv_bits, kv_group_size, prompt_lookup, draft_model, num_draft_tokens, mtp, **sampling):
     """Multi-turn chat in the terminal, replies streamed."""
     from qwen_mlx.chat import run_chat
 
+    _no_stdin_under_launcher("chat")
     _check_prompt_cache_backend(prompt_cache, backend)
     loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, kv_bits, kv_group_size, onnx_dtype,
-                              **sampling)
+                              keep_quantized, _mlx_only(kv_bits, prompt_lookup, draft_model, num_draft_tokens, mtp,
+                                                        prompt_cache, keep_quantized), **sampling)
     _thinking_switch(loaded, no_think)
     session = None
     if prompt_cache:
@@ -203,7 +272,7 @@ def chat(backend, model, dtype, quantize, onnx_dtype, max_tokens, stop, system, 
         system = system if system is not None else cached.system
         first = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "?"}]
         check_prefix(cached.tokens, loaded.tokenizer.encode_chat(first))
-    speculation, drafters = _speculation(loaded, dtype, prompt_lookup, draft_model, num_draft_tokens)
+    speculation, drafters = _speculation(loaded, dtype, prompt_lookup, draft_model, num_draft_tokens, mtp, model)
     run_chat(loaded, params, max_tokens, system=system, stop=tuple(stop), session=session, speculation=speculation,
              drafters=drafters)
 
@@ -217,17 +286,20 @@ def chat(backend, model, dtype, quantize, onnx_dtype, max_tokens, stop, system, 
 @PROMPT_CACHE
 @kv_options
 @spec_options
-def generate(backend, model, dtype, quantize, onnx_dtype, max_tokens, stop, prompt, raw, system, no_think,
-             prompt_cache, kv_bits, kv_group_size, prompt_lookup, draft_model, num_draft_tokens, **sampling):
+def generate(backend, model, dtype, quantize, onnx_dtype, keep_quantized, max_tokens, stop, prompt, raw, system,
+             no_think, prompt_cache, kv_bits, kv_group_size, prompt_lookup, draft_model, num_draft_tokens, mtp,
+             **sampling):
     """One reply to one prompt: the text on stdout, a JSON stats line last on stderr."""
     from qwen_mlx.engine import local_engine, stream_generate
     from qwen_mlx.engine.text import GenerationStats
 
     if prompt == "-":
+        _no_stdin_under_launcher("--prompt -")
         prompt = read_stdin("--prompt -")
     _check_prompt_cache_backend(prompt_cache, backend)
     loaded, params = _prepare(backend, model, dtype, quantize, max_tokens, stop, kv_bits, kv_group_size, onnx_dtype,
-                              **sampling)
+                              keep_quantized, _mlx_only(kv_bits, prompt_lookup, draft_model, num_draft_tokens, mtp,
+                                                        prompt_cache, keep_quantized), **sampling)
     _thinking_switch(loaded, no_think and not raw)
     session, cached = _prompt_cache(loaded, prompt_cache) if prompt_cache else (None, None)
     if cached is not None and system is None and not raw:
@@ -241,7 +313,7 @@ def generate(backend, model, dtype, quantize, onnx_dtype, max_tokens, stop, prom
     if cached is not None:
         from qwen_mlx.prompt_cache import check_prefix
         check_prefix(cached.tokens, ids)
-    speculation, drafters = _speculation(loaded, dtype, prompt_lookup, draft_model, num_draft_tokens)
+    speculation, drafters = _speculation(loaded, dtype, prompt_lookup, draft_model, num_draft_tokens, mtp, model)
     stats = GenerationStats()
     engine = local_engine(loaded.backend, tok, session)  # the server's generation loop, a batch of one
     engine.drafters.update(drafters)
@@ -253,22 +325,23 @@ def generate(backend, model, dtype, quantize, onnx_dtype, max_tokens, stop, prom
 
 
 @cli.command("cache-prompt")
-@model_options
+@model_options(backend="mlx")
 @click.option("--file", "doc", required=True, help="the document (UTF-8 text); '-' reads standard input")
 @click.option("--raw", is_flag=True,
               help="cache the text as is [default: as the chat's system message, which chat/generate reuse]")
 @click.option("--out", required=True, help="the cache file to write (safetensors)")
-def cache_prompt(backend, model, dtype, quantize, onnx_dtype, doc, raw, out):
+def cache_prompt(backend, model, dtype, quantize, onnx_dtype, keep_quantized, doc, raw, out):
     """Prefill a long document once and save its KV cache for `chat` / `generate --prompt-cache` (mlx)."""
     from qwen_mlx.backends import load
     from qwen_mlx.prompt_cache import save_prompt_cache
 
+    backend = "mlx" if backend == "auto" else backend  # (QWEN_MLX_BACKEND=auto) a prompt cache is MLX's
     _check_prompt_cache_backend(True, backend)
     if Path(out).suffix != ".safetensors":
         raise QwenError(f"--out must end in .safetensors, got {Path(out).name}")
     check_writable(Path(out))
     text = read_stdin("--file -") if doc == "-" else read_text_file(doc, f"--file {doc}")
-    loaded = load(backend, model, dtype, quantize, onnx_dtype=onnx_dtype)
+    loaded = load(backend, model, dtype, quantize, onnx_dtype=onnx_dtype, keep_quantized=keep_quantized)
     tok = loaded.tokenizer
     ids = tok.encode(text) if raw else tok.encode_chat([{"role": "system", "content": text}], add_generation_prompt=False)
     save_prompt_cache(Path(out), loaded, ids, system=None if raw else text)
@@ -289,8 +362,8 @@ def cache_prompt(backend, model, dtype, quantize, onnx_dtype, doc, raw, out):
 @NO_THINK
 @kv_options
 @spec_options
-def serve(backend, model, dtype, quantize, onnx_dtype, host, port, max_batch, max_queue, max_tokens, api_key, grace,
-          no_think, kv_bits, kv_group_size, prompt_lookup, draft_model, num_draft_tokens):
+def serve(backend, model, dtype, quantize, onnx_dtype, keep_quantized, host, port, max_batch, max_queue, max_tokens,
+          api_key, grace, no_think, kv_bits, kv_group_size, prompt_lookup, draft_model, num_draft_tokens, mtp):
     """An OpenAI-compatible HTTP server (chat, completions, streaming) with continuous batching."""
     from qwen_mlx.serve import require_extra, serve as run_server
 
@@ -304,9 +377,13 @@ def serve(backend, model, dtype, quantize, onnx_dtype, host, port, max_batch, ma
                         "with --kv-bits requests are served one at a time on a quantized cache")
     from qwen_mlx.backends import load
 
-    loaded = load(backend, model, dtype, quantize, **_kv(kv_bits, kv_group_size), onnx_dtype=onnx_dtype)
+    kv = _kv(kv_bits, kv_group_size)
+    backend, model, dtype, quantize, onnx_dtype = _resolve_backend(
+        backend, model, dtype, quantize, onnx_dtype,
+        _mlx_only(kv_bits, prompt_lookup, draft_model, num_draft_tokens, mtp, keep_quantized=keep_quantized))
+    loaded = load(backend, model, dtype, quantize, **kv, onnx_dtype=onnx_dtype, keep_quantized=keep_quantized)
     _thinking_switch(loaded, no_think)  # the default; a request's chat_template_kwargs can still say otherwise
-    speculation, drafters = _speculation(loaded, dtype, prompt_lookup, draft_model, num_draft_tokens)
+    speculation, drafters = _speculation(loaded, dtype, prompt_lookup, draft_model, num_draft_tokens, mtp, model)
     run_server(loaded, host, port, max_batch=max_batch, api_key=api_key, max_queue=max_queue,
                max_tokens=max_tokens, grace=grace, speculation=speculation, drafters=drafters)
 
@@ -331,14 +408,24 @@ def info(model):
               help="write an MLX affine-quantized folder (mlx-lm's layout) instead of a float one")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
               help="with --quantize: weights per scale and bias")
-@click.option("--out", required=True, help="the folder to write")
+@click.option("--out", required=True, help="the folder to write, or a FILE.gguf: the model as one GGUF that "
+              "llama.cpp runs")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None,
               help="write float weights of this dtype [default: float32; for --gguf alone, an MLX quantized "
                    "folder keeping the GGUF's blocks that MLX holds exactly, the rest float32]")
-@click.option("--force", is_flag=True, help="replace a non-empty --out")
-def convert(gguf_file, model, quantize, group_size, out, dtype, force):
+@click.option("--gguf-type", default=None, metavar="f32|f16|bf16|q8_0|q4_0",
+              help="with --out FILE.gguf: the matrices' type (vectors and norms stay f32) [default: bf16 for a "
+                   "bfloat16 checkpoint, else f16, as llama.cpp's converter's auto]")
+@click.option("--force", is_flag=True, help="replace a non-empty --out (an existing .gguf)")
+def convert(gguf_file, model, quantize, group_size, out, dtype, gguf_type, force):
     """Convert a Qwen GGUF (llama.cpp) into a Hugging Face folder, an AWQ/GPTQ folder into an MLX quantized
-    folder with the same codes, or (--quantize) any model into an MLX quantized folder that mlx-lm loads."""
+    folder with the same codes, (--quantize) any model into an MLX quantized folder that mlx-lm loads, or (--out
+    FILE.gguf) any model into a GGUF for llama.cpp."""
+    if out.lower().endswith(".gguf"):
+        _convert_to_gguf(gguf_file, model, quantize, dtype, gguf_type, Path(out), force)
+        return
+    if gguf_type is not None:
+        raise QwenError("--gguf-type is for a GGUF output: give --out FILE.gguf")
     if quantize:
         from qwen_mlx.checkpoint import prepare_model
         from qwen_mlx.convert import quantize_folder
@@ -360,6 +447,25 @@ def convert(gguf_file, model, quantize, group_size, out, dtype, force):
 
     path = convert_gguf(Path(gguf_file), Path(out), dtype=dtype, force=force)
     print(path)
+
+
+def _convert_to_gguf(gguf_file, model, quantize, dtype, gguf_type, out: Path, force: bool) -> None:
+    """`convert --out FILE.gguf`: any model (a folder, a Hub id, or a GGUF to retype) as one GGUF."""
+    from qwen_mlx.formats.gguf_write import check_gguf_out, llama_cpp_caveats
+
+    if (model is None) == (gguf_file is None):
+        raise QwenError("convert --out FILE.gguf needs exactly one of --model and --gguf")
+    if quantize or dtype:
+        raise QwenError("--quantize and --dtype write folders; for a GGUF output choose --gguf-type")
+    check_gguf_out(out, gguf_type or "f16", force)  # the path and the type, before loading anything
+    from qwen_mlx.checkpoint import prepare_model
+    from qwen_mlx.convert import gguf_file as write_gguf_file
+
+    ckpt = prepare_model(model or gguf_file)
+    for note in llama_cpp_caveats(ckpt.args):
+        print(f"note: {note}", file=sys.stderr)
+    source = Path(gguf_file) if gguf_file else None  # a GGUF retyped keeps its nextn (MTP) block
+    print(write_gguf_file(ckpt, out, gguf_type, force, source))
 
 
 @cli.command("export-onnx")

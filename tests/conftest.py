@@ -10,6 +10,11 @@ import pytest
 
 import export  # noqa: F401  registers the torch and onnx backends, as cli.py does
 
+# The CLI's default backend is `auto` (an ONNX export on a machine without a GPU). The suite's tests that run
+# chat/generate/serve without --backend were written for MLX: pin it for them (their subprocesses inherit it).
+# tests/test_backend_auto.py runs the real default, with this variable removed.
+os.environ.setdefault("QWEN_MLX_BACKEND", "mlx")
+
 from benchmarks.checkpoints.tiny_models import write_tiny_model
 from tests.support.tokenizer_fixtures import tiny_tokenizer_dir  # noqa: F401  (re-exported fixture)
 

@@ -161,7 +161,7 @@ def test_bad_model_gets_one_clear_line(tiny_model, tmp_path, case):
     (["--temperature", "-0.5"], "--temperature"),
     (["--top-p", "0"], "--top-p"),
     (["--top-p", "1.5"], "--top-p"),
-    (["--backend", "tpu"], "unknown backend 'tpu'"),
+    (["--backend", "tpu"], "'tpu' is not one of 'auto', 'mlx', 'torch', 'onnx'"),
     (["--dtype", "int3"], "--dtype"),
 ])
 def test_bad_flags_get_one_clear_line(tiny_model, flags, words):

@@ -119,7 +119,8 @@ def test_batched_quantized_rows_get_their_tokens_alone(mlx_lm_quantized, dequant
     from qwen_mlx.backends.base import Session, greedy_tokens
     from qwen_mlx.sampling import SamplingParams
 
-    loaded = load("mlx", str(mlx_lm_quantized(name, bits, group)), "float32")
+    # keep_quantized: the quantized layers themselves (loaded by name, a CPU would dequantize them at load)
+    loaded = load("mlx", str(mlx_lm_quantized(name, bits, group)), "float32", keep_quantized=True)
     loaded.tokenizer.eos_token_ids = frozenset()
     prompts = [[(11 * i + 5 * j) % 500 for j in range(3 + 7 * i)] for i in range(4)]
     alone = [greedy_tokens(Session(loaded.backend), p, 10) for p in prompts]
