@@ -193,32 +193,11 @@ def test_engine_batches_onnx_rows_each_as_alone_and_reuses_prompts_whole(exporte
     starting with an earlier prompt prefills only what follows it (a recurrent state is reused whole)."""
     from export.backends.onnx_hybrid_batch import OnnxHybridBatch
     from qwen_mlx.backends import load
-    from qwen_mlx.backends.batching import batch_backend
-    from qwen_mlx.engine import Done, Engine, Request, Token, run_requests
-    from qwen_mlx.sampling import SamplingParams
-    from tests.support.engine import Recorder
+    from tests.support.engine import assert_hybrid_rows_batch_as_alone
 
     _, out = exported("q35-moe")
     loaded = load("onnx", str(out))
-    loaded.tokenizer.eos_token_ids = frozenset()
-    greedy = SamplingParams(temperature=0.0)
-    first = [PROMPT[:50], PROMPT[10:90], PROMPT[40:57]]
-    alone = [greedy_tokens(Session(_onnx(out)), p, 8) for p in first]
-    later = PROMPT[10:90] + STEPS
-    later_alone = greedy_tokens(Session(_onnx(out)), later, 8)
-    backend = Recorder(batch_backend(loaded.backend, 8))
-    assert isinstance(backend.inner, OnnxHybridBatch)
-    engine = Engine(backend, loaded.tokenizer, prefill_chunk=16).start()
-    try:
-        events = run_requests(engine, [Request(p, greedy, 8) for p in first])
-        events += run_requests(engine, [Request(later, greedy, 8)])
-    finally:
-        engine.shutdown(0)
-    assert max(backend.sizes) > 1  # rows were decoded together
-    for ev, want in zip(events, alone + [later_alone]):
-        assert isinstance(ev[-1], Done)
-        assert [e.id for e in ev if isinstance(e, Token)] == want
-    assert events[-1][-1].cached_tokens == 80  # the second prompt, whole
+    assert_hybrid_rows_batch_as_alone(loaded, lambda: Session(_onnx(out)), OnnxHybridBatch, PROMPT, STEPS)
 
 
 def test_transformers_js_in_node_runs_the_qwen3_next_folder(exported):

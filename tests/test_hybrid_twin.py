@@ -145,29 +145,8 @@ def test_engine_batches_torch_rows_each_as_alone_and_reuses_prompts_whole(hybrid
     prefills only what follows it (a recurrent state is reused whole)."""
     from export.backends.torch_hybrid_batch import TorchHybridBatch
     from qwen_mlx.backends import load
-    from qwen_mlx.backends.batching import batch_backend
-    from qwen_mlx.engine import Done, Engine, Request, Token, run_requests
-    from qwen_mlx.sampling import SamplingParams
-    from tests.support.engine import Recorder
+    from tests.support.engine import assert_hybrid_rows_batch_as_alone
 
     folder = hybrid_model("next-moe")
     loaded = load("torch", str(folder), dtype="float32")
-    loaded.tokenizer.eos_token_ids = frozenset()
-    greedy = SamplingParams(temperature=0.0)
-    first = [PROMPT[:50], PROMPT[10:90], PROMPT[40:57]]
-    alone = [greedy_tokens(Session(_backend(folder)), p, 8) for p in first]
-    later = PROMPT[10:90] + STEPS
-    later_alone = greedy_tokens(Session(_backend(folder)), later, 8)
-    backend = Recorder(batch_backend(loaded.backend, 8))
-    assert isinstance(backend.inner, TorchHybridBatch)
-    engine = Engine(backend, loaded.tokenizer, prefill_chunk=16).start()
-    try:
-        events = run_requests(engine, [Request(p, greedy, 8) for p in first])
-        events += run_requests(engine, [Request(later, greedy, 8)])
-    finally:
-        engine.shutdown(0)
-    assert max(backend.sizes) > 1  # rows were decoded together
-    for ev, want in zip(events, alone + [later_alone]):
-        assert isinstance(ev[-1], Done)
-        assert [e.id for e in ev if isinstance(e, Token)] == want
-    assert events[-1][-1].cached_tokens == 80  # the second prompt, whole
+    assert_hybrid_rows_batch_as_alone(loaded, lambda: Session(_backend(folder)), TorchHybridBatch, PROMPT, STEPS)

@@ -71,3 +71,27 @@ def assert_batch_of_8_gives_each_request_its_tokens_alone(loaded) -> None:
     for i, ev in enumerate(events):
         assert tokens(ev) == alone[i][:24 - i]
         assert isinstance(ev[-1], Done) and ev[-1].finish_reason == "length"
+
+
+def assert_hybrid_rows_batch_as_alone(loaded, alone_session, batch_class, prompt, steps) -> None:
+    """A hybrid model's batch on the server's engine: three rows of different lengths decode together (linear
+    layers' windows and states stacked, keys and values left-padded), each with its greedy tokens alone
+    (`alone_session()`: a fresh Session of the same model); a later request starting with an earlier prompt
+    prefills only what follows it (a recurrent state is reused whole)."""
+    loaded.tokenizer.eos_token_ids = frozenset()
+    first = [prompt[:50], prompt[10:90], prompt[40:57]]
+    later = prompt[10:90] + steps
+    alone = [greedy_tokens(alone_session(), p, 8) for p in [*first, later]]
+    backend = Recorder(batch_backend(loaded.backend, 8))
+    assert isinstance(backend.inner, batch_class)
+    engine = Engine(backend, loaded.tokenizer, prefill_chunk=16).start()
+    try:
+        events = run_requests(engine, [Request(p, GREEDY, 8) for p in first])
+        events += run_requests(engine, [Request(later, GREEDY, 8)])
+    finally:
+        engine.shutdown(0)
+    assert max(backend.sizes) > 1  # rows were decoded together
+    for ev, want in zip(events, alone):
+        assert isinstance(ev[-1], Done)
+        assert tokens(ev) == want
+    assert events[-1][-1].cached_tokens == 80  # the second prompt, whole
