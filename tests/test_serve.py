@@ -238,11 +238,16 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server):
 
 def test_a_client_leaving_before_a_non_streamed_answer_cancels_it(server):
     """Nothing is written to a non-streaming client until the end: its disconnect must still be seen."""
-    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 900, "temperature": 0}).encode()
+    # A schema the reply cannot finish within max_tokens: no early EOS (a plain prompt met it at 63 tokens,
+    # 0.1 s on this tiny model, and the reply could end before the disconnect was seen); 900 tokens, ~0.9 s.
+    schema = {"type": "array", "items": {"type": "integer"}, "minItems": 1000}
+    forced = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    body = json.dumps({"model": _model(server), "messages": [{"role": "user", "content": "numbers"}],
+                       "max_tokens": 900, "temperature": 0, "response_format": forced}).encode()
     host, port = server.url.removeprefix("http://").rsplit(":", 1)
     before = httpx.get(server.url + "/health").json()["cancelled"]
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and httpx.get(server.url + "/health").json()["running"] == 0:
