@@ -204,6 +204,7 @@ def test_auto_device_is_webgpu_only_with_an_adapter(browser, tiny_export, gpu):
 # ---- the real checkpoint, int4 (-m real) ------------------------------------------------------------------
 
 @pytest.mark.real
+@pytest.mark.slow  # ~1.5 minutes; the tiny model's pages stay in the default tier
 def test_page_reproduces_our_greedy_tokens_real_q4(browser, real_model_dir, tmp_path_factory, tmp_path):
     folder = _export(real_model_dir, tmp_path_factory.mktemp("browser-real") / "qwen2.5-coder-0.5b-q4", "int4")
     try:

@@ -131,6 +131,7 @@ def test_reference_perplexity_is_sane(reference_quality):
     assert reference_quality.perplexity < MAX_REFERENCE_PERPLEXITY
 
 
+@pytest.mark.slow  # ~6 minutes; the float32 parity above stays in the default tier
 @pytest.mark.parametrize("name", list(QUALITY_BOUNDS))
 def test_reduced_precision_quality(name, real_model_dir, onnx_export_dir, text_ids, reference_quality):
     backend, dtype, quantize = parity.VARIANTS[name]

@@ -216,6 +216,7 @@ def test_mixed_bits_folder_carries_4_and_8_bits(tiny_model, tmp_path):
 
 
 @pytest.mark.real
+@pytest.mark.slow  # ~2 minutes; the tiny mlx-lm folders above stay in the default tier
 def test_real_checkpoint_quantized_by_mlx_lm_exports_exactly(real_model_dir, tmp_path):
     """The real checkpoint as mlx-community ships such folders (`mlx_lm.convert -q`, 4-bit, group 64, the
     untied embedding and lm_head quantized too): every stored module carried, onnxruntime's logits equal MLX's
