@@ -4,8 +4,8 @@ MLX's CPU `quantized_matmul` is a plain loop: one decode step of a 4864 x 896 ma
 against 2.7 ms as float32 through BLAS (docs/BENCHMARKS.md, "Quantized MLX layers"), and the real checkpoint's
 GGUF dequantized prefilled 4.4x and decoded 2.8x as fast as its blocks kept on a quiet machine ("What runs where on
 a CPU"; on a machine busy enough that OpenBLAS's threads fight other jobs, decode is within the noise). So on a CPU
-the stored layers are dequantized once at load, exactly (w = scales * q + biases in float32, the numbers the kernels use),
-at the cost of float memory, which the banner states; `--keep-quantized` keeps the kernels (less memory).
+the stored layers are dequantized once at load, exactly (w = scales * q + biases in float32, the numbers the
+kernels use), at the cost of float memory, which the banner states; `--keep-quantized` keeps the kernels (less memory).
 Metal and CUDA keep them always: there the quantized kernels are the fast path. A model whose float weights
 would take more than half of this machine's memory keeps them too, and says so.
 """
