@@ -192,8 +192,11 @@ def _start_export(folder: str, cache: Path) -> tuple[subprocess.Popen, Path]:
     """A first `--backend auto` run, stopped once its export is writing into a staging folder."""
     env = {k: v for k, v in os.environ.items() if k != "QWEN_MLX_BACKEND"}
     env.update(QWEN_MLX_QUIET="1", QWEN_MLX_CACHE=str(cache))
+    # SIGINT back to its default in the child: a test run started in the background inherits it ignored, and
+    # Python then never turns Ctrl-C into KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *GEN, "--model", folder], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         # this run's own staging folder (its pid in the name), not one an earlier killed run left
