@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from qwen_mlx.backends.batching import PrefixCache
+from qwen_mlx.backends.batching import PrefixCache, regroup
 from qwen_mlx.config import ModelArgs
 
 Layers = list[np.ndarray]  # the graph's past inputs in order: layer 0 key, layer 0 value, layer 1 key, ...
@@ -138,11 +138,7 @@ class OnnxBatch:
     def _reshape(self, seqs: Sequence[OnnxSeq]) -> None:
         """Drop the rows not in `seqs`, append the sequences that joined, in the order of `seqs`: every
         row right-aligned on the longest, its KV copied once into the new arrays."""
-        wanted = {id(s) for s in seqs}
-        keep = [i for i, r in enumerate(self.rows) if id(r) in wanted]
-        joining = [s for s in seqs if s.past is not None]
-        if [self.rows[i] for i in keep] + joining != list(seqs):
-            raise ValueError("sequences must keep their order and new ones come last")
+        keep, joining = regroup(self.rows, seqs, lambda s: s.past is not None)
         T = max(s.length for s in seqs)
         past = [self._zeros(len(seqs), T) for _ in self.past_names]
         for b, i in enumerate(keep):

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from qwen_mlx.backends.batching import PrefixCache
+from qwen_mlx.backends.batching import PrefixCache, regroup
 
 from qwen_mlx.config import ModelArgs
 
@@ -84,11 +84,7 @@ class TorchBatch:
 
     def _reshape(self, seqs: Sequence[TorchSeq]) -> None:
         """Drop the rows not in `seqs`, append the sequences that joined, in the order of `seqs`."""
-        wanted = {id(s) for s in seqs}
-        keep = [i for i, r in enumerate(self.rows) if id(r) in wanted]
-        joining = [s for s in seqs if s.past is not None]
-        if [self.rows[i] for i in keep] + joining != list(seqs):
-            raise ValueError("sequences must keep their order and new ones come last")
+        keep, joining = regroup(self.rows, seqs, lambda s: s.past is not None)
         parts = []  # (layers, left pads, T)
         if keep:
             idx = torch.tensor(keep, device=self.dev)

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from qwen_mlx.backends.batching import PrefixCache
+from qwen_mlx.backends.batching import PrefixCache, regroup
 from qwen_mlx.config import ModelArgs
 
 from ..models.qwen2 import KV
@@ -72,11 +72,7 @@ class TorchHybridBatch(TorchBatch):
 
     def _reshape(self, seqs: Sequence[TorchSeq]) -> None:
         """As TorchBatch._reshape; a linear layer's rows are stacked, not aligned."""
-        wanted = {id(s) for s in seqs}
-        keep = [i for i, r in enumerate(self.rows) if id(r) in wanted]
-        joining = [s for s in seqs if s.past is not None]
-        if [self.rows[i] for i in keep] + joining != list(seqs):
-            raise ValueError("sequences must keep their order and new ones come last")
+        keep, joining = regroup(self.rows, seqs, lambda s: s.past is not None)
         T = max(s.length for s in seqs)
         rows = [(self.rows[i], self._row(i)) for i in keep] + [(s, s.past) for s in joining]
 

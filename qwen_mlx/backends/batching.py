@@ -155,6 +155,18 @@ def batch_backend(backend: Backend, max_batch: int) -> BatchBackend:
 Layers = list[tuple[Any, Any]]
 
 
+def regroup(rows: Sequence[Any], seqs: Sequence[Any], joined: Callable[[Any], bool]) -> tuple[list[int], list[Any]]:
+    """A batch's next rows: (indices of the current `rows` kept, in order; the sequences of `seqs` that join, whose
+    prefilled state `joined` says they carry). Kept rows keep their order and joining ones come last, the layout
+    every batch's reshape relies on; anything else is a ValueError."""
+    wanted = {id(s) for s in seqs}
+    keep = [i for i, r in enumerate(rows) if id(r) in wanted]
+    joining = [s for s in seqs if joined(s)]
+    if [rows[i] for i in keep] + joining != list(seqs):
+        raise ValueError("sequences must keep their order and new ones come last")
+    return keep, joining
+
+
 def _first(layers: Layers, n: int) -> Layers:
     return [(k[..., :n, :], v[..., :n, :]) for k, v in layers]
 

@@ -30,7 +30,7 @@ import mlx.nn as nn
 from ..models.cache import BatchKVCache, KVCache, RecurrentCache
 from ..models.mtp import MTPState, forward_hidden
 from ..sampling import SamplingParams
-from .batching import Draw, PrefixCache
+from .batching import Draw, PrefixCache, regroup
 from ..sampling.device import sample, seen_mask
 
 
@@ -284,14 +284,9 @@ class MLXBatch:
 
     def _reshape(self, seqs: Sequence[MLXSeq]) -> None:
         """Drop the rows not in `seqs`, append the sequences that joined, in the order of `seqs`."""
-        wanted = {id(s) for s in seqs}
-        keep = [i for i, r in enumerate(self.rows) if id(r) in wanted]
-        kept = [self.rows[i] for i in keep]
-        joining = [s for s in seqs if s.cache is not None]
-        if kept + joining != list(seqs):
-            raise ValueError("sequences must keep their order and new ones come last")
+        keep, joining = regroup(self.rows, seqs, lambda s: s.cache is not None)
         parts: list[tuple[list[Layer], list[int], int]] = []  # (layers, left, T)
-        if kept:
+        if keep:
             take = mx.array(keep)
             kv0 = self._kv0()
             idx = kv0.idx if kv0 is not None else 0
